@@ -1,0 +1,171 @@
+"""Shared fixtures: a host tree to share, a daemon process, a front-end, a FUSE session.
+
+The daemon is ours unless ``VIRTIOFSD_PY_TEST_DAEMON`` names another one
+(a command template with ``{socket}`` and ``{shared_dir}``), e.g. the Rust
+virtiofsd for a differential run::
+
+    VIRTIOFSD_PY_TEST_DAEMON='virtiofsd --sandbox none --seccomp none --xattr \
+        --shared-dir {shared_dir} --socket-path {socket}' pytest tests/test_daemon_*.py
+
+Tests marked ``ours_only`` check this project's extensions and are skipped
+against another daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
+from virtiofsd_py.testing.frontend import VhostUserFrontend
+from virtiofsd_py.testing.fuse_client import FuseClient
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "ours_only: checks an extension of our daemon; skipped against another one"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if is_own_daemon():
+        return
+    skip = pytest.mark.skip(reason="specific to virtiofsd-py (VIRTIOFSD_PY_TEST_DAEMON is set)")
+    for item in items:
+        if "ours_only" in item.keywords:
+            item.add_marker(skip)
+
+
+# -- the host tree -------------------------------------------------------------
+SMALL = b"hello, virtio-fs\n"
+BIG_SIZE = (1 << 20) + 12345
+SPARSE_SIZE = 8 << 20
+SPARSE_DATA_AT = 4 << 20
+SPARSE_DATA = b"data in the middle of a hole" * 100
+MANY = 300
+OUTSIDE_SECRET = b"outside the share: must never be read\n"
+XATTR_NAME = b"user.virtiofs-test"
+XATTR_VALUE = b"an extended attribute value"
+
+
+@dataclass(frozen=True)
+class HostTree:
+    """The shared directory and the expected content of its files."""
+
+    root: Path
+    outside: Path
+    big: bytes
+    xattrs: bool
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+def make_host_tree(base: Path) -> HostTree:
+    """A shared directory with one of each kind of thing the tests look at."""
+    root = base / "share"
+    root.mkdir()
+    outside = base / "outside"
+    outside.write_bytes(OUTSIDE_SECRET)
+    (root / "small.txt").write_bytes(SMALL)
+    big = random.Random(1234).randbytes(BIG_SIZE)
+    (root / "big.bin").write_bytes(big)
+    with open(root / "sparse.bin", "wb") as f:
+        f.truncate(SPARSE_SIZE)
+        f.seek(SPARSE_DATA_AT)
+        f.write(SPARSE_DATA)
+    (root / "empty").write_bytes(b"")
+    (root / "dir").mkdir()
+    (root / "dir" / "a").write_bytes(b"a")
+    (root / "dir" / "sub").mkdir()
+    (root / "many").mkdir()
+    for i in range(MANY):
+        (root / "many" / f"entry-{i:04d}-{'x' * (i % 40)}").write_bytes(b"")
+    os.symlink("small.txt", root / "link")
+    os.symlink(str(outside), root / "escape_abs")
+    os.symlink("../outside", root / "escape_rel")
+    try:
+        os.setxattr(root / "small.txt", XATTR_NAME, XATTR_VALUE)
+        xattrs = True
+    except OSError:
+        xattrs = False
+    return HostTree(root, outside, big, xattrs)
+
+
+# -- daemon, front-end, FUSE session ---------------------------------------------
+def finish_daemon(daemon: DaemonProcess, *, expect_clean: bool = True) -> None:
+    """Stop a daemon after its test and check it neither crashed nor hung."""
+    status = daemon.stop(timeout=5.0)
+    log = daemon.log()
+    print(f"--- daemon log (exit status {status}) ---\n{log}")
+    if expect_clean:
+        assert status == 0, f"daemon exit status {status}"
+        assert TRACEBACK not in log, "daemon log has a Python traceback"
+
+
+@pytest.fixture
+def host_tree(tmp_path: Path) -> HostTree:
+    return make_host_tree(tmp_path)
+
+
+@pytest.fixture
+def daemon(host_tree: HostTree, tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A running daemon serving ``host_tree``; after the test it must exit cleanly."""
+    d = DaemonProcess(host_tree.root, tmp_path / "run").start()
+    try:
+        yield d
+    finally:
+        finish_daemon(d)
+
+
+@pytest.fixture
+def frontend(daemon: DaemonProcess) -> Iterator[VhostUserFrontend]:
+    """A connected (not yet started) front-end; closed after the test."""
+    fe = VhostUserFrontend.connect(daemon.socket_path)
+    try:
+        yield fe
+    finally:
+        fe.close()
+
+
+@pytest.fixture
+def fuse(frontend: VhostUserFrontend) -> FuseClient:
+    """A started device (hiprio + 1 request queue, indirect + event idx) after FUSE_INIT."""
+    frontend.connect_and_start(queues=2, queue_size=1024)
+    client = FuseClient(frontend)
+    client.init()
+    return client
+
+
+@dataclass
+class Session:
+    """A daemon, its front-end and FUSE session, shared by the tests of one module."""
+
+    tree: HostTree
+    daemon: DaemonProcess
+    fe: VhostUserFrontend
+    fuse: FuseClient
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
+    """One daemon for many read-only tests (fast); checked when the module is done."""
+    base = tmp_path_factory.mktemp("session")
+    tree = make_host_tree(base)
+    d = DaemonProcess(tree.root, base / "run").start()
+    fe = VhostUserFrontend.connect(d.socket_path)
+    try:
+        fe.connect_and_start(queues=2, queue_size=1024)
+        client = FuseClient(fe)
+        client.init()
+        yield Session(tree, d, fe, client)
+    finally:
+        fe.close()
+        finish_daemon(d)

@@ -1,0 +1,181 @@
+"""Process lifecycle: listening socket, pid lock, one front-end, clean exit.
+
+Wires the layers together: the passthrough ``Filesystem`` behind the FUSE
+``Dispatcher``, the dispatcher behind the ``QueueRunner``, the runner under
+the vhost-user ``VhostUserBackend``, and the backend behind the socket
+``VhostUserConnection``.  Serves exactly one front-end connection, as the
+Rust virtiofsd does, and exits when it ends or on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import grp
+import logging
+import os
+import resource
+import signal
+import socket
+import stat
+from dataclasses import dataclass
+
+from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
+from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
+from virtiofsd_py.options import Options
+from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
+from virtiofsd_py.vhost.connection import VhostUserConnection
+from virtiofsd_py.virtio.queue_runner import QueueRunner
+
+log = logging.getLogger("virtiofsd_py")
+
+
+class StartupError(Exception):
+    """A problem that prevents serving; the message is for the operator."""
+
+
+@dataclass(slots=True)
+class Listener:
+    sock: socket.socket
+    #: Files we created and remove at exit (socket path, pid file).
+    created: list[str]
+    lock_fd: int | None = None
+
+    def close(self) -> None:
+        self.sock.close()
+        for path in self.created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def _lock_pid_file(path: str) -> int:
+    """Take ``path`` (flock) and write our pid: one daemon per socket."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"{path} is locked: another daemon is serving this socket") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def open_listener(opts: Options) -> Listener:
+    if opts.fd is not None:
+        try:
+            sock = socket.socket(fileno=opts.fd)
+        except OSError as e:
+            raise StartupError(f"--fd {opts.fd}: {e.strerror}") from None
+        if sock.family != socket.AF_UNIX or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            raise StartupError(f"--fd {opts.fd} is not a listening unix socket")
+        return Listener(sock, [])
+    assert opts.socket_path is not None
+    path = os.path.abspath(opts.socket_path)
+    pid_path = path + ".pid"
+    lock_fd = _lock_pid_file(pid_path)
+    created = [pid_path]
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # stale: whoever made it no longer holds the lock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise StartupError(f"cannot bind {path}: {e.strerror}") from None
+        created.insert(0, path)
+        if opts.socket_group is not None:
+            try:
+                gid = grp.getgrnam(opts.socket_group).gr_gid
+            except KeyError:
+                raise StartupError(f"--socket-group {opts.socket_group}: no such group") from None
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+        sock.listen(1)
+    except BaseException:
+        for p in created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        os.close(lock_fd)
+        raise
+    return Listener(sock, created, lock_fd)
+
+
+def raise_nofile_limit(wanted: int | None) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if wanted is None else wanted
+    if target == soft:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(hard, target)))
+    except (ValueError, OSError) as e:
+        if wanted is not None:
+            raise StartupError(f"--rlimit-nofile {wanted}: {e}") from None
+        log.warning("could not raise RLIMIT_NOFILE to %d: %s", target, e)
+
+
+def build_filesystem(opts: Options) -> PassthroughFS:
+    assert opts.shared_dir is not None
+    try:
+        return PassthroughFS(
+            PassthroughConfig(
+                shared_dir=opts.shared_dir,
+                cache=opts.cache,  # type: ignore[arg-type]
+                readonly=opts.readonly,
+                xattr=opts.xattr,
+                allow_direct_io=opts.allow_direct_io,
+            )
+        )
+    except OSError as e:
+        raise StartupError(str(e)) from None
+
+
+async def serve(opts: Options) -> int:
+    loop = asyncio.get_running_loop()
+    raise_nofile_limit(opts.rlimit_nofile)
+    fs = build_filesystem(opts)
+    listener = open_listener(opts)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if opts.sandbox == "none":
+        log.warning("running without a sandbox (--sandbox none): confinement is by *at() only")
+    try:
+        log.info("waiting for a vhost-user front-end on %s", opts.socket_path or f"fd {opts.fd}")
+        accept = asyncio.ensure_future(loop.sock_accept(listener.sock))
+        stopped = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({accept, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if accept not in done:
+            accept.cancel()
+            log.info("terminated before a front-end connected")
+            return 0
+        stopped.cancel()
+        conn_sock, _ = accept.result()
+        listener.sock.close()  # one front-end per daemon
+        log.info("front-end connected")
+        dispatcher = Dispatcher(fs, FuseConfig(readdirplus=opts.readdirplus))
+        runner = QueueRunner(loop, dispatcher.handle, thread_pool_size=opts.thread_pool_size)
+        backend = VhostUserBackend(runner, BackendConfig(tag=opts.tag))
+        conn = VhostUserConnection(conn_sock, backend)
+        serving = asyncio.ensure_future(conn.serve())
+        stopped = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if serving not in done:
+            log.info("terminating on signal")
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving  # its cleanup stops the rings and unmaps memory
+        stopped.cancel()
+        runner.close()
+        fs.destroy()
+        return 0
+    finally:
+        listener.close()

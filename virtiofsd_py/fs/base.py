@@ -1,0 +1,248 @@
+"""The Filesystem interface: the seam between the FUSE dispatcher and a backend.
+
+The dispatcher (``virtiofsd_py.fuse.dispatcher``) decodes a FUSE request,
+calls one method here and encodes what it returns.  A backend never sees FUSE
+bytes, guest memory layouts or virtqueues; it sees node ids, names (``bytes``,
+never ``str``: guest names need not be UTF-8), credentials and buffers.
+
+Rules every backend follows:
+
+* Methods are synchronous and may block on host I/O; the daemon decides
+  whether a call runs on the event loop or in a worker thread, so every
+  method must be safe to call from several threads at once.
+* Failures are raised as ``OSError`` with ``errno`` set; the dispatcher turns
+  them into ``-errno`` replies.  Anything else raised is a bug in the backend,
+  logged and answered with EIO.
+* Node id 1 (``ROOT_ID``) is the root of the share and always exists.
+* Every successful ``lookup`` (and every entry returned by
+  ``readdir(plus=True)`` other than ``.`` and ``..``) adds one to the node's
+  lookup count; ``forget`` takes counts away and the node may be dropped when
+  its count reaches zero (FUSE protocol, ``fuse_forget_in``).
+* Attributes are ``os.stat_result`` objects (host ``stat`` output for the
+  passthrough backend; ``make_stat`` builds one for synthetic backends).
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_mod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+ROOT_ID = 1
+
+
+@dataclass(slots=True, frozen=True)
+class Context:
+    """Credentials of the guest process that made the request (fuse_in_header)."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: tuple[int, ...] = ()
+    umask: int | None = None
+
+
+@dataclass(slots=True)
+class Entry:
+    """Result of LOOKUP-like operations (fuse_entry_out)."""
+
+    nodeid: int
+    generation: int
+    attr: os.stat_result
+    entry_timeout: float
+    attr_timeout: float
+    attr_flags: int = 0  # FUSE_ATTR_* (e.g. FUSE_ATTR_SUBMOUNT)
+
+
+@dataclass(slots=True)
+class AttrReply:
+    """Result of GETATTR (fuse_attr_out)."""
+
+    attr: os.stat_result
+    timeout: float
+    attr_flags: int = 0
+
+
+@dataclass(slots=True)
+class Opened:
+    """Result of OPEN/OPENDIR (fuse_open_out): handle and FOPEN_* flags."""
+
+    fh: int
+    open_flags: int = 0
+
+
+@dataclass(slots=True)
+class DirEntry:
+    """One directory entry.
+
+    ``offset`` is the cookie the guest passes back to continue *after* this
+    entry.  ``entry`` is set only for READDIRPLUS, with the lookup count
+    already taken (``None`` for ``.`` and ``..``, which the kernel never
+    looks up).
+    """
+
+    ino: int
+    offset: int
+    type: int  # DT_* value (stat.S_IFMT(mode) >> 12)
+    name: bytes
+    entry: Entry | None = None
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """What FUSE_INIT negotiated, handed to the backend so it can adapt."""
+
+    major: int
+    minor: int
+    flags: int  # FUSE_* init flags both sides agreed on (64-bit, incl. flags2)
+    max_write: int
+    max_readahead: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def make_stat(
+    *,
+    mode: int,
+    ino: int,
+    size: int = 0,
+    nlink: int = 1,
+    uid: int = 0,
+    gid: int = 0,
+    rdev: int = 0,
+    dev: int = 0,
+    blksize: int = 4096,
+    blocks: int | None = None,
+    atime_ns: int = 0,
+    mtime_ns: int = 0,
+    ctime_ns: int = 0,
+) -> os.stat_result:
+    """Build an ``os.stat_result`` for backends that have no host file."""
+    if blocks is None:
+        blocks = (size + 511) // 512
+    seq = (
+        mode,
+        ino,
+        dev,
+        nlink,
+        uid,
+        gid,
+        size,
+        atime_ns // 1_000_000_000,
+        mtime_ns // 1_000_000_000,
+        ctime_ns // 1_000_000_000,
+    )
+    extra = {
+        "st_atime": atime_ns / 1e9,
+        "st_mtime": mtime_ns / 1e9,
+        "st_ctime": ctime_ns / 1e9,
+        "st_atime_ns": atime_ns,
+        "st_mtime_ns": mtime_ns,
+        "st_ctime_ns": ctime_ns,
+        "st_blksize": blksize,
+        "st_blocks": blocks,
+        "st_rdev": rdev,
+    }
+    return os.stat_result(seq, extra)
+
+
+def dirent_type(mode: int) -> int:
+    """DT_* value for a st_mode (the top bits of the file type, as getdents)."""
+    return stat_mod.S_IFMT(mode) >> 12
+
+
+def enosys(what: str) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSYS, f"{what} is not implemented by this backend")
+
+
+class Filesystem:
+    """Base class of every backend.  Unimplemented operations raise ENOSYS.
+
+    Subclasses override what they support.  ``read`` writes straight into
+    the guest's buffers (``os.preadv`` for the passthrough backend) and
+    returns the byte count, so that file data is never copied through a
+    Python ``bytes`` object.
+    """
+
+    #: Whether this backend refuses every change (``--readonly``).
+    readonly: ClassVar[bool] = False
+
+    # -- session ---------------------------------------------------------
+    def init(self, session: SessionInfo) -> None:
+        """Called once FUSE_INIT is negotiated, before any other request."""
+
+    def destroy(self) -> None:
+        """FUSE_DESTROY: forget every node and close every handle."""
+
+    # -- names -----------------------------------------------------------
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        raise enosys("lookup")
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """Drop ``nlookup`` references; never raises (FORGET has no reply)."""
+
+    def batch_forget(self, items: Sequence[tuple[int, int]]) -> None:
+        for nodeid, nlookup in items:
+            self.forget(nodeid, nlookup)
+
+    # -- attributes ------------------------------------------------------
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> AttrReply:
+        raise enosys("getattr")
+
+    def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
+        raise enosys("statfs")
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        raise enosys("readlink")
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        raise enosys("access")
+
+    # -- files -----------------------------------------------------------
+    def open(self, ctx: Context, nodeid: int, flags: int) -> Opened:
+        raise enosys("open")
+
+    def read(
+        self, ctx: Context, nodeid: int, fh: int, offset: int, size: int, bufs: list[memoryview]
+    ) -> int:
+        """Fill ``bufs`` (total length ``size``) from ``offset``; return bytes read."""
+        raise enosys("read")
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        raise enosys("flush")
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        raise enosys("release")
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        raise enosys("lseek")
+
+    # -- directories -----------------------------------------------------
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> Opened:
+        raise enosys("opendir")
+
+    def readdir(
+        self, ctx: Context, nodeid: int, fh: int, offset: int, plus: bool
+    ) -> Iterator[DirEntry]:
+        """Entries after cookie ``offset``, lazily.
+
+        The dispatcher stops iterating when the guest's buffer is full; with
+        ``plus`` it calls ``forget(entry.nodeid, 1)`` for a looked-up entry it
+        could not fit, so the lookup count stays exact.
+        """
+        raise enosys("readdir")
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        raise enosys("releasedir")
+
+    # -- extended attributes --------------------------------------------
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
+        """The whole value; the dispatcher applies the size/ERANGE rules."""
+        raise enosys("getxattr")
+
+    def listxattr(self, ctx: Context, nodeid: int) -> bytes:
+        """NUL-terminated names, concatenated (as listxattr(2) returns)."""
+        raise enosys("listxattr")

@@ -1,0 +1,206 @@
+"""The inode table: FUSE node ids -> host inodes held open as O_PATH fds.
+
+A node is one host inode, identified by ``(st_dev, st_ino, mount id)``; two
+names for one file (hard links) are one node.  Node ids count up from 2 and
+are never reused while the daemon runs (they are not host inode numbers, so
+the guest cannot learn or guess them; the FUSE generation stays 0).  Node
+id 1 is the shared directory and is never dropped.
+
+Every node records how to find it again -- the parent node and the name it
+was last looked up by -- for migration, and holds one reference on that
+parent so that the chain up to the root stays valid while the node lives.
+
+Closing: an ``InodeData`` owns its fd and closes it when the object dies.
+An operation keeps the ``InodeData`` it got from ``get`` in a local
+variable for as long as it uses the fd, so a concurrent FORGET can never
+close an fd under a running operation (nor let the fd number be reused for
+another file while it is in use).  The table drops its reference outside
+its lock, so closing never happens under the lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Final
+
+from .base import ROOT_ID
+
+#: (st_dev, st_ino, mount id)
+InodeKey = tuple[int, int, int]
+
+#: Lookup count that the root never gets below (it is never forgotten).
+_ROOT_PIN: Final = 1 << 62
+
+
+class InodeData:
+    """One node: plain fields only, so that migration can serialize it."""
+
+    __slots__ = ("children", "fd", "key", "lookups", "mode", "name", "nodeid", "parent")
+
+    nodeid: int
+    fd: int  # O_PATH | O_NOFOLLOW, or -1 once closed
+    key: InodeKey
+    mode: int  # st_mode at lookup; the file type never changes
+    lookups: int  # the guest's lookup count (FUSE nlookup)
+    children: int  # nodes whose ``parent`` is this node
+    parent: int  # node id this node was last looked up in (0 for the root)
+    name: bytes  # name it was last looked up by (b"" for the root)
+
+    def __init__(
+        self, nodeid: int, fd: int, key: InodeKey, mode: int, parent: int, name: bytes
+    ) -> None:
+        self.nodeid = nodeid
+        self.fd = fd
+        self.key = key
+        self.mode = mode
+        self.lookups = 0
+        self.children = 0
+        self.parent = parent
+        self.name = name
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"InodeData(nodeid={self.nodeid}, fd={self.fd}, key={self.key}, "
+            f"mode={self.mode:o}, lookups={self.lookups}, children={self.children}, "
+            f"parent={self.parent}, name={self.name!r})"
+        )
+
+
+class InodeTable:
+    """Thread-safe map of node id -> ``InodeData`` with a reverse map by key."""
+
+    def __init__(self, root: InodeData) -> None:
+        if root.nodeid != ROOT_ID:
+            raise ValueError("the root node must have node id 1")
+        root.lookups = _ROOT_PIN
+        root.parent = 0
+        self._lock = threading.Lock()
+        self._nodes: dict[int, InodeData] = {ROOT_ID: root}
+        self._by_key: dict[InodeKey, InodeData] = {root.key: root}
+        self._next_id = ROOT_ID + 1
+
+    def get(self, nodeid: int) -> InodeData | None:
+        """The live node, or None.  (A dict read is atomic: no lock needed.)"""
+        return self._nodes.get(nodeid)
+
+    @property
+    def root(self) -> InodeData:
+        return self._nodes[ROOT_ID]
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[InodeData]:
+        """A snapshot of the live nodes (for migration and tests)."""
+        with self._lock:
+            return iter(list(self._nodes.values()))
+
+    def add_lookup(
+        self, fd: int, key: InodeKey, mode: int, parent: int, name: bytes
+    ) -> tuple[InodeData, bool]:
+        """Count one lookup of the inode ``key`` just opened as ``fd``.
+
+        Returns the node and whether ``fd`` was taken over.  When the inode
+        already has a node, ``fd`` is not used: the caller closes it.
+        """
+        with self._lock:
+            p = self._nodes.get(parent)
+            if p is None:  # parent forgotten while we looked up in it
+                raise OSError(errno.ESTALE, "parent node was forgotten")
+            node = self._by_key.get(key)
+            if node is not None:
+                node.lookups += 1
+                dropped = []
+                if (node.parent != parent or node.name != name) and self._may_relink_locked(
+                    node, parent, name
+                ):
+                    old = node.parent
+                    node.parent, node.name = parent, name
+                    p.children += 1
+                    dropped = self._unref_locked(old)
+                taken = False
+            else:
+                node = InodeData(self._next_id, fd, key, mode, parent, name)
+                self._next_id += 1
+                node.lookups = 1
+                p.children += 1
+                self._nodes[node.nodeid] = node
+                self._by_key[key] = node
+                dropped = []
+                taken = True
+        del dropped  # closes fds of dropped nodes, outside the lock
+        return node, taken
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """Take ``nlookup`` guest lookups away; drop the node at zero."""
+        self.forget_many(((nodeid, nlookup),))
+
+    def forget_many(self, items: Iterable[tuple[int, int]]) -> None:
+        dropped: list[InodeData] = []
+        with self._lock:
+            for nodeid, nlookup in items:
+                node = self._nodes.get(nodeid)
+                if node is None or nodeid == ROOT_ID:
+                    continue
+                node.lookups = max(0, node.lookups - nlookup)
+                if node.lookups == 0 and node.children == 0:
+                    dropped.extend(self._drop_locked(node))
+        del dropped
+
+    def clear(self) -> None:
+        """Drop every node but the root (FUSE_DESTROY)."""
+        with self._lock:
+            dropped = [n for n in self._nodes.values() if n.nodeid != ROOT_ID]
+            root = self._nodes[ROOT_ID]
+            root.children = 0
+            self._nodes = {ROOT_ID: root}
+            self._by_key = {root.key: root}
+        del dropped
+
+    def _may_relink_locked(self, node: InodeData, parent: int, name: bytes) -> bool:
+        """Whether (parent, name) may become ``node``'s record: a real name, no cycle."""
+        if node.nodeid == ROOT_ID or name in (b".", b".."):
+            return False
+        cur = self._nodes.get(parent)
+        while cur is not None and cur.nodeid != ROOT_ID:
+            if cur is node:
+                return False
+            cur = self._nodes.get(cur.parent)
+        return True
+
+    def _unref_locked(self, nodeid: int) -> list[InodeData]:
+        node = self._nodes.get(nodeid)
+        if node is None:
+            return []
+        node.children -= 1
+        if node.lookups == 0 and node.children == 0:
+            return self._drop_locked(node)
+        return []
+
+    def _drop_locked(self, node: InodeData) -> list[InodeData]:
+        """Remove ``node`` and release its parent, iteratively up the chain."""
+        out: list[InodeData] = []
+        cur: InodeData | None = node
+        while cur is not None and cur.nodeid != ROOT_ID:
+            del self._nodes[cur.nodeid]
+            if self._by_key.get(cur.key) is cur:
+                del self._by_key[cur.key]
+            out.append(cur)
+            parent = self._nodes.get(cur.parent)
+            cur = None
+            if parent is not None:
+                parent.children -= 1
+                if parent.lookups == 0 and parent.children == 0:
+                    cur = parent
+        return out

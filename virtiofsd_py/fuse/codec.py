@@ -1,0 +1,302 @@
+"""Sans-IO FUSE codec: request bytes -> values, values -> reply bytes.
+
+No I/O and no session state here: only the layouts of
+``include/uapi/linux/fuse.h`` (see ``abi``) applied to the buffers of one
+descriptor chain (see ``iov``).  The dispatcher strings these together.
+
+Replies are packed straight into the guest's writable buffers with
+``struct.pack_into`` when the bytes lie within one buffer, and packed into a
+temporary and scattered only when they straddle a buffer boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+from virtiofsd_py.fs.base import Entry
+
+from . import abi, iov
+from .iov import Buffers
+
+_U32: Final = 0xFFFF_FFFF
+_U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+_NS: Final = 1_000_000_000
+
+IN_HEADER_SIZE: Final = abi.IN_HEADER.size
+OUT_HEADER_SIZE: Final = abi.OUT_HEADER.size
+
+
+class Malformed(ValueError):
+    """The request violates the FUSE ABI; the message says how (for the log)."""
+
+
+# -- request side --------------------------------------------------------------
+
+
+def parse_in_header(readable: Buffers) -> tuple[int, int, int, int, int, int, int, int, int]:
+    """Unpack ``fuse_in_header`` from the start of the chain.
+
+    Raises ``Malformed`` if the chain holds fewer than 40 bytes.
+    """
+    first = readable[0] if readable else b""
+    if len(first) >= IN_HEADER_SIZE:
+        return abi.IN_HEADER.unpack_from(first)
+    if iov.total_len(readable) < IN_HEADER_SIZE:
+        raise Malformed("request shorter than fuse_in_header")
+    return abi.IN_HEADER.unpack_from(iov.view(readable, 0, IN_HEADER_SIZE))
+
+
+def parse_extensions(ext: memoryview) -> tuple[int, ...]:
+    """Walk the request extensions (fuse.h 7.38, ``fuse_ext_header``).
+
+    Returns the supplementary groups of a ``FUSE_EXT_GROUPS`` extension
+    (empty if none).  Security contexts (types 0..31) and unknown types are
+    skipped; they never reach the operation's arguments.
+    """
+    groups: tuple[int, ...] = ()
+    pos = 0
+    end = len(ext)
+    hdr = abi.EXT_HEADER
+    while pos < end:
+        if end - pos < hdr.size:
+            raise Malformed("truncated extension header")
+        size, etype = hdr.unpack_from(ext, pos)
+        if size < hdr.size or size > end - pos:
+            raise Malformed(f"extension size {size} out of bounds")
+        if etype == abi.FUSE_EXT_GROUPS:
+            body = pos + hdr.size
+            if size - hdr.size < abi.SUPP_GROUPS.size:
+                raise Malformed("truncated supplementary groups extension")
+            (nr,) = abi.SUPP_GROUPS.unpack_from(ext, body)
+            if nr > (size - hdr.size - abi.SUPP_GROUPS.size) // 4:
+                raise Malformed(f"supplementary groups count {nr} exceeds extension")
+            groups = struct.unpack_from(f"<{nr}I", ext, body + abi.SUPP_GROUPS.size)
+        pos += (size + 7) & ~7
+    return groups
+
+
+def parse_name(args: memoryview, off: int = 0) -> tuple[bytes, int]:
+    """A NUL-terminated path component at ``off``; returns (name, offset after NUL).
+
+    Rejects names without a terminator, empty names and names containing '/'
+    (a component, never a path: the guest kernel resolves paths itself).
+    """
+    data = bytes(args[off:])
+    nul = data.find(b"\0")
+    if nul < 0:
+        raise Malformed("name is not NUL-terminated")
+    name = data[:nul]
+    if not name:
+        raise Malformed("empty name")
+    if b"/" in name:
+        raise Malformed("name contains '/'")
+    return name, off + nul + 1
+
+
+def parse_xattr_name(args: memoryview, off: int = 0) -> tuple[bytes, int]:
+    """A NUL-terminated xattr name (may contain '/', must not be empty)."""
+    data = bytes(args[off:])
+    nul = data.find(b"\0")
+    if nul < 0:
+        raise Malformed("xattr name is not NUL-terminated")
+    if nul == 0:
+        raise Malformed("empty xattr name")
+    return data[:nul], off + nul + 1
+
+
+# -- reply values --------------------------------------------------------------
+
+
+def timeout_split(seconds: float) -> tuple[int, int]:
+    """Float seconds -> (sec, nsec) for entry_valid/attr_valid; clamped to >= 0."""
+    if not seconds > 0.0:  # also catches NaN
+        return 0, 0
+    if seconds >= 2.0**64:
+        return _U64, 0
+    sec = int(seconds)
+    nsec = int((seconds - sec) * _NS)
+    return sec, min(nsec, _NS - 1)
+
+
+def _time_split(ns: int) -> tuple[int, int]:
+    sec, nsec = divmod(ns, _NS)
+    return sec & _U64, nsec  # fuse_attr times are u64 on the wire, s64 to the kernel
+
+
+def attr_values(st: os.stat_result, flags: int = 0) -> tuple[int, ...]:
+    """``os.stat_result`` -> the 16 ``fuse_attr`` fields, in ``abi.ATTR_FIELDS`` order.
+
+    ``rdev`` keeps the low 32 bits of the host dev_t: glibc's encoding there
+    is the kernel's ``new_encode_dev``, which is what fuse_attr.rdev carries.
+    """
+    asec, ansec = _time_split(st.st_atime_ns)
+    msec, mnsec = _time_split(st.st_mtime_ns)
+    csec, cnsec = _time_split(st.st_ctime_ns)
+    return (
+        st.st_ino & _U64,
+        st.st_size & _U64,
+        st.st_blocks & _U64,
+        asec,
+        msec,
+        csec,
+        ansec,
+        mnsec,
+        cnsec,
+        st.st_mode & _U32,
+        min(st.st_nlink, _U32),
+        st.st_uid & _U32,
+        st.st_gid & _U32,
+        st.st_rdev & _U32,
+        st.st_blksize & _U32,
+        flags & _U32,
+    )
+
+
+def entry_values(entry: Entry) -> tuple[int, ...]:
+    """``Entry`` -> the ``fuse_entry_out`` fields, in ``abi.ENTRY_OUT_FIELDS`` order."""
+    esec, ensec = timeout_split(entry.entry_timeout)
+    asec, ansec = timeout_split(entry.attr_timeout)
+    return (
+        entry.nodeid & _U64,
+        entry.generation & _U64,
+        esec,
+        asec,
+        ensec,
+        ansec,
+        *attr_values(entry.attr, entry.attr_flags),
+    )
+
+
+ZERO_ENTRY: Final = (0,) * len(abi.ENTRY_OUT_FIELDS)
+
+
+def statfs_values(sv: os.statvfs_result) -> tuple[int, ...]:
+    """``os.statvfs_result`` -> ``fuse_kstatfs`` fields (spare words zero)."""
+    return (
+        sv.f_blocks & _U64,
+        sv.f_bfree & _U64,
+        sv.f_bavail & _U64,
+        sv.f_files & _U64,
+        sv.f_ffree & _U64,
+        sv.f_bsize & _U32,
+        sv.f_namemax & _U32,
+        sv.f_frsize & _U32,
+        0,
+        0, 0, 0, 0, 0, 0,
+    )  # fmt: skip
+
+
+# -- reply writing -------------------------------------------------------------
+
+
+class ReplyTooLarge(Exception):
+    """The writable buffers cannot hold the reply."""
+
+
+def _with_header(body: struct.Struct) -> struct.Struct:
+    return struct.Struct(abi.OUT_HEADER.format + body.format.lstrip("<"))
+
+
+#: Per body struct, the same struct prefixed with fuse_out_header: one
+#: ``pack_into`` writes a whole reply when the first writable buffer holds it.
+_HEADED: dict[struct.Struct, struct.Struct] = {}
+
+
+def headed(body: struct.Struct) -> struct.Struct:
+    """``fuse_out_header`` + ``body`` as one struct (cached)."""
+    s = _HEADED.get(body)
+    if s is None:
+        s = _HEADED[body] = _with_header(body)
+    return s
+
+
+def write_header(writable: Buffers, unique: int, error: int, length: int) -> None:
+    """Write ``fuse_out_header`` at the start of the chain."""
+    first = writable[0] if writable else b""
+    if len(first) >= OUT_HEADER_SIZE:
+        abi.OUT_HEADER.pack_into(first, 0, length, error, unique)
+    else:
+        iov.scatter(writable, 0, abi.OUT_HEADER.pack(length, error, unique))
+
+
+def write_error(writable: Buffers, unique: int, errno_: int) -> int:
+    """An error reply (header only, ``error = -errno``); 0 if not even that fits."""
+    if iov.total_len(writable) < OUT_HEADER_SIZE:
+        raise ReplyTooLarge("no room for fuse_out_header")
+    write_header(writable, unique, -errno_, OUT_HEADER_SIZE)
+    return OUT_HEADER_SIZE
+
+
+def write_struct(writable: Buffers, unique: int, body: struct.Struct, *values: int) -> int:
+    """A success reply whose body is one struct; returns the reply length."""
+    total = OUT_HEADER_SIZE + body.size
+    first = writable[0] if writable else b""
+    if len(first) >= total:
+        headed(body).pack_into(first, 0, total, 0, unique, *values)
+        return total
+    if iov.total_len(writable) < total:
+        raise ReplyTooLarge(f"reply needs {total} bytes")
+    write_header(writable, unique, 0, total)
+    win = iov.window(writable, OUT_HEADER_SIZE, body.size)
+    if win is not None:
+        body.pack_into(win, 0, *values)
+    else:
+        iov.scatter(writable, OUT_HEADER_SIZE, body.pack(*values))
+    return total
+
+
+def write_bytes(writable: Buffers, unique: int, data: bytes | memoryview) -> int:
+    """A success reply whose body is raw bytes (READLINK, GETXATTR, ...)."""
+    total = OUT_HEADER_SIZE + len(data)
+    if iov.total_len(writable) < total:
+        raise ReplyTooLarge(f"reply needs {total} bytes")
+    write_header(writable, unique, 0, total)
+    iov.scatter(writable, OUT_HEADER_SIZE, data)
+    return total
+
+
+def write_empty(writable: Buffers, unique: int) -> int:
+    """A success reply with no body."""
+    if iov.total_len(writable) < OUT_HEADER_SIZE:
+        raise ReplyTooLarge("no room for fuse_out_header")
+    write_header(writable, unique, 0, OUT_HEADER_SIZE)
+    return OUT_HEADER_SIZE
+
+
+# -- directory records -----------------------------------------------------------
+
+_DIRENT = abi.DIRENT
+_DIRENTPLUS = abi.DIRENTPLUS
+_PAD: Final = bytes(8)
+
+
+def pack_dirent(buf: memoryview, pos: int, ino: int, off: int, dtype: int, name: bytes) -> int:
+    """Write one ``fuse_dirent`` (with zeroed padding) at ``pos``; return its size.
+
+    The caller has checked that ``abi.dirent_size(len(name))`` bytes fit.
+    """
+    n = len(name)
+    _DIRENT.pack_into(buf, pos, ino & _U64, off & _U64, n, dtype & _U32)
+    p = pos + _DIRENT.size
+    buf[p : p + n] = name
+    size = abi.dirent_size(n)
+    end = pos + size
+    buf[p + n : end] = _PAD[: end - p - n]
+    return size
+
+
+def pack_direntplus(
+    buf: memoryview, pos: int, entry: Sequence[int], ino: int, off: int, dtype: int, name: bytes
+) -> int:
+    """Write one ``fuse_direntplus`` (entry_out + dirent + padded name); return its size."""
+    n = len(name)
+    _DIRENTPLUS.pack_into(buf, pos, *entry, ino & _U64, off & _U64, n, dtype & _U32)
+    p = pos + _DIRENTPLUS.size
+    buf[p : p + n] = name
+    size = abi.direntplus_size(n)
+    end = pos + size
+    buf[p + n : end] = _PAD[: end - p - n]
+    return size

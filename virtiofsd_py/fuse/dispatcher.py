@@ -1,0 +1,593 @@
+"""FUSE dispatcher: one descriptor chain in, one reply written, used length out.
+
+``Dispatcher.handle`` decodes the request in the chain's device-readable
+buffers, calls one ``Filesystem`` method and encodes the reply into the
+device-writable buffers.  It never raises: malformed requests, backend errors
+and backend bugs all become error replies (or no reply when there is no room
+for one, or the opcode has none).
+
+Adding an opcode is one ``_op_*`` method plus one row in ``_TABLE``.
+
+Session state (what FUSE_INIT negotiated) is one frozen ``SessionState``,
+replaced as a whole under a lock by INIT and DESTROY, so the many threads
+calling ``handle`` read it without locking; ``export_session`` /
+``restore_session`` carry it across a live migration.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Final
+
+from virtiofsd_py.fs.base import Context, Filesystem, SessionInfo
+
+from . import abi, codec, iov
+from .codec import Malformed, ReplyTooLarge
+
+log = logging.getLogger(__name__)
+
+#: Newest protocol minor we speak (fuse.h 7.41: nothing after it changes a
+#: layout or behaviour we implement).  The reply carries min(guest's, this).
+OUR_MAX_MINOR: Final = 41
+#: Oldest minor accepted, as the Rust virtiofsd (older kernels lack virtiofs).
+MIN_MINOR: Final = 27
+
+#: INIT flags offered by default: those the Rust virtiofsd 1.13 offers for a
+#: passthrough share, minus ALLOW_IDMAP (needs id-mapping in the backend).
+#: No POSIX_LOCKS / FLOCK_LOCKS: locks stay guest-local until implemented.
+DEFAULT_INIT_FLAGS: Final = (
+    abi.FUSE_ASYNC_READ
+    | abi.FUSE_PARALLEL_DIROPS
+    | abi.FUSE_BIG_WRITES
+    | abi.FUSE_AUTO_INVAL_DATA
+    | abi.FUSE_ASYNC_DIO
+    | abi.FUSE_HAS_IOCTL_DIR
+    | abi.FUSE_ATOMIC_O_TRUNC
+    | abi.FUSE_MAX_PAGES
+    | abi.FUSE_SUBMOUNTS
+    | abi.FUSE_INIT_EXT
+    | abi.FUSE_CREATE_SUPP_GROUP
+)
+
+_NO_REPLY: Final = frozenset({abi.FUSE_FORGET, abi.FUSE_BATCH_FORGET, abi.FUSE_INTERRUPT})
+_HDR: Final = codec.IN_HEADER_SIZE
+_OUT: Final = codec.OUT_HEADER_SIZE
+_S64_MAX: Final = (1 << 63) - 1
+
+
+@dataclass(slots=True)
+class FuseConfig:
+    """What the daemon is willing to offer in FUSE_INIT, and request limits."""
+
+    max_write: int = 1 << 20
+    max_pages: int = 256
+    #: Cap on one READ's size (the guest also caps it by its mount options).
+    max_read: int = 1 << 20
+    #: Base INIT flags offered; ``readdirplus``/``writeback`` add their own.
+    flags: int = DEFAULT_INIT_FLAGS
+    readdirplus: bool = True
+    writeback: bool = False
+    max_background: int = 0xFFFF
+    congestion_threshold: int = 0xFFFF // 4 * 3
+    time_gran: int = 1  # nanoseconds: the passthrough backend has ns timestamps
+
+    def offered_flags(self) -> int:
+        """The 64-bit INIT flag word offered to the guest."""
+        flags = self.flags
+        if self.readdirplus:
+            flags |= abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO
+        if self.writeback:
+            flags |= abi.FUSE_WRITEBACK_CACHE
+        return flags
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """What FUSE_INIT negotiated; immutable, replaced as a whole."""
+
+    major: int
+    minor: int
+    flags: int  # 64-bit agreed INIT flags (flags | flags2 << 32)
+    max_write: int
+    max_read: int
+    max_readahead: int
+    max_pages: int
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain dict (msgpack-friendly) for the migration stream."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SessionState:
+        """Inverse of ``to_dict``; raises ValueError on missing/mistyped fields."""
+        kwargs: dict[str, int] = {}
+        for f in fields(cls):
+            v = d.get(f.name)
+            if type(v) is not int or v < 0:
+                raise ValueError(f"session state field {f.name!r} missing or invalid: {v!r}")
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+
+class Request:
+    """One decoded request: header fields plus where its arguments lie."""
+
+    __slots__ = (
+        "args",
+        "args_len",
+        "gid",
+        "groups",
+        "nodeid",
+        "opcode",
+        "pid",
+        "readable",
+        "session",
+        "uid",
+        "unique",
+        "writable",
+    )
+
+    def __init__(
+        self,
+        opcode: int,
+        unique: int,
+        nodeid: int,
+        uid: int,
+        gid: int,
+        pid: int,
+        groups: tuple[int, ...],
+        readable: Sequence[Any],
+        writable: Sequence[Any],
+        session: SessionState | None,
+    ) -> None:
+        self.opcode = opcode
+        self.unique = unique
+        self.nodeid = nodeid
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.groups = groups
+        self.readable = readable
+        self.writable = writable
+        self.session = session
+        #: The operation's arguments: all of them (ops with names), or just
+        #: the fixed struct (ops with bulk data after it: see ``data``).
+        self.args: memoryview = memoryview(b"")
+        #: Length of the whole argument region (extensions excluded).
+        self.args_len = 0
+
+    def ctx(self) -> Context:
+        """Credentials of the requesting guest process."""
+        return Context(self.uid, self.gid, self.pid, self.groups)
+
+    def data(self, start: int) -> list[memoryview]:
+        """Views of the argument bytes from ``start`` to the end (e.g. WRITE data)."""
+        return iov.slices(self.readable, _HDR + start, self.args_len - start)
+
+
+Handler = Callable[["Dispatcher", Request], int]
+
+
+class Dispatcher:
+    """Maps FUSE requests to ``Filesystem`` calls; safe to call from many threads."""
+
+    def __init__(self, fs: Filesystem, config: FuseConfig | None = None) -> None:
+        self.fs = fs
+        self.config = config if config is not None else FuseConfig()
+        self._lock = threading.Lock()
+        self._session: SessionState | None = None
+
+    # -- session state ----------------------------------------------------
+    @property
+    def session(self) -> SessionState | None:
+        """The negotiated session, or None before INIT / after DESTROY."""
+        return self._session
+
+    def export_session(self) -> dict[str, int] | None:
+        """The session state as a plain dict (None if not initialized)."""
+        s = self._session
+        return None if s is None else s.to_dict()
+
+    def restore_session(self, state: dict[str, Any] | None) -> None:
+        """Adopt a session negotiated by another daemon (migration destination).
+
+        The backend is not re-initialized: its own state travels separately.
+        """
+        new = None if state is None else SessionState.from_dict(state)
+        with self._lock:
+            self._session = new
+
+    # -- entry point --------------------------------------------------------
+    def handle(self, readable: Sequence[Any], writable: Sequence[Any]) -> int:
+        """Execute one request; write the reply into ``writable``; return bytes written."""
+        try:
+            hdr = codec.parse_in_header(readable)
+        except Malformed as e:
+            log.warning("FUSE request dropped: %s", e)
+            return 0
+        opcode, unique, nodeid = hdr[1], hdr[2], hdr[3]
+        no_reply = opcode in _NO_REPLY
+        try:
+            return self._dispatch(hdr, readable, writable)
+        except Malformed as e:
+            log.warning(
+                "FUSE %s unique=%d nodeid=%d: malformed: %s",
+                abi.opcode_name(opcode), unique, nodeid, e,
+            )  # fmt: skip
+            return 0 if no_reply else self._error(writable, unique, errno.EINVAL, opcode)
+        except OSError as e:
+            err = e.errno if e.errno is not None and 0 < e.errno < 4096 else errno.EIO
+            log.debug("FUSE %s unique=%d nodeid=%d: %s", abi.opcode_name(opcode), unique, nodeid, e)
+            return 0 if no_reply else self._error(writable, unique, err, opcode)
+        except ReplyTooLarge as e:
+            log.warning(
+                "FUSE %s unique=%d nodeid=%d: writable buffers too small: %s",
+                abi.opcode_name(opcode), unique, nodeid, e,
+            )  # fmt: skip
+            return self._error(writable, unique, errno.EIO, opcode)
+        except Exception:
+            log.exception(
+                "FUSE %s unique=%d nodeid=%d: internal error",
+                abi.opcode_name(opcode), unique, nodeid,
+            )  # fmt: skip
+            return 0 if no_reply else self._error(writable, unique, errno.EIO, opcode)
+
+    def _error(self, writable: Sequence[Any], unique: int, err: int, opcode: int) -> int:
+        try:
+            return codec.write_error(writable, unique, err)
+        except ReplyTooLarge:
+            log.warning(
+                "FUSE %s unique=%d: no room for a reply (error %d)",
+                abi.opcode_name(opcode), unique, err,
+            )  # fmt: skip
+            return 0
+
+    def _dispatch(
+        self,
+        hdr: tuple[int, int, int, int, int, int, int, int, int],
+        readable: Sequence[Any],
+        writable: Sequence[Any],
+    ) -> int:
+        hlen, opcode, unique, nodeid, uid, gid, pid, extlen, _ = hdr
+        avail = iov.total_len(readable)
+        if hlen > avail:
+            raise Malformed(f"len {hlen} exceeds the {avail} readable bytes")
+        ext_bytes = extlen * 8
+        args_len = hlen - _HDR - ext_bytes
+        if args_len < 0:
+            raise Malformed(f"len {hlen} too small for header and {ext_bytes} extension bytes")
+        groups: tuple[int, ...] = ()
+        if ext_bytes:
+            groups = codec.parse_extensions(iov.view(readable, _HDR + args_len, ext_bytes))
+
+        session = self._session
+        if session is None and opcode != abi.FUSE_INIT:
+            if opcode in _NO_REPLY:
+                return 0
+            log.warning(
+                "FUSE %s unique=%d nodeid=%d: request before INIT",
+                abi.opcode_name(opcode), unique, nodeid,
+            )  # fmt: skip
+            raise OSError(errno.EIO, "request before FUSE_INIT")
+
+        op = _OPS[opcode] if opcode < len(_OPS) else None
+        if op is None:
+            log.debug(
+                "FUSE %s unique=%d nodeid=%d: not implemented",
+                abi.opcode_name(opcode), unique, nodeid,
+            )  # fmt: skip
+            raise OSError(errno.ENOSYS, "opcode not implemented")
+        handler, min_args, whole = op
+        if args_len < min_args:
+            raise Malformed(f"arguments are {args_len} bytes, need {min_args}")
+
+        req = Request(opcode, unique, nodeid, uid, gid, pid, groups, readable, writable, session)
+        req.args_len = args_len
+        req.args = iov.view(readable, _HDR, args_len if whole else min_args)
+        return handler(self, req)
+
+    # -- session ops ----------------------------------------------------------
+    def _op_init(self, req: Request) -> int:
+        major, minor, max_readahead, flags = abi.INIT_IN_COMPAT.unpack_from(req.args)
+        flags2 = 0
+        if flags & abi.FUSE_INIT_EXT and len(req.args) >= abi.INIT_IN.size:
+            flags2 = abi.INIT_IN.unpack_from(req.args)[4]
+        cfg = self.config
+        with self._lock:
+            if self._session is not None:
+                log.warning("FUSE INIT unique=%d: session already initialized", req.unique)
+                raise OSError(errno.EIO, "second FUSE_INIT")
+            if major < abi.FUSE_KERNEL_VERSION:
+                log.error("FUSE INIT: unsupported protocol %d.%d", major, minor)
+                raise OSError(errno.EPROTO, "FUSE major too old")
+            if major > abi.FUSE_KERNEL_VERSION:
+                # fuse.h "Version negotiation": answer with our major only; the
+                # kernel sends a new INIT with a matching major.
+                return codec.write_struct(
+                    req.writable, req.unique, abi.INIT_OUT,
+                    abi.FUSE_KERNEL_VERSION, OUR_MAX_MINOR, *(0,) * 22,
+                )  # fmt: skip
+            if minor < MIN_MINOR:
+                log.error("FUSE INIT: unsupported protocol %d.%d", major, minor)
+                raise OSError(errno.EPROTO, "FUSE minor too old")
+            agreed = abi.join_init_flags(flags, flags2) & cfg.offered_flags()
+            state = SessionState(
+                major=abi.FUSE_KERNEL_VERSION,
+                minor=min(minor, OUR_MAX_MINOR),
+                flags=agreed,
+                max_write=cfg.max_write,
+                max_read=cfg.max_read,
+                max_readahead=max_readahead,
+                max_pages=cfg.max_pages,
+            )
+            self.fs.init(
+                SessionInfo(
+                    major=state.major,
+                    minor=state.minor,
+                    flags=agreed,
+                    max_write=state.max_write,
+                    max_readahead=max_readahead,
+                )
+            )
+            self._session = state
+        lo, hi = abi.split_init_flags(agreed)
+        return codec.write_struct(
+            req.writable,
+            req.unique,
+            abi.INIT_OUT,
+            state.major,
+            state.minor,
+            max_readahead,
+            lo,
+            cfg.max_background,
+            cfg.congestion_threshold,
+            cfg.max_write,
+            cfg.time_gran,
+            cfg.max_pages,
+            0,  # map_alignment: no DAX
+            hi,
+            0,  # max_stack_depth: no FUSE_PASSTHROUGH
+            0,  # request_timeout
+            *(0,) * 11,
+        )
+
+    def _op_destroy(self, req: Request) -> int:
+        # Linux waits for a DESTROY reply (fuse_send_destroy); a bare out
+        # header is well-formed for an op without out args and satisfies
+        # kernels that check len/unique.  (The Rust virtiofsd returns used
+        # length 0 instead.)  A later INIT starts a new session (remount).
+        with self._lock:
+            self._session = None
+            self.fs.destroy()
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_interrupt(self, req: Request) -> int:
+        # Requests run to completion; Linux's virtiofs never sends INTERRUPT.
+        return 0
+
+    # -- names ------------------------------------------------------------------
+    def _op_lookup(self, req: Request) -> int:
+        name, _ = codec.parse_name(req.args)
+        entry = self.fs.lookup(req.ctx(), req.nodeid, name)
+        return codec.write_struct(
+            req.writable, req.unique, abi.ENTRY_OUT, *codec.entry_values(entry)
+        )
+
+    def _op_forget(self, req: Request) -> int:
+        (nlookup,) = abi.FORGET_IN.unpack_from(req.args)
+        self.fs.forget(req.nodeid, nlookup)
+        return 0
+
+    def _op_batch_forget(self, req: Request) -> int:
+        (count, _) = abi.BATCH_FORGET_IN.unpack_from(req.args)
+        one = abi.FORGET_ONE.size
+        start = abi.BATCH_FORGET_IN.size
+        if count > (len(req.args) - start) // one:
+            raise Malformed(f"count {count} exceeds the {len(req.args) - start} argument bytes")
+        items = list(abi.FORGET_ONE.iter_unpack(req.args[start : start + count * one]))
+        self.fs.batch_forget(items)
+        return 0
+
+    # -- attributes ---------------------------------------------------------------
+    def _op_getattr(self, req: Request) -> int:
+        getattr_flags, _, fh = abi.GETATTR_IN.unpack_from(req.args)
+        reply = self.fs.getattr(
+            req.ctx(), req.nodeid, fh if getattr_flags & abi.FUSE_GETATTR_FH else None
+        )
+        sec, nsec = codec.timeout_split(reply.timeout)
+        return codec.write_struct(
+            req.writable, req.unique, abi.ATTR_OUT,
+            sec, nsec, 0, *codec.attr_values(reply.attr, reply.attr_flags),
+        )  # fmt: skip
+
+    def _op_statfs(self, req: Request) -> int:
+        sv = self.fs.statfs(req.ctx(), req.nodeid)
+        return codec.write_struct(
+            req.writable, req.unique, abi.STATFS_OUT, *codec.statfs_values(sv)
+        )
+
+    def _op_readlink(self, req: Request) -> int:
+        target = self.fs.readlink(req.ctx(), req.nodeid)
+        return codec.write_bytes(req.writable, req.unique, target)
+
+    def _op_access(self, req: Request) -> int:
+        (mask, _) = abi.ACCESS_IN.unpack_from(req.args)
+        self.fs.access(req.ctx(), req.nodeid, mask)
+        return codec.write_empty(req.writable, req.unique)
+
+    # -- files ----------------------------------------------------------------------
+    def _op_open(self, req: Request) -> int:
+        flags, _ = abi.OPEN_IN.unpack_from(req.args)
+        opened = self.fs.open(req.ctx(), req.nodeid, flags)
+        return codec.write_struct(
+            req.writable, req.unique, abi.OPEN_OUT, opened.fh, opened.open_flags, 0
+        )
+
+    def _op_opendir(self, req: Request) -> int:
+        flags, _ = abi.OPEN_IN.unpack_from(req.args)
+        opened = self.fs.opendir(req.ctx(), req.nodeid, flags)
+        return codec.write_struct(
+            req.writable, req.unique, abi.OPEN_OUT, opened.fh, opened.open_flags, 0
+        )
+
+    def _op_read(self, req: Request) -> int:
+        fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(req.args)
+        if offset > _S64_MAX:
+            raise OSError(errno.EINVAL, "offset out of range")
+        room = iov.total_len(req.writable) - _OUT
+        if room < 0:
+            raise ReplyTooLarge("no room for fuse_out_header")
+        assert req.session is not None
+        size = min(size, req.session.max_read, room)
+        bufs = iov.slices(req.writable, _OUT, size)
+        got = self.fs.read(req.ctx(), req.nodeid, fh, offset, size, bufs)
+        if type(got) is not int or not 0 <= got <= size:
+            raise RuntimeError(f"backend read returned {got!r} for a {size}-byte request")
+        codec.write_header(req.writable, req.unique, 0, _OUT + got)
+        return _OUT + got
+
+    def _op_release(self, req: Request) -> int:
+        fh, flags, _, _ = abi.RELEASE_IN.unpack_from(req.args)
+        self.fs.release(req.ctx(), req.nodeid, fh, flags)
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_releasedir(self, req: Request) -> int:
+        fh, flags, _, _ = abi.RELEASE_IN.unpack_from(req.args)
+        self.fs.releasedir(req.ctx(), req.nodeid, fh, flags)
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_flush(self, req: Request) -> int:
+        fh, _, _, lock_owner = abi.FLUSH_IN.unpack_from(req.args)
+        self.fs.flush(req.ctx(), req.nodeid, fh, lock_owner)
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_lseek(self, req: Request) -> int:
+        fh, offset, whence, _ = abi.LSEEK_IN.unpack_from(req.args)
+        if offset > _S64_MAX:
+            raise OSError(errno.EINVAL, "offset out of range")
+        pos = self.fs.lseek(req.ctx(), req.nodeid, fh, offset, whence)
+        return codec.write_struct(req.writable, req.unique, abi.LSEEK_OUT, pos)
+
+    # -- directories ------------------------------------------------------------------
+    def _op_readdir(self, req: Request) -> int:
+        return self._readdir(req, plus=False)
+
+    def _op_readdirplus(self, req: Request) -> int:
+        return self._readdir(req, plus=True)
+
+    def _readdir(self, req: Request, plus: bool) -> int:
+        fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(req.args)
+        writable = req.writable
+        room = iov.total_len(writable) - _OUT
+        if room < 0:
+            raise ReplyTooLarge("no room for fuse_out_header")
+        size = min(size, room)
+        win = iov.window(writable, _OUT, size)
+        target = win if win is not None else memoryview(bytearray(size))
+        fs = self.fs
+        pos = 0
+        taken: list[int] = []  # lookups handed out in this reply (plus only)
+        entries = fs.readdir(req.ctx(), req.nodeid, fh, offset, plus)
+        try:
+            try:
+                for de in entries:
+                    name = de.name
+                    if plus:
+                        rec = abi.direntplus_size(len(name))
+                        e = de.entry
+                        if pos + rec > size:
+                            if e is not None:
+                                fs.forget(e.nodeid, 1)
+                            break
+                        vals = codec.entry_values(e) if e is not None else codec.ZERO_ENTRY
+                        codec.pack_direntplus(target, pos, vals, de.ino, de.offset, de.type, name)
+                        if e is not None:
+                            taken.append(e.nodeid)
+                    else:
+                        rec = abi.dirent_size(len(name))
+                        if pos + rec > size:
+                            break
+                        codec.pack_dirent(target, pos, de.ino, de.offset, de.type, name)
+                    pos += rec
+            except OSError:
+                if pos == 0:
+                    raise
+                # Entries already packed are good; the guest asks again from
+                # the last cookie and gets the error then.
+            finally:
+                close = getattr(entries, "close", None)
+                if close is not None:
+                    close()
+            if win is None:
+                iov.scatter(writable, _OUT, target[:pos])
+            codec.write_header(writable, req.unique, 0, _OUT + pos)
+        except BaseException:
+            for nodeid in taken:  # the reply is not sent: give the lookups back
+                fs.forget(nodeid, 1)
+            raise
+        return _OUT + pos
+
+    # -- extended attributes ----------------------------------------------------------
+    def _op_getxattr(self, req: Request) -> int:
+        size, _ = abi.GETXATTR_IN.unpack_from(req.args)
+        name, _ = codec.parse_xattr_name(req.args, abi.GETXATTR_IN.size)
+        value = self.fs.getxattr(req.ctx(), req.nodeid, name)
+        return self._xattr_reply(req, size, value)
+
+    def _op_listxattr(self, req: Request) -> int:
+        size, _ = abi.GETXATTR_IN.unpack_from(req.args)
+        names = self.fs.listxattr(req.ctx(), req.nodeid)
+        return self._xattr_reply(req, size, names)
+
+    def _xattr_reply(self, req: Request, size: int, value: bytes) -> int:
+        # getxattr(2)/listxattr(2) semantics: size 0 asks for the needed size
+        # (fuse_getxattr_out); a non-zero size too small for the value is ERANGE.
+        if size == 0:
+            return codec.write_struct(req.writable, req.unique, abi.GETXATTR_OUT, len(value), 0)
+        if len(value) > size or len(value) > iov.total_len(req.writable) - _OUT:
+            raise OSError(errno.ERANGE, "xattr buffer too small")
+        return codec.write_bytes(req.writable, req.unique, value)
+
+
+# opcode -> (handler, fixed argument bytes required, whether the handler needs
+# all argument bytes contiguous (True) or only the fixed part (False)).
+_TABLE: Final[tuple[tuple[int, Handler, int, bool], ...]] = (
+    (abi.FUSE_INIT, Dispatcher._op_init, abi.INIT_IN_COMPAT.size, True),
+    (abi.FUSE_DESTROY, Dispatcher._op_destroy, 0, True),
+    (abi.FUSE_INTERRUPT, Dispatcher._op_interrupt, 0, True),
+    (abi.FUSE_LOOKUP, Dispatcher._op_lookup, 0, True),
+    (abi.FUSE_FORGET, Dispatcher._op_forget, abi.FORGET_IN.size, True),
+    (abi.FUSE_BATCH_FORGET, Dispatcher._op_batch_forget, abi.BATCH_FORGET_IN.size, True),
+    (abi.FUSE_GETATTR, Dispatcher._op_getattr, abi.GETATTR_IN.size, True),
+    (abi.FUSE_STATFS, Dispatcher._op_statfs, 0, True),
+    (abi.FUSE_READLINK, Dispatcher._op_readlink, 0, True),
+    (abi.FUSE_ACCESS, Dispatcher._op_access, abi.ACCESS_IN.size, True),
+    (abi.FUSE_OPEN, Dispatcher._op_open, abi.OPEN_IN.size, True),
+    (abi.FUSE_OPENDIR, Dispatcher._op_opendir, abi.OPEN_IN.size, True),
+    (abi.FUSE_READ, Dispatcher._op_read, abi.READ_IN.size, False),
+    (abi.FUSE_RELEASE, Dispatcher._op_release, abi.RELEASE_IN.size, True),
+    (abi.FUSE_RELEASEDIR, Dispatcher._op_releasedir, abi.RELEASE_IN.size, True),
+    (abi.FUSE_FLUSH, Dispatcher._op_flush, abi.FLUSH_IN.size, True),
+    (abi.FUSE_LSEEK, Dispatcher._op_lseek, abi.LSEEK_IN.size, True),
+    (abi.FUSE_READDIR, Dispatcher._op_readdir, abi.READ_IN.size, False),
+    (abi.FUSE_READDIRPLUS, Dispatcher._op_readdirplus, abi.READ_IN.size, False),
+    (abi.FUSE_GETXATTR, Dispatcher._op_getxattr, abi.GETXATTR_IN.size, True),
+    (abi.FUSE_LISTXATTR, Dispatcher._op_listxattr, abi.GETXATTR_IN.size, True),
+)
+
+
+def _build_ops() -> list[tuple[Handler, int, bool] | None]:
+    ops: list[tuple[Handler, int, bool] | None] = [None] * (max(t[0] for t in _TABLE) + 1)
+    for opcode, handler, min_args, whole in _TABLE:
+        ops[opcode] = (handler, min_args, whole)
+    return ops
+
+
+_OPS: Final = _build_ops()
+
+#: Opcodes with a handler (for tests and docs).
+IMPLEMENTED: Final = frozenset(t[0] for t in _TABLE)

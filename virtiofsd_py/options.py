@@ -1,0 +1,190 @@
+"""Command-line options, named and spelled as the Rust virtiofsd names them.
+
+Existing QEMU and libvirt command lines must keep working, so every option
+the Rust virtiofsd has is recognised.  Options whose feature is built act;
+options not built yet are accepted only where ignoring them cannot change
+what the guest sees or weaken isolation, and otherwise refused with a clear
+message (``OptionError``), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+CACHE_MODES = ("auto", "always", "metadata", "never")
+LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
+
+
+class OptionError(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Options:
+    shared_dir: str | None
+    socket_path: str | None
+    fd: int | None
+    socket_group: str | None
+    tag: str | None
+    thread_pool_size: int
+    cache: str
+    readonly: bool
+    xattr: bool
+    readdirplus: bool
+    allow_direct_io: bool
+    rlimit_nofile: int | None
+    log_level: str
+    syslog: bool
+    print_capabilities: bool
+    sandbox: str
+    seccomp: str
+    inode_file_handles: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="virtiofsd-py",
+        description="vhost-user virtio-fs back-end (a Python virtiofsd).",
+        allow_abbrev=False,
+    )
+    add = ap.add_argument
+    add("--shared-dir", metavar="DIR", help="Shared directory path")
+    add("--tag", help="Tag the virtio device advertises (offers VHOST_USER_PROTOCOL_F_CONFIG)")
+    add("--socket-path", metavar="PATH", help="vhost-user socket path")
+    add("--socket", dest="socket_path", metavar="PATH", help=argparse.SUPPRESS)
+    add("--socket-group", metavar="GROUP", help="Name of the group to own the socket")
+    add("--fd", type=int, metavar="FD", help="File descriptor of an already listening socket")
+    add(
+        "--thread-pool-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Worker threads for requests; 0 runs them on the event loop (default 0)",
+    )
+    add("--cache", choices=CACHE_MODES, default="auto", help="Cache policy (default auto)")
+    add("--readonly", action="store_true", help="Share is read-only: every change gets EROFS")
+    add("--xattr", action="store_true", help="Enable extended attributes")
+    add("--no-readdirplus", action="store_true", help="Disable READDIRPLUS")
+    add(
+        "--allow-direct-io",
+        action="store_true",
+        help="Honor O_DIRECT from the guest (default: strip it)",
+    )
+    add(
+        "--rlimit-nofile",
+        type=int,
+        metavar="N",
+        help="Raise RLIMIT_NOFILE to N (default: the hard limit)",
+    )
+    add("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default info)")
+    add("--syslog", action="store_true", help="Log to syslog instead of stderr")
+    add(
+        "--print-capabilities",
+        action="store_true",
+        help="Print vhost-user.json backend program capabilities and exit",
+    )
+    add(
+        "--sandbox",
+        choices=("namespace", "chroot", "none"),
+        default="none",
+        help="Sandbox mechanism; only 'none' is built so far (default none)",
+    )
+    add(
+        "--seccomp",
+        choices=("none", "kill", "log", "trap"),
+        default="none",
+        help="seccomp action; only 'none' is built so far (default none)",
+    )
+    add(
+        "--inode-file-handles",
+        choices=("never", "prefer", "mandatory"),
+        default="never",
+        help="Use file handles for inodes; 'prefer' falls back to fds (default never)",
+    )
+    add("-f", "--foreground", action="store_true", help=argparse.SUPPRESS)
+    add("-V", "--version", action="version", version="virtiofsd-py 0.1.0")
+    # Recognised but not built yet: each refused with a message when used.
+    for flag in _NOT_BUILT_FLAGS:
+        add(flag, action="store_true", help=argparse.SUPPRESS)
+    for opt in _NOT_BUILT_VALUES:
+        add(opt, action="append", help=argparse.SUPPRESS)
+    return ap
+
+
+#: Options whose absence of implementation would change what the guest sees
+#: or what isolation the operator asked for.
+_NOT_BUILT_FLAGS = (
+    "--posix-acl",
+    "--security-label",
+    "--writeback",
+    "--allow-mmap",
+    "--killpriv-v2",
+    "--announce-submounts",
+    "--preserve-noatime",
+    "--migration-verify-handles",
+    "--migration-confirm-paths",
+)
+_NOT_BUILT_VALUES = (
+    "--xattrmap",
+    "--uid-map",
+    "--gid-map",
+    "--translate-uid",
+    "--translate-gid",
+    "--modcaps",
+    "--migration-mode",
+    "--migration-on-error",
+    "-o",
+)
+
+
+def _dest(opt: str) -> str:
+    return opt.lstrip("-").replace("-", "_")
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    ns = build_parser().parse_args(argv)
+    used = [f for f in _NOT_BUILT_FLAGS if getattr(ns, _dest(f))]
+    used += [o for o in _NOT_BUILT_VALUES if getattr(ns, _dest(o))]
+    if used:
+        raise OptionError(
+            f"{', '.join(used)}: not implemented yet in virtiofsd-py; refusing to start "
+            "rather than ignore it"
+        )
+    if ns.sandbox != "none":
+        raise OptionError(f"--sandbox {ns.sandbox}: not implemented yet; use --sandbox none")
+    if ns.seccomp != "none":
+        raise OptionError(f"--seccomp {ns.seccomp}: not implemented yet; use --seccomp none")
+    if ns.inode_file_handles == "mandatory":
+        raise OptionError("--inode-file-handles mandatory: not implemented yet")
+    opts = Options(
+        shared_dir=ns.shared_dir,
+        socket_path=ns.socket_path,
+        fd=ns.fd,
+        socket_group=ns.socket_group,
+        tag=ns.tag,
+        thread_pool_size=ns.thread_pool_size,
+        cache=ns.cache,
+        readonly=ns.readonly,
+        xattr=ns.xattr,
+        readdirplus=not ns.no_readdirplus,
+        allow_direct_io=ns.allow_direct_io,
+        rlimit_nofile=ns.rlimit_nofile,
+        log_level=ns.log_level,
+        syslog=ns.syslog,
+        print_capabilities=ns.print_capabilities,
+        sandbox=ns.sandbox,
+        seccomp=ns.seccomp,
+        inode_file_handles=ns.inode_file_handles,
+    )
+    if opts.print_capabilities:
+        return opts
+    if not opts.shared_dir:
+        raise OptionError("--shared-dir is required")
+    if (opts.socket_path is None) == (opts.fd is None):
+        raise OptionError("exactly one of --socket-path and --fd is required")
+    if opts.thread_pool_size < 0:
+        raise OptionError("--thread-pool-size must be >= 0")
+    if opts.tag is not None and not 0 < len(opts.tag.encode()) <= 36:
+        raise OptionError("--tag must be 1 to 36 bytes")
+    return opts

@@ -1,0 +1,439 @@
+"""The vhost-user back-end state machine for a virtio-fs device.
+
+Takes decoded ``Message`` objects, updates the protocol state (features,
+memory table, rings) and returns the reply bytes, if any.  It owns no
+socket: ``vhost.connection`` feeds it.  Queue processing is delegated to a
+``QueueRunner``; file descriptors received with a message are either kept
+(kick/call/err eventfds, backend channel) or closed here, never leaked.
+
+Rules are those of QEMU's docs/interop/vhost-user.rst; section names are
+cited where they decide something.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from virtiofsd_py.vhost import protocol as p
+from virtiofsd_py.vhost.protocol import Message, ProtocolError, Request
+from virtiofsd_py.virtio.memory import GuestMemory, GuestMemoryError, close_fds, map_region
+from virtiofsd_py.virtio.queue_runner import QueueRunner
+from virtiofsd_py.virtio.virtqueue import QueueError, SplitQueue, valid_queue_size
+from virtiofsd_py.virtio.vring import Vring
+
+log = logging.getLogger("virtiofsd_py.vhost")
+
+#: virtio-fs config space (virtio 1.2, 5.11.4): tag[36], le32 num_request_queues.
+FS_CONFIG = struct.Struct("<36sI")
+FS_TAG_MAX = 36
+
+
+@dataclass(slots=True)
+class BackendConfig:
+    #: Rings we can serve: hiprio + request queues (GET_QUEUE_NUM).
+    max_queues: int = 1 + 16
+    max_mem_slots: int = 509
+    #: With a tag we offer PROTOCOL_F_CONFIG and serve the config space.
+    tag: str | None = None
+
+
+def offered_features() -> int:
+    return (
+        p.bit(p.VIRTIO_F_VERSION_1)
+        | p.bit(p.VIRTIO_RING_F_INDIRECT_DESC)
+        | p.bit(p.VIRTIO_RING_F_EVENT_IDX)
+        | p.bit(p.VHOST_USER_F_PROTOCOL_FEATURES)
+    )
+
+
+def offered_protocol_features(config: BackendConfig) -> int:
+    bits = (
+        p.bit(p.ProtocolFeature.MQ)
+        | p.bit(p.ProtocolFeature.REPLY_ACK)
+        | p.bit(p.ProtocolFeature.BACKEND_REQ)
+        | p.bit(p.ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        | p.bit(p.ProtocolFeature.RESET_DEVICE)
+    )
+    if config.tag is not None:
+        bits |= p.bit(p.ProtocolFeature.CONFIG)
+    return bits
+
+
+#: Messages whose reply carries a body: they never get an extra REPLY_ACK.
+_REPLY_BODY = frozenset(
+    {
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.GET_VRING_BASE,
+        Request.GET_QUEUE_NUM,
+        Request.GET_CONFIG,
+        Request.GET_MAX_MEM_SLOTS,
+        Request.SET_DEVICE_STATE_FD,
+        Request.CHECK_DEVICE_STATE,
+        Request.GET_INFLIGHT_FD,
+        Request.GET_STATUS,
+        Request.GET_SHARED_OBJECT,
+    }
+)
+
+
+class Reply:
+    """What handling one message produced: bytes to send and fds to pass."""
+
+    __slots__ = ("data", "fds")
+
+    def __init__(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        self.data = data
+        self.fds = fds
+
+
+Handler = Callable[["VhostUserBackend", Message], Awaitable[Reply | None]]
+
+
+class VhostUserBackend:
+    def __init__(self, runner: QueueRunner, config: BackendConfig | None = None) -> None:
+        self.config = config or BackendConfig()
+        self.runner = runner
+        self.memory = GuestMemory()
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.backend_req_fd: int | None = None
+        self.rings = [Vring(i) for i in range(self.config.max_queues)]
+
+    @property
+    def reply_ack(self) -> bool:
+        return bool(self.protocol_features & p.bit(p.ProtocolFeature.REPLY_ACK))
+
+    @property
+    def suspended(self) -> bool:
+        """All rings stopped ("Suspended device state")."""
+        return not any(r.started for r in self.rings)
+
+    # -- entry point -------------------------------------------------------------
+    async def handle(self, msg: Message) -> Reply | None:
+        """Handle one message; never raises for bad input (logs and NAKs)."""
+        handler = _HANDLERS.get(msg.request)
+        try:
+            if handler is None:
+                close_fds(msg.fds)
+                raise ProtocolError("unsupported message")
+            reply = await handler(self, msg)
+        except (ProtocolError, GuestMemoryError, QueueError) as e:
+            log.error("vhost-user %s: %s", msg.name, e)
+            return self._nak(msg)
+        if reply is None and msg.need_reply and self.reply_ack:
+            reply = Reply(p.encode_u64_reply(msg.request, 0))
+        return reply
+
+    def _nak(self, msg: Message) -> Reply | None:
+        """Failure reply: REPLY_ACK error, or an error-shaped body where one is due."""
+        if msg.request == Request.SET_DEVICE_STATE_FD:
+            return Reply(p.encode_u64_reply(msg.request, 1 | p.VRING_NOFD_MASK))
+        if msg.request == Request.GET_VRING_BASE:
+            index = msg.payload[:4] if len(msg.payload) >= 4 else b"\0\0\0\0"
+            return Reply(p.encode_reply(msg.request, index + b"\0\0\0\0"))
+        if msg.request == Request.GET_CONFIG:
+            return Reply(p.encode_reply(msg.request, b""))
+        if msg.request in _REPLY_BODY:
+            return Reply(p.encode_u64_reply(msg.request, 1 if msg.request in _U64_ERR else 0))
+        if msg.need_reply and self.reply_ack:
+            return Reply(p.encode_u64_reply(msg.request, 1))
+        return None
+
+    def _ring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.rings):
+            raise ProtocolError(f"ring index {index} out of range (have {len(self.rings)})")
+        return self.rings[index]
+
+    # -- features ----------------------------------------------------------------
+    async def _get_features(self, msg: Message) -> Reply:
+        return Reply(p.encode_u64_reply(msg.request, offered_features()))
+
+    async def _set_features(self, msg: Message) -> None:
+        value = p.decode_u64(msg)
+        unknown = value & ~offered_features()
+        if unknown:
+            raise ProtocolError(f"features {unknown:#x} were not offered")
+        self.features = value
+        if not value & p.bit(p.VHOST_USER_F_PROTOCOL_FEATURES):
+            # "Ring states": enables all rings, never disables any.
+            for r in self.rings:
+                r.enabled = True
+                self.runner.process(r)
+        event_idx = bool(value & p.bit(p.VIRTIO_RING_F_EVENT_IDX))
+        for r in self.rings:
+            if r.queue is not None:
+                r.queue.event_idx = event_idx
+
+    async def _get_protocol_features(self, msg: Message) -> Reply:
+        return Reply(p.encode_u64_reply(msg.request, offered_protocol_features(self.config)))
+
+    async def _set_protocol_features(self, msg: Message) -> None:
+        value = p.decode_u64(msg)
+        unknown = value & ~offered_protocol_features(self.config)
+        if unknown:
+            raise ProtocolError(f"protocol features {unknown:#x} were not offered")
+        self.protocol_features = value
+
+    async def _set_owner(self, msg: Message) -> None:
+        self.owner = True
+
+    async def _reset_owner(self, msg: Message) -> None:
+        await self._reset()
+        self.owner = False
+
+    async def _reset_device(self, msg: Message) -> None:
+        await self._reset()
+
+    async def _reset(self) -> None:
+        for r in self.rings:
+            await self._stop_ring(r)
+            r.close()
+            self.rings[r.index] = Vring(r.index)
+        self.features = 0
+
+    async def _get_queue_num(self, msg: Message) -> Reply:
+        return Reply(p.encode_u64_reply(msg.request, len(self.rings)))
+
+    # -- memory ------------------------------------------------------------------
+    async def _set_mem_table(self, msg: Message) -> None:
+        try:
+            regions = p.decode_mem_table(msg)
+            if len(msg.fds) != len(regions):
+                raise ProtocolError(f"{len(regions)} regions but {len(msg.fds)} fds")
+            mapped = []
+            try:
+                for region, fd in zip(regions, msg.fds, strict=True):
+                    mapped.append(map_region(region, fd))
+            except GuestMemoryError:
+                for m in mapped:
+                    m.release()
+                raise
+        finally:
+            close_fds(msg.fds)
+        self.memory.replace(mapped)
+        self._remap_rings()
+
+    async def _get_max_mem_slots(self, msg: Message) -> Reply:
+        return Reply(p.encode_u64_reply(msg.request, self.config.max_mem_slots))
+
+    async def _add_mem_reg(self, msg: Message) -> None:
+        try:
+            region = p.decode_single_region(msg)
+            if len(msg.fds) != 1:
+                raise ProtocolError(f"expected 1 fd, got {len(msg.fds)}")
+            if len(self.memory.regions) >= self.config.max_mem_slots:
+                raise ProtocolError("no free memory slot")
+            mapped = map_region(region, msg.fds[0])
+        finally:
+            close_fds(msg.fds)
+        try:
+            self.memory.add(mapped)
+        except GuestMemoryError:
+            mapped.release()
+            raise
+        self._remap_rings()
+
+    async def _rem_mem_reg(self, msg: Message) -> None:
+        close_fds(msg.fds)
+        self.memory.remove(p.decode_single_region(msg))
+        self._remap_rings()
+
+    def _remap_rings(self) -> None:
+        """Ring views point into mappings; rebuild them after a memory change."""
+        for r in self.rings:
+            if r.addr is not None and r.num:
+                self._build_queue(r)
+
+    # -- rings ---------------------------------------------------------------------
+    async def _set_vring_num(self, msg: Message) -> None:
+        index, num = p.decode_vring_state(msg)
+        ring = self._ring(index)
+        if not valid_queue_size(num):
+            raise ProtocolError(f"ring {index}: invalid size {num}")
+        ring.num = num
+        ring.queue = None
+
+    async def _set_vring_addr(self, msg: Message) -> None:
+        addr = p.decode_vring_addr(msg)
+        ring = self._ring(addr.index)
+        ring.addr = addr
+        self._build_queue(ring)
+
+    def _build_queue(self, ring: Vring) -> None:
+        """Map the ring's areas, keeping the indices of a running ring."""
+        if ring.addr is None or not ring.num:
+            return
+        old = ring.queue
+        base = old.last_avail_idx if old is not None else ring.base
+        try:
+            ring.queue = SplitQueue(
+                self.memory,
+                ring.num,
+                ring.addr,
+                event_idx=bool(self.features & p.bit(p.VIRTIO_RING_F_EVENT_IDX)),
+                base=base,
+            )
+        except QueueError:
+            ring.queue = None
+            if ring.started:
+                raise
+            # Memory may still arrive (QEMU sends SET_MEM_TABLE later on some
+            # paths); mapping is retried when the ring starts or memory changes.
+            return
+        if old is not None:
+            ring.queue.used_idx = old.used_idx
+        ring.broken = False
+
+    async def _set_vring_base(self, msg: Message) -> None:
+        index, num = p.decode_vring_state(msg)
+        ring = self._ring(index)
+        if ring.started:
+            raise ProtocolError(f"ring {index}: SET_VRING_BASE while started")
+        if num > 0xFFFF:
+            raise ProtocolError(f"ring {index}: base {num} does not fit a split ring")
+        ring.base = num
+        if ring.queue is not None:
+            ring.queue.last_avail_idx = num
+            ring.queue.used_idx = num
+
+    async def _get_vring_base(self, msg: Message) -> Reply:
+        index, _ = p.decode_vring_state(msg)
+        ring = self._ring(index)
+        await self._stop_ring(ring)
+        base = ring.queue.last_avail_idx if ring.queue is not None else ring.base
+        ring.base = base
+        ring.queue = None
+        return Reply(p.encode_reply(msg.request, p.VRING_STATE.pack(index, base)))
+
+    async def _stop_ring(self, ring: Vring) -> None:
+        """GET_VRING_BASE: complete in-flight requests, then stop ("Ring states")."""
+        self.runner.unwatch(ring)
+        await self.runner.drain(ring)
+        ring.started = False
+        ring.set_kick(None)
+
+    def _vring_fd(self, msg: Message) -> tuple[Vring, int | None]:
+        index, has_fd = p.decode_vring_fd(msg)
+        try:
+            ring = self._ring(index)
+        except ProtocolError:
+            close_fds(msg.fds)
+            raise
+        fds = list(msg.fds)
+        fd = fds.pop(0) if has_fd and fds else None
+        close_fds(fds)
+        if has_fd and fd is None:
+            raise ProtocolError(f"ring {index}: no fd attached")
+        return ring, fd
+
+    async def _set_vring_kick(self, msg: Message) -> None:
+        ring, fd = self._vring_fd(msg)
+        ring.set_kick(fd)
+        if fd is None:
+            log.warning("ring %d: polling mode (no kick fd) is not supported", ring.index)
+            self.runner.unwatch(ring)
+            return
+        if ring.queue is None:
+            self._build_queue(ring)
+        self.runner.watch(ring)
+        # Treated as a kick, as libvhost-user does: a ring restored after
+        # migration may hold requests whose kick the source consumed.
+        ring.started = True
+        self.runner.process(ring)
+
+    async def _set_vring_call(self, msg: Message) -> None:
+        ring, fd = self._vring_fd(msg)
+        ring.set_call(fd)
+
+    async def _set_vring_err(self, msg: Message) -> None:
+        ring, fd = self._vring_fd(msg)
+        ring.set_err(fd)
+
+    async def _set_vring_enable(self, msg: Message) -> None:
+        index, num = p.decode_vring_state(msg)
+        if not self.features & p.bit(p.VHOST_USER_F_PROTOCOL_FEATURES):
+            raise ProtocolError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        ring = self._ring(index)
+        if num not in (0, 1):
+            raise ProtocolError(f"ring {index}: enable value {num}")
+        ring.enabled = bool(num)
+        if ring.enabled:
+            self.runner.process(ring)
+
+    # -- misc ----------------------------------------------------------------------
+    async def _set_backend_req_fd(self, msg: Message) -> None:
+        fds = list(msg.fds)
+        if len(fds) != 1:
+            close_fds(fds)
+            raise ProtocolError(f"expected 1 fd, got {len(fds)}")
+        if self.backend_req_fd is not None:
+            close_fds([self.backend_req_fd])
+        self.backend_req_fd = fds[0]
+
+    def _config_space(self) -> bytes:
+        tag = (self.config.tag or "").encode()
+        return FS_CONFIG.pack(tag, len(self.rings) - 1)
+
+    async def _get_config(self, msg: Message) -> Reply:
+        close_fds(msg.fds)
+        req = p.decode_config(msg)
+        if self.config.tag is None:
+            raise ProtocolError("no config space (start with --tag to offer one)")
+        space = self._config_space()
+        if req.offset + req.size > len(space):
+            raise ProtocolError(f"config range {req.offset}+{req.size} beyond {len(space)} bytes")
+        data = space[req.offset : req.offset + req.size]
+        return Reply(
+            p.encode_reply(
+                msg.request, p.encode_config(p.ConfigSpace(req.offset, req.size, req.flags, data))
+            )
+        )
+
+    async def _set_config(self, msg: Message) -> None:
+        close_fds(msg.fds)
+        p.decode_config(msg)
+        raise ProtocolError("the virtio-fs config space is read-only")
+
+    async def close(self) -> None:
+        """Connection gone: stop every ring and release everything."""
+        for r in self.rings:
+            await self._stop_ring(r)
+            r.close()
+        if self.backend_req_fd is not None:
+            close_fds([self.backend_req_fd])
+            self.backend_req_fd = None
+        self.memory.clear()
+
+
+_U64_ERR = frozenset({Request.CHECK_DEVICE_STATE})
+
+_HANDLERS: dict[int, Handler] = {
+    Request.GET_FEATURES: VhostUserBackend._get_features,
+    Request.SET_FEATURES: VhostUserBackend._set_features,
+    Request.SET_OWNER: VhostUserBackend._set_owner,
+    Request.RESET_OWNER: VhostUserBackend._reset_owner,
+    Request.RESET_DEVICE: VhostUserBackend._reset_device,
+    Request.GET_PROTOCOL_FEATURES: VhostUserBackend._get_protocol_features,
+    Request.SET_PROTOCOL_FEATURES: VhostUserBackend._set_protocol_features,
+    Request.GET_QUEUE_NUM: VhostUserBackend._get_queue_num,
+    Request.SET_MEM_TABLE: VhostUserBackend._set_mem_table,
+    Request.GET_MAX_MEM_SLOTS: VhostUserBackend._get_max_mem_slots,
+    Request.ADD_MEM_REG: VhostUserBackend._add_mem_reg,
+    Request.REM_MEM_REG: VhostUserBackend._rem_mem_reg,
+    Request.SET_VRING_NUM: VhostUserBackend._set_vring_num,
+    Request.SET_VRING_ADDR: VhostUserBackend._set_vring_addr,
+    Request.SET_VRING_BASE: VhostUserBackend._set_vring_base,
+    Request.GET_VRING_BASE: VhostUserBackend._get_vring_base,
+    Request.SET_VRING_KICK: VhostUserBackend._set_vring_kick,
+    Request.SET_VRING_CALL: VhostUserBackend._set_vring_call,
+    Request.SET_VRING_ERR: VhostUserBackend._set_vring_err,
+    Request.SET_VRING_ENABLE: VhostUserBackend._set_vring_enable,
+    Request.SET_BACKEND_REQ_FD: VhostUserBackend._set_backend_req_fd,
+    Request.GET_CONFIG: VhostUserBackend._get_config,
+    Request.SET_CONFIG: VhostUserBackend._set_config,
+}
