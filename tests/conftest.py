@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from virtiofsd_py.fuse import abi
 from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
 from virtiofsd_py.testing.frontend import VhostUserFrontend
 from virtiofsd_py.testing.fuse_client import FuseClient
@@ -57,15 +58,39 @@ XATTR_VALUE = b"an extended attribute value"
 
 @dataclass(frozen=True)
 class HostTree:
-    """The shared directory and the expected content of its files."""
+    """The shared directory, what its files hold, and checks against it.
+
+    Tests get everything through this object (the ``host_tree`` fixture)
+    instead of importing from conftest.
+    """
 
     root: Path
     outside: Path
     big: bytes
     xattrs: bool
+    small: bytes = SMALL
+    sparse_size: int = SPARSE_SIZE
+    sparse_data_at: int = SPARSE_DATA_AT
+    sparse_data: bytes = SPARSE_DATA
+    many: int = MANY
+    outside_secret: bytes = OUTSIDE_SECRET
+    xattr_name: bytes = XATTR_NAME
+    xattr_value: bytes = XATTR_VALUE
+    #: Requests made by :meth:`check_serving`: LOOKUP, GETATTR, OPEN, READ, RELEASE.
+    check_requests: int = 5
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+    def check_serving(self, fe: VhostUserFrontend, queue: int = 1) -> None:
+        """A LOOKUP, GETATTR, OPEN, READ, RELEASE round trip that must succeed."""
+        client = FuseClient(fe, queue=queue)
+        entry = client.lookup(abi.FUSE_ROOT_ID, "small.txt")
+        assert entry.size == len(self.small)
+        assert client.getattr(entry.nodeid).ino == self.path("small.txt").stat().st_ino
+        fh = client.open(entry.nodeid).fh
+        assert client.read(entry.nodeid, fh, 0, 4096) == self.small
+        client.release(entry.nodeid, fh)
 
 
 def make_host_tree(base: Path) -> HostTree:

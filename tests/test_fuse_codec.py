@@ -52,7 +52,7 @@ def test_opcode_names() -> None:
     assert abi.opcode_name(abi.FUSE_LOOKUP) == "LOOKUP"
     assert abi.opcode_name(abi.FUSE_READDIRPLUS) == "READDIRPLUS"
     assert abi.opcode_name(7) == "OPCODE_7"
-    assert abi.Opcode.STATX == abi.FUSE_STATX == 52
+    assert int(abi.Opcode.STATX) == abi.FUSE_STATX == 52
 
 
 @pytest.mark.parametrize(("namelen", "size"), [(0, 24), (1, 32), (8, 32), (9, 40)])

@@ -627,3 +627,31 @@ def test_readonly_share(tree: Path) -> None:
     finally:
         fs.close()
     assert make_fs(tree).readonly is False
+
+
+@pytest.fixture
+def submount(tree: Path) -> Iterator[Path]:
+    """A tmpfs mounted at share/mnt (needs root and a mount-capable sandbox)."""
+    import subprocess
+
+    mnt = tree / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("announce", [False, True])
+def test_submounts_are_announced_on_request(tree: Path, submount: Path, announce: bool) -> None:
+    (submount / "f").write_bytes(b"")
+    fs = make_fs(tree, announce_submounts=announce)
+    try:
+        m = fs.lookup(CTX, ROOT_ID, b"mnt")
+        assert m.attr_flags == (1 if announce else 0)
+        assert fs.lookup(CTX, ROOT_ID, b"dir").attr_flags == 0
+        assert fs.lookup(CTX, m.nodeid, b"f").attr_flags == 0
+    finally:
+        fs.close()

@@ -161,7 +161,8 @@ async def serve(opts: Options) -> int:
         conn_sock, _ = accept.result()
         listener.sock.close()  # one front-end per daemon
         log.info("front-end connected")
-        dispatcher = Dispatcher(fs, FuseConfig(readdirplus=opts.readdirplus))
+        readdirplus = opts.readdirplus and fs.policy.readdirplus
+        dispatcher = Dispatcher(fs, FuseConfig(readdirplus=readdirplus))
         runner = QueueRunner(loop, dispatcher.handle, thread_pool_size=opts.thread_pool_size)
         backend = VhostUserBackend(runner, BackendConfig(tag=opts.tag))
         conn = VhostUserConnection(conn_sock, backend)
@@ -179,3 +180,4 @@ async def serve(opts: Options) -> int:
         return 0
     finally:
         listener.close()
+        fs.close()

@@ -9,18 +9,16 @@ by all its checks. A module fills the shared directory by overriding the
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from virtiofsd_py.testing.daemonproc import DaemonProcess
+from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
 from virtiofsd_py.testing.guest import Guest, unavailable_reason
 
 GUEST_TAG = "share"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+TRACEBACK = "Traceback (most recent call last)"
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +27,6 @@ def guest_support() -> None:
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(f"real-guest tests unavailable: {reason}")
-    if "VIRTIOFSD_PY_TEST_DAEMON" not in os.environ and (
-        importlib.util.find_spec("virtiofsd_py.__main__") is None
-    ):
-        pytest.skip("virtiofsd_py has no __main__ yet (set VIRTIOFSD_PY_TEST_DAEMON)")
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +39,22 @@ def guest_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def virtiofs_daemon(
     guest_support: None, guest_shared_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DaemonProcess]:
-    """The daemon under test, serving ``guest_shared_dir``."""
-    run_dir = tmp_path_factory.mktemp("daemon")
+    """The daemon under test, serving ``guest_shared_dir``; must exit cleanly after."""
+    extra = ["--cache", "auto"] if is_own_daemon() else []
     daemon = DaemonProcess(
-        guest_shared_dir, run_dir / "vhost.sock", run_dir / "daemon.log", cwd=REPO_ROOT
-    )
+        guest_shared_dir, tmp_path_factory.mktemp("daemon"), extra_args=extra
+    ).start(timeout=30)
     yield daemon
-    daemon.stop()
+    status = daemon.stop(timeout=5.0)
+    log = daemon.log()
+    print(f"--- daemon log (exit status {status}) ---\n{log[-20000:]}")
+    assert status == 0, f"daemon exit status {status}"
+    assert TRACEBACK not in log, "daemon log has a Python traceback"
 
 
 @pytest.fixture(scope="module")
 def guest(virtiofs_daemon: DaemonProcess) -> Iterator[Guest]:
     """A booted guest with the daemon's device as tag ``GUEST_TAG`` (not mounted)."""
-    g = Guest.boot(vhost_sockets={GUEST_TAG: str(virtiofs_daemon.socket)})
+    g = Guest.boot(vhost_sockets={GUEST_TAG: str(virtiofs_daemon.socket_path)})
     yield g
     g.shutdown()

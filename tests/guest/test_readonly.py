@@ -21,11 +21,10 @@ import pytest
 
 from virtiofsd_py.testing.guest import Guest
 
-from .conftest import GUEST_TAG
-
 pytestmark = pytest.mark.guest
 
 MNT = b"/mnt"
+GUEST_TAG = "share"  # what conftest.py names the device
 BIG_SIZE = 8 * 1024 * 1024 + 12345
 DEEP_LEVELS = 20
 MANY_ENTRIES = 300
@@ -187,18 +186,30 @@ def test_stat_of_everything_matches_host(ro_guest: Guest, guest_shared_dir: Path
 def test_sparse_file_keeps_its_hole(ro_guest: Guest, guest_shared_dir: Path) -> None:
     st = os.stat(guest_shared_dir / "sparse")
     assert st.st_blocks * 512 < st.st_size  # the host file system made a hole
-    out = ro_guest.run("stat -c '%s %b' /mnt/sparse && dd if=/mnt/sparse bs=65536 skip=8 "
-                       "count=1 2>/dev/null | sha256sum").check().out.split()
+    out = (
+        ro_guest.run(
+            "stat -c '%s %b' /mnt/sparse && dd if=/mnt/sparse bs=65536 skip=8 "
+            "count=1 2>/dev/null | sha256sum"
+        )
+        .check()
+        .out.split()
+    )
     assert (int(out[0]), int(out[1])) == (st.st_size, st.st_blocks)
     assert out[2] == hashlib.sha256(b"\0" * 65536).hexdigest()
 
 
 def test_content_of_every_regular_file(ro_guest: Guest, guest_shared_dir: Path) -> None:
     host_root = os.fsencode(guest_shared_dir)
-    files = sorted(p for p in walk(guest_shared_dir) if os.path.isfile(os.path.join(host_root, p))
-                   and not os.path.islink(os.path.join(host_root, p)))
-    cmd = b"for f in " + b" ".join(shq(guest_path(p)) for p in files) + (
-        b'; do sha256sum < "$f" || echo FAIL; done'
+    files = sorted(
+        p
+        for p in walk(guest_shared_dir)
+        if os.path.isfile(os.path.join(host_root, p))
+        and not os.path.islink(os.path.join(host_root, p))
+    )
+    cmd = (
+        b"for f in "
+        + b" ".join(shq(guest_path(p)) for p in files)
+        + (b'; do sha256sum < "$f" || echo FAIL; done')
     )
     hashes = [line.split()[0] for line in ro_guest.run(cmd).check().out.splitlines()]
     expected = [sha256_file(os.path.join(host_root, p)) for p in files]
@@ -207,13 +218,17 @@ def test_content_of_every_regular_file(ro_guest: Guest, guest_shared_dir: Path) 
 
 def test_large_file_reads(ro_guest: Guest, guest_shared_dir: Path) -> None:
     data = (guest_shared_dir / "big.bin").read_bytes()
-    out = ro_guest.run(
-        "cat /mnt/big.bin | sha256sum;"
-        " dd if=/mnt/big.bin bs=1M 2>/dev/null | sha256sum;"
-        " dd if=/mnt/big.bin bs=4096 skip=123 count=77 2>/dev/null | sha256sum;"
-        " dd if=/mnt/big.bin bs=1 skip=8388600 2>/dev/null | sha256sum",
-        timeout=120,
-    ).check().out.split()
+    out = (
+        ro_guest.run(
+            "cat /mnt/big.bin | sha256sum;"
+            " dd if=/mnt/big.bin bs=1M 2>/dev/null | sha256sum;"
+            " dd if=/mnt/big.bin bs=4096 skip=123 count=77 2>/dev/null | sha256sum;"
+            " dd if=/mnt/big.bin bs=1 skip=8388600 2>/dev/null | sha256sum",
+            timeout=120,
+        )
+        .check()
+        .out.split()
+    )
     assert out[0::2] == [
         hashlib.sha256(data).hexdigest(),
         hashlib.sha256(data).hexdigest(),
@@ -225,9 +240,13 @@ def test_large_file_reads(ro_guest: Guest, guest_shared_dir: Path) -> None:
 def test_symlink_targets(ro_guest: Guest, guest_shared_dir: Path) -> None:
     host_root = os.fsencode(guest_shared_dir)
     links = sorted(p for p in walk(guest_shared_dir) if os.path.islink(os.path.join(host_root, p)))
-    cmd = b"for f in " + b" ".join(shq(guest_path(p)) for p in links) + (
-        b"; do printf '%s\\0' \"$(readlink -- \"$f\")\"; done; cat /mnt/link-relative;"
-        b" ls /mnt/link-dir/ ; test -e /mnt/link-dangling || echo dangling"
+    cmd = (
+        b"for f in "
+        + b" ".join(shq(guest_path(p)) for p in links)
+        + (
+            b'; do printf \'%s\\0\' "$(readlink -- "$f")"; done; cat /mnt/link-relative;'
+            b" ls /mnt/link-dir/ ; test -e /mnt/link-dangling || echo dangling"
+        )
     )
     out = ro_guest.run(cmd).check().stdout
     *targets, rest = out.split(b"\0")

@@ -49,14 +49,8 @@ class _Local(threading.local):
 
 _local = _Local()
 _statx_fn = getattr(_libc, "statx", None)
-if _statx_fn is not None:
-    _statx_fn.argtypes = (
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_uint,
-        ctypes.c_void_p,
-    )
+# No argtypes: ctypes' default int/bytes/buffer conversions fit statx(2)'s
+# arguments and are about twice as fast.
 _have_mnt_id: bool | None = None if _statx_fn is not None else False
 
 
@@ -123,19 +117,30 @@ def stat_fd(fd: int) -> tuple[os.stat_result, int]:
     atime_ns = a_s * _NS + a_ns
     mtime_ns = m_s * _NS + m_ns
     ctime_ns = c_s * _NS + c_ns
+    # The full 19-field form (sequence fields, then st_atime..st_rdev) is
+    # much cheaper to build than the 10-field form plus a dict.
     st = os.stat_result(
-        (mode, ino, os.makedev(dev_maj, dev_min), nlink, uid, gid, size, a_s, m_s, c_s),
-        {
-            "st_atime": atime_ns / _NS,
-            "st_mtime": mtime_ns / _NS,
-            "st_ctime": ctime_ns / _NS,
-            "st_atime_ns": atime_ns,
-            "st_mtime_ns": mtime_ns,
-            "st_ctime_ns": ctime_ns,
-            "st_blksize": blksize,
-            "st_blocks": blocks,
-            "st_rdev": os.makedev(rdev_maj, rdev_min),
-        },
+        (
+            mode,
+            ino,
+            os.makedev(dev_maj, dev_min),
+            nlink,
+            uid,
+            gid,
+            size,
+            a_s,
+            m_s,
+            c_s,
+            atime_ns / _NS,
+            mtime_ns / _NS,
+            ctime_ns / _NS,
+            atime_ns,
+            mtime_ns,
+            ctime_ns,
+            blksize,
+            blocks,
+            os.makedev(rdev_maj, rdev_min),
+        )
     )
     return st, mnt_id
 

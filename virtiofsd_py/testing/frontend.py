@@ -407,10 +407,10 @@ class VhostUserFrontend:
     def negotiate(
         self,
         *,
-        queues: int,
+        queues: int | None,
         indirect: bool = True,
         event_idx: bool = True,
-        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
+        protocol_features: int | None = DEFAULT_PROTOCOL_FEATURES,
         extra_features: int = 0,
     ) -> int:
         """The init part of QEMU's vhost_dev_init; returns the features for SET_FEATURES.
@@ -418,9 +418,13 @@ class VhostUserFrontend:
         Order as QEMU's vhost_user_backend_init: GET_FEATURES,
         GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS,
         SET_BACKEND_REQ_FD, then SET_OWNER and GET_FEATURES again.
+        ``protocol_features=None`` leaves VHOST_USER_F_PROTOCOL_FEATURES out
+        (a legacy front-end: no REPLY_ACK, MQ, ... and rings enabled at once).
         """
         dev = self.get_features()
-        want = bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | extra_features
+        want = bit(VIRTIO_F_VERSION_1) | extra_features
+        if protocol_features is not None:
+            want |= bit(VHOST_USER_F_PROTOCOL_FEATURES)
         if indirect:
             want |= bit(VIRTIO_RING_F_INDIRECT_DESC)
         if event_idx:
@@ -428,16 +432,18 @@ class VhostUserFrontend:
         features = dev & want
         if features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             pdev = self.get_protocol_features()
-            self.set_protocol_features(pdev & protocol_features)
+            self.set_protocol_features(pdev & (protocol_features or 0))
             if self.has_protocol_feature(ProtocolFeature.MQ):
-                if self.get_queue_num() < queues:
+                if self.get_queue_num() < (queues or 0):
                     raise VhostUserError(f"back-end has {self.queue_num} queues, {queues} wanted")
-            elif queues > 2:
+            elif (queues or 0) > 2:
                 raise VhostUserError("back-end does not offer MQ; at most hiprio + 1 queue")
             if self.has_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS):
                 self.get_max_mem_slots()
             if self.has_protocol_feature(ProtocolFeature.BACKEND_REQ):
                 self.set_backend_req_fd()
+        elif (queues or 0) > 2:
+            raise VhostUserError("without protocol features (MQ) at most hiprio + 1 queue")
         self.set_owner()
         self.get_features()
         return features
@@ -445,7 +451,8 @@ class VhostUserFrontend:
     def connect_and_start(
         self,
         *,
-        queues: int = 2,
+        queues: int | None = 2,
+        max_queues: int = 8,
         queue_size: int = 128,
         indirect: bool = True,
         event_idx: bool = True,
@@ -454,14 +461,19 @@ class VhostUserFrontend:
         gpa_base: int = 0x4000_0000,
         user_addr: int = 0x7F12_3400_0000,
         fd_offset: int = 0,
-        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
+        protocol_features: int | None = DEFAULT_PROTOCOL_FEATURES,
+        start_rings: bool = True,
         enable: bool = True,
     ) -> None:
         """The whole handshake QEMU does for vhost-user-fs, then the device is running.
 
         ``queues`` counts all virtqueues: 1 hiprio + ``queues - 1`` request
-        queues.  ``mem_via`` picks ADD_MEM_REG (QEMU's choice once
-        CONFIGURE_MEM_SLOTS is negotiated) or SET_MEM_TABLE.
+        queues; ``None`` takes all the back-end has (GET_QUEUE_NUM), up to
+        ``max_queues``.  ``mem_via`` picks ADD_MEM_REG (QEMU's choice once
+        CONFIGURE_MEM_SLOTS is negotiated) or SET_MEM_TABLE.  With
+        ``start_rings=False`` it stops after the memory table (the caller
+        starts rings with :meth:`start_queue`); with ``enable=False`` no
+        SET_VRING_ENABLE is sent.
         """
         if mem_via not in ("add_mem_reg", "set_mem_table"):
             raise ValueError(f"mem_via must be add_mem_reg or set_mem_table, not {mem_via!r}")
@@ -471,6 +483,8 @@ class VhostUserFrontend:
             event_idx=event_idx,
             protocol_features=protocol_features,
         )
+        if queues is None:
+            queues = min(self.queue_num or 2, max_queues)
         mem = GuestMemory(mem_size, gpa_base=gpa_base, user_addr=user_addr, fd_offset=fd_offset)
         self.mem = mem
         self.queues = [
@@ -497,6 +511,8 @@ class VhostUserFrontend:
             raise VhostUserError("ADD_MEM_REG wanted but CONFIGURE_MEM_SLOTS is not negotiated")
         else:
             self.set_mem_table([(self.region, mem.fd)])
+        if not start_rings:
+            return
         for q in self.queues:
             self.start_queue(q)
         if enable and features & bit(VHOST_USER_F_PROTOCOL_FEATURES):

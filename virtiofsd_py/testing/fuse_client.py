@@ -206,7 +206,7 @@ class FuseClient:
         opcode: int,
         nodeid: int,
         args: bytes | Sequence[bytes] = b"",
-        reply_sizes: int | Sequence[int] = 0,
+        reply_sizes: int | Sequence[int] | None = 0,
         *,
         queue: int | None = None,
         split: int | None = None,
@@ -218,13 +218,17 @@ class FuseClient:
 
         ``args`` are the request arguments after the in header (each part of
         a sequence gets its own descriptors, as Linux's in_args); the
-        writable part is the 16-byte out header, then ``reply_sizes`` bytes.
+        writable part is the 16-byte out header, then ``reply_sizes`` bytes
+        (``None``: no writable part at all, for FORGET and BATCH_FORGET).
         ``header_len`` overrides the in header's ``len`` (to lie).
         """
         q = self.fe.queues[self.queue if queue is None else queue]
         split = split or self.split
         parts = [args] if isinstance(args, bytes | bytearray) else list(args)
-        sizes = [reply_sizes] if isinstance(reply_sizes, int) else list(reply_sizes)
+        if reply_sizes is None:
+            sizes = None
+        else:
+            sizes = [reply_sizes] if isinstance(reply_sizes, int) else list(reply_sizes)
         unique = self.next_unique()
         pending = Pending(q, opcode, unique)
         allocs = pending.allocations
@@ -233,7 +237,7 @@ class FuseClient:
         for part in parts:
             out += self._buffers(bytes(part), split, allocs)
         in_: list[Buffer] = []
-        if any(sizes):
+        if sizes is not None:
             in_ = self._writable(abi.OUT_HEADER.size, split, allocs)
             for size in sizes:
                 in_ += self._writable(size, split, allocs)
@@ -291,7 +295,7 @@ class FuseClient:
         opcode: int,
         nodeid: int,
         args: bytes | Sequence[bytes] = b"",
-        reply_sizes: int | Sequence[int] = 0,
+        reply_sizes: int | Sequence[int] | None = 0,
         **kw: Any,
     ) -> FuseReply:
         """Submit one request, wait for it, return its checked reply (errors included)."""
@@ -304,7 +308,7 @@ class FuseClient:
         opcode: int,
         nodeid: int,
         args: bytes | Sequence[bytes] = b"",
-        reply_sizes: int | Sequence[int] = 0,
+        reply_sizes: int | Sequence[int] | None = 0,
         **kw: Any,
     ) -> bytes:
         """Like :meth:`request`, raising :class:`FuseError` for an error reply."""
@@ -335,13 +339,13 @@ class FuseClient:
 
     def forget(self, nodeid: int, nlookup: int, *, queue: int = HIPRIO) -> None:
         """FORGET on the hiprio queue: no reply, only the used element (len 0)."""
-        self.call(abi.FUSE_FORGET, nodeid, abi.FORGET_IN.pack(nlookup), 0, queue=queue)
+        self.call(abi.FUSE_FORGET, nodeid, abi.FORGET_IN.pack(nlookup), None, queue=queue)
 
     def batch_forget(self, items: Sequence[tuple[int, int]], *, queue: int = HIPRIO) -> None:
         args = abi.BATCH_FORGET_IN.pack(len(items), 0) + b"".join(
             abi.FORGET_ONE.pack(n, c) for n, c in items
         )
-        self.call(abi.FUSE_BATCH_FORGET, 0, args, 0, queue=queue)
+        self.call(abi.FUSE_BATCH_FORGET, 0, args, None, queue=queue)
 
     def getattr(self, nodeid: int, fh: int | None = None) -> Fields:
         args = abi.GETATTR_IN.pack(0 if fh is None else abi.FUSE_GETATTR_FH, 0, fh or 0)

@@ -119,12 +119,13 @@ class VhostUserBackend:
         handler = _HANDLERS.get(msg.request)
         try:
             if handler is None:
-                close_fds(msg.fds)
                 raise ProtocolError("unsupported message")
             reply = await handler(self, msg)
         except (ProtocolError, GuestMemoryError, QueueError) as e:
             log.error("vhost-user %s: %s", msg.name, e)
             return self._nak(msg)
+        finally:
+            close_fds(_take_fds(msg))  # whatever the handler did not keep
         if reply is None and msg.need_reply and self.reply_ack:
             reply = Reply(p.encode_u64_reply(msg.request, 0))
         return reply
@@ -201,20 +202,21 @@ class VhostUserBackend:
 
     # -- memory ------------------------------------------------------------------
     async def _set_mem_table(self, msg: Message) -> None:
+        fds = _take_fds(msg)
         try:
             regions = p.decode_mem_table(msg)
-            if len(msg.fds) != len(regions):
-                raise ProtocolError(f"{len(regions)} regions but {len(msg.fds)} fds")
+            if len(fds) != len(regions):
+                raise ProtocolError(f"{len(regions)} regions but {len(fds)} fds")
             mapped = []
             try:
-                for region, fd in zip(regions, msg.fds, strict=True):
+                for region, fd in zip(regions, fds, strict=True):
                     mapped.append(map_region(region, fd))
             except GuestMemoryError:
                 for m in mapped:
                     m.release()
                 raise
         finally:
-            close_fds(msg.fds)
+            close_fds(fds)
         self.memory.replace(mapped)
         self._remap_rings()
 
@@ -222,15 +224,16 @@ class VhostUserBackend:
         return Reply(p.encode_u64_reply(msg.request, self.config.max_mem_slots))
 
     async def _add_mem_reg(self, msg: Message) -> None:
+        fds = _take_fds(msg)
         try:
             region = p.decode_single_region(msg)
-            if len(msg.fds) != 1:
-                raise ProtocolError(f"expected 1 fd, got {len(msg.fds)}")
+            if len(fds) != 1:
+                raise ProtocolError(f"expected 1 fd, got {len(fds)}")
             if len(self.memory.regions) >= self.config.max_mem_slots:
                 raise ProtocolError("no free memory slot")
-            mapped = map_region(region, msg.fds[0])
+            mapped = map_region(region, fds[0])
         finally:
-            close_fds(msg.fds)
+            close_fds(fds)
         try:
             self.memory.add(mapped)
         except GuestMemoryError:
@@ -239,7 +242,6 @@ class VhostUserBackend:
         self._remap_rings()
 
     async def _rem_mem_reg(self, msg: Message) -> None:
-        close_fds(msg.fds)
         self.memory.remove(p.decode_single_region(msg))
         self._remap_rings()
 
@@ -319,12 +321,8 @@ class VhostUserBackend:
 
     def _vring_fd(self, msg: Message) -> tuple[Vring, int | None]:
         index, has_fd = p.decode_vring_fd(msg)
-        try:
-            ring = self._ring(index)
-        except ProtocolError:
-            close_fds(msg.fds)
-            raise
-        fds = list(msg.fds)
+        ring = self._ring(index)
+        fds = _take_fds(msg)
         fd = fds.pop(0) if has_fd and fds else None
         close_fds(fds)
         if has_fd and fd is None:
@@ -367,7 +365,7 @@ class VhostUserBackend:
 
     # -- misc ----------------------------------------------------------------------
     async def _set_backend_req_fd(self, msg: Message) -> None:
-        fds = list(msg.fds)
+        fds = _take_fds(msg)
         if len(fds) != 1:
             close_fds(fds)
             raise ProtocolError(f"expected 1 fd, got {len(fds)}")
@@ -380,7 +378,6 @@ class VhostUserBackend:
         return FS_CONFIG.pack(tag, len(self.rings) - 1)
 
     async def _get_config(self, msg: Message) -> Reply:
-        close_fds(msg.fds)
         req = p.decode_config(msg)
         if self.config.tag is None:
             raise ProtocolError("no config space (start with --tag to offer one)")
@@ -395,7 +392,6 @@ class VhostUserBackend:
         )
 
     async def _set_config(self, msg: Message) -> None:
-        close_fds(msg.fds)
         p.decode_config(msg)
         raise ProtocolError("the virtio-fs config space is read-only")
 
@@ -408,6 +404,12 @@ class VhostUserBackend:
             close_fds([self.backend_req_fd])
             self.backend_req_fd = None
         self.memory.clear()
+
+
+def _take_fds(msg: Message) -> list[int]:
+    """Move the message's fds to the caller, who now owns (keeps or closes) them."""
+    fds, msg.fds = msg.fds, []
+    return fds
 
 
 _U64_ERR = frozenset({Request.CHECK_DEVICE_STATE})

@@ -1,0 +1,91 @@
+#!/bin/bash
+# Prepare a Debian 12 (bookworm) or 13 (trixie) machine for the test suite.
+# Run as root. Idempotent, and quick when everything is already in place.
+#
+#  - QEMU >= 8.2 (bookworm-backports on bookworm), busybox-static, cpio, zstd, xz
+#  - the Python package in editable mode with its test tools, ruff, mypy
+#  - a Debian 6.12 guest kernel (downloaded, never installed) unpacked into
+#    $VIRTIOFSD_PY_GUEST_DIR (default /var/tmp/virtiofsd-py-guest): PVH vmlinux,
+#    modules, and the initramfs. VIRTIOFSD_PY_GUEST_REFRESH=1 fetches it again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GUEST_DIR=${VIRTIOFSD_PY_GUEST_DIR:-/var/tmp/virtiofsd-py-guest}
+export VIRTIOFSD_PY_GUEST_DIR=$GUEST_DIR DEBIAN_FRONTEND=noninteractive
+
+log() { echo "setup-test-env: $*" >&2; }
+
+# Other sessions may hold apt's locks for a while: wait for them.
+APT=(apt-get -o DPkg::Lock::Timeout=600 -q)
+apt_updated=
+apt_update() {
+    [ -n "$apt_updated" ] && return
+    local i
+    for i in $(seq 60); do
+        if "${APT[@]}" update -qq; then apt_updated=1; return; fi
+        log "apt-get update failed (locked?), retrying"; sleep 5
+    done
+    return 1
+}
+
+codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+backports=
+if [ "$codename" = bookworm ]; then
+    backports=bookworm-backports
+    if ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+        log "adding bookworm-backports (${uri:=http://deb.debian.org/debian})"
+        printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+            "$uri" > /etc/apt/sources.list.d/bookworm-backports.sources
+        apt_updated=
+        apt_update
+    fi
+fi
+target=(${backports:+-t "$backports"})
+
+qemu_ok() {
+    local v
+    v=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+    [ -n "$v" ] && set -- $v && { [ "$1" -gt 8 ] || { [ "$1" -eq 8 ] && [ "$2" -ge 2 ]; }; }
+}
+missing=()
+for p in busybox-static cpio zstd xz-utils; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt_update
+    "${APT[@]}" install -y --no-install-recommends "${missing[@]}"
+fi
+if ! qemu_ok; then
+    log "installing qemu-system-x86 ${backports:+from $backports}"
+    apt_update
+    "${APT[@]}" install -y --no-install-recommends "${target[@]}" qemu-system-x86
+    qemu_ok || { log "QEMU >= 8.2 is still not available"; exit 1; }
+fi
+
+# Editable install of this checkout (CI uses a fresh clone elsewhere: reinstall
+# whenever the installed package points at another directory).
+installed=$(cd / && python3 -c 'import virtiofsd_py, os; print(os.path.dirname(os.path.dirname(virtiofsd_py.__file__)))' 2>/dev/null || true)
+if [ "$installed" != "$PWD" ] || ! (cd / && python3 -c 'import pytest, pytest_asyncio, hypothesis') 2>/dev/null \
+    || ! command -v ruff >/dev/null || ! command -v mypy >/dev/null; then
+    log "pip install -e .[test] ruff mypy"
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore -e '.[test]' ruff mypy
+fi
+
+# The guest kernel: download and unpack the package, never install it.
+if [ ! -f "$GUEST_DIR/kernel.json" ] || [ -n "${VIRTIOFSD_PY_GUEST_REFRESH:-}" ]; then
+    apt_update
+    pkg=$(apt-cache depends "${target[@]}" linux-image-amd64 \
+        | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+    [ -n "$pkg" ] || { log "cannot resolve linux-image-amd64"; exit 1; }
+    log "fetching guest kernel $pkg"
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    (cd "$tmp" && "${APT[@]}" -o APT::Sandbox::User=root download "${target[@]}" "$pkg")
+    dpkg-deb -x "$tmp"/*.deb "$tmp/root"
+    mkdir -p "$GUEST_DIR"
+    python3 -m virtiofsd_py.testing.image prepare --kernel-root "$tmp/root"
+    rm -rf "$tmp"
+fi
+# Builds the initramfs if needed and says whether guests can run.
+python3 -m virtiofsd_py.testing.image check

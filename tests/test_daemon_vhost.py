@@ -1,0 +1,236 @@
+"""vhost-user behaviour of a real daemon process, driven by the test front-end.
+
+Spec: QEMU docs/interop/vhost-user.rst (sections "Communication",
+"Ring states", "Front-end message types", "REPLY_ACK").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from virtiofsd_py.fuse import abi
+from virtiofsd_py.testing.driver import Timeout
+from virtiofsd_py.testing.frontend import DEFAULT_PROTOCOL_FEATURES, VhostUserFrontend
+from virtiofsd_py.testing.fuse_client import FuseClient
+from virtiofsd_py.vhost.protocol import (
+    FLAG_NEED_REPLY,
+    FLAG_REPLY,
+    U64,
+    VERSION,
+    VHOST_F_LOG_ALL,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    VRING_STATE,
+    ProtocolFeature,
+    Request,
+    bit,
+)
+
+if TYPE_CHECKING:
+    from conftest import HostTree
+
+#: How long a test waits for something that must *not* happen (a ring that
+#: must stay idle).  Not a timing assertion: a daemon that wrongly processes
+#: the ring does so within microseconds.
+IDLE_WAIT = 0.3
+
+
+@pytest.mark.parametrize("mem_via", ["add_mem_reg", "set_mem_table"])
+def test_handshake_and_requests(
+    frontend: VhostUserFrontend, host_tree: HostTree, mem_via: str
+) -> None:
+    frontend.connect_and_start(queues=2, mem_via=mem_via)
+    FuseClient(frontend).init()
+    host_tree.check_serving(frontend)
+    bases = frontend.stop()
+    # GET_VRING_BASE returns the next avail index the daemon would consume.
+    assert bases == [0, 1 + host_tree.check_requests]
+    assert frontend.queues[1].avail_idx == 1 + host_tree.check_requests
+
+
+@pytest.mark.parametrize(("indirect", "event_idx"), [(False, False), (True, False), (False, True)])
+def test_ring_feature_combinations(
+    frontend: VhostUserFrontend, host_tree: HostTree, indirect: bool, event_idx: bool
+) -> None:
+    frontend.connect_and_start(queues=2, indirect=indirect, event_idx=event_idx)
+    assert bool(frontend.features & bit(VIRTIO_RING_F_INDIRECT_DESC)) == indirect
+    assert bool(frontend.features & bit(VIRTIO_RING_F_EVENT_IDX)) == event_idx
+    FuseClient(frontend).init()
+    host_tree.check_serving(frontend)
+    assert frontend.stop() == [0, 1 + host_tree.check_requests]
+
+
+def test_nonzero_mmap_offset(frontend: VhostUserFrontend, host_tree: HostTree) -> None:
+    """The region starts 1 MiB into the memfd: the daemon must honour mmap_offset."""
+    frontend.connect_and_start(queues=2, fd_offset=1 << 20, gpa_base=0x2_0000_0000)
+    FuseClient(frontend).init()
+    host_tree.check_serving(frontend)
+
+
+def test_feature_values(frontend: VhostUserFrontend) -> None:
+    features = frontend.get_features()
+    for b in (VIRTIO_F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_INDIRECT_DESC,
+              VIRTIO_RING_F_EVENT_IDX, VHOST_F_LOG_ALL):  # fmt: skip
+        assert features & bit(b), f"feature bit {b} not offered ({features:#x})"
+    pfeatures = frontend.get_protocol_features()
+    for pf in (ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.LOG_SHMFD,
+               ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.DEVICE_STATE):  # fmt: skip
+        assert pfeatures & bit(pf), f"protocol feature {pf.name} not offered ({pfeatures:#x})"
+    frontend.set_protocol_features(pfeatures & DEFAULT_PROTOCOL_FEATURES)
+    # hiprio + at least one request queue
+    assert frontend.get_queue_num() >= 2
+    # at least what SET_MEM_TABLE can carry (VHOST_MEMORY_BASELINE_NREGIONS)
+    assert frontend.get_max_mem_slots() >= 8
+
+
+def test_reply_ack_only_when_asked(frontend: VhostUserFrontend) -> None:
+    frontend.get_features()
+    frontend.set_protocol_features(
+        frontend.get_protocol_features() & bit(ProtocolFeature.REPLY_ACK)
+    )
+    # With NEED_REPLY: a u64 0 ack with REPLY set and the same request id.
+    frontend.send(Request.SET_OWNER, flags=VERSION | FLAG_NEED_REPLY)
+    ack = frontend.recv()
+    assert (ack.request, ack.flags, ack.payload) == (
+        Request.SET_OWNER,
+        VERSION | FLAG_REPLY,
+        U64.pack(0),
+    )
+    # Without NEED_REPLY no ack: the next message we receive answers GET_FEATURES.
+    frontend.send(Request.SET_VRING_NUM, VRING_STATE.pack(0, 64))
+    features = frontend.get_u64(Request.GET_FEATURES)
+    assert features & bit(VIRTIO_F_VERSION_1)
+
+
+def test_get_config(frontend: VhostUserFrontend) -> None:
+    frontend.get_features()
+    pf = frontend.get_protocol_features()
+    if not pf & bit(ProtocolFeature.CONFIG):
+        pytest.skip("daemon does not offer VHOST_USER_PROTOCOL_F_CONFIG (e.g. no --tag)")
+    frontend.connect_and_start(
+        queues=2, protocol_features=DEFAULT_PROTOCOL_FEATURES | bit(ProtocolFeature.CONFIG)
+    )
+    # virtio-fs config space (virtio spec 5.11.4): u8 tag[36], le32 num_request_queues
+    config = frontend.get_config(0, 40)
+    tag = config[:36].rstrip(b"\0")
+    assert tag and b"\0" not in tag
+    assert int.from_bytes(config[36:40], "little") == (frontend.queue_num or 2) - 1
+
+
+def test_vring_base_after_requests_and_resume(
+    frontend: VhostUserFrontend, host_tree: HostTree
+) -> None:
+    frontend.connect_and_start(queues=2)
+    client = FuseClient(frontend)
+    client.init()
+    entry = client.lookup(abi.FUSE_ROOT_ID, "small.txt")
+    client.forget(entry.nodeid, 1)  # one request on hiprio
+    bases = frontend.stop()
+    assert bases == [1, 2]
+    # A stopped ring is not processed, even when kicked.
+    q = frontend.queues[1]
+    pending = client.submit(abi.FUSE_GETATTR, abi.FUSE_ROOT_ID, abi.GETATTR_IN.pack(0, 0, 0), 104)
+    with pytest.raises(Timeout):
+        q.wait_used(IDLE_WAIT)
+    assert q.used_idx == 2
+    # Restart every ring where it stopped (as QEMU does after a stop/cont).
+    for ring, base in zip(frontend.queues, bases, strict=True):
+        frontend.start_queue(ring, base=base)
+        frontend.set_vring_enable(ring.index, True)
+    q.kick(force=True)
+    client.wait([pending])
+    assert client.reply(pending).error == 0
+    host_tree.check_serving(frontend)
+    assert frontend.stop() == [1, 3 + host_tree.check_requests]
+
+
+def test_no_processing_before_kick(frontend: VhostUserFrontend, host_tree: HostTree) -> None:
+    """vhost-user.rst, Ring states: a ring starts on its first kick."""
+    frontend.connect_and_start(queues=2)
+    client = FuseClient(frontend)
+    pending = client.submit(abi.FUSE_INIT, 0, abi.INIT_IN.pack(7, 31, 0, 0, 0, *[0] * 11),
+                            abi.INIT_OUT.size, kick=False)  # fmt: skip
+    q = frontend.queues[1]
+    q.publish()
+    with pytest.raises(Timeout):
+        q.wait_used(IDLE_WAIT)
+    q.kick(force=True)
+    client.wait([pending])
+    assert client.reply(pending).error == 0
+    host_tree.check_serving(frontend)
+
+
+def test_disabled_ring_is_not_processed(frontend: VhostUserFrontend, host_tree: HostTree) -> None:
+    frontend.connect_and_start(queues=2, enable=False)
+    client = FuseClient(frontend)
+    pending = client.submit(abi.FUSE_INIT, 0, abi.INIT_IN.pack(7, 31, 0, 0, 0, *[0] * 11),
+                            abi.INIT_OUT.size)  # fmt: skip
+    q = frontend.queues[1]
+    with pytest.raises(Timeout):
+        q.wait_used(IDLE_WAIT)
+    for ring in frontend.queues:
+        frontend.set_vring_enable(ring.index, True)
+    q.kick(force=True)
+    client.wait([pending])
+    assert client.reply(pending).error == 0
+    host_tree.check_serving(frontend)
+
+
+def test_without_protocol_features_rings_are_enabled(
+    frontend: VhostUserFrontend, host_tree: HostTree
+) -> None:
+    """SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES enables every ring."""
+    frontend.connect_and_start(queues=2, protocol_features=None, mem_via="set_mem_table")
+    assert not frontend.features & bit(VHOST_USER_F_PROTOCOL_FEATURES)
+    assert "SET_VRING_ENABLE" not in frontend.log
+    FuseClient(frontend).init()
+    host_tree.check_serving(frontend)
+    assert frontend.stop() == [0, 1 + host_tree.check_requests]
+
+
+@pytest.mark.skip(reason="LOG_ALL / dirty logging comes with issue 4")
+def test_toggling_log_all_does_not_halt(frontend: VhostUserFrontend, host_tree: HostTree) -> None:
+    frontend.connect_and_start(queues=2)
+    FuseClient(frontend).init()
+    frontend.set_features(frontend.features | bit(VHOST_F_LOG_ALL))
+    host_tree.check_serving(frontend)
+    frontend.set_features(frontend.features & ~bit(VHOST_F_LOG_ALL))
+    host_tree.check_serving(frontend)
+
+
+def test_multiple_request_queues(frontend: VhostUserFrontend, host_tree: HostTree) -> None:
+    frontend.connect_and_start(queues=None, max_queues=4)
+    nqueues = len(frontend.queues)
+    if nqueues < 3:
+        pytest.skip(f"daemon has only {nqueues} queues (hiprio + 1 request queue)")
+    FuseClient(frontend).init()
+    clients = [FuseClient(frontend, queue=q) for q in range(1, nqueues)]
+    # Requests in flight on every request queue at once, each kicked separately.
+    pendings = [
+        c.submit(abi.FUSE_LOOKUP, abi.FUSE_ROOT_ID, b"small.txt\0", abi.ENTRY_OUT.size)
+        for c in clients
+        for _ in range(3)
+    ]
+    clients[0].wait(pendings)
+    ino = host_tree.path("small.txt").stat().st_ino
+    for c, p in zip([c for c in clients for _ in range(3)], pendings, strict=True):
+        reply = c.reply(p)
+        assert reply.error == 0
+        assert abi.ENTRY_OUT.unpack(reply.payload)[6] == ino  # attr.ino
+    for q in range(1, nqueues):
+        host_tree.check_serving(frontend, queue=q)
+    expected = [0, 1 + 3 + host_tree.check_requests] + [3 + host_tree.check_requests] * (
+        nqueues - 2
+    )
+    assert frontend.stop() == expected
+
+
+def test_disconnect_ends_daemon(frontend: VhostUserFrontend) -> None:
+    frontend.connect_and_start(queues=2)
+    FuseClient(frontend).init()
+    frontend.close()
+    # the daemon fixture then requires a clean exit (status 0, no traceback)
