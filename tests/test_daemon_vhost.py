@@ -73,12 +73,22 @@ def test_nonzero_mmap_offset(frontend: VhostUserFrontend, host_tree: HostTree) -
 
 def test_feature_values(frontend: VhostUserFrontend) -> None:
     features = frontend.get_features()
-    for b in (VIRTIO_F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_INDIRECT_DESC,
-              VIRTIO_RING_F_EVENT_IDX, VHOST_F_LOG_ALL):  # fmt: skip
+    for b in (
+        VIRTIO_F_VERSION_1,
+        VHOST_USER_F_PROTOCOL_FEATURES,
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_RING_F_EVENT_IDX,
+        VHOST_F_LOG_ALL,
+    ):
         assert features & bit(b), f"feature bit {b} not offered ({features:#x})"
     pfeatures = frontend.get_protocol_features()
-    for pf in (ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.LOG_SHMFD,
-               ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.DEVICE_STATE):  # fmt: skip
+    for pf in (
+        ProtocolFeature.MQ,
+        ProtocolFeature.REPLY_ACK,
+        ProtocolFeature.LOG_SHMFD,
+        ProtocolFeature.CONFIGURE_MEM_SLOTS,
+        ProtocolFeature.DEVICE_STATE,
+    ):
         assert pfeatures & bit(pf), f"protocol feature {pf.name} not offered ({pfeatures:#x})"
     frontend.set_protocol_features(pfeatures & DEFAULT_PROTOCOL_FEATURES)
     # hiprio + at least one request queue
@@ -152,8 +162,9 @@ def test_no_processing_before_kick(frontend: VhostUserFrontend, host_tree: HostT
     """vhost-user.rst, Ring states: a ring starts on its first kick."""
     frontend.connect_and_start(queues=2)
     client = FuseClient(frontend)
-    pending = client.submit(abi.FUSE_INIT, 0, abi.INIT_IN.pack(7, 31, 0, 0, 0, *[0] * 11),
-                            abi.INIT_OUT.size, kick=False)  # fmt: skip
+    pending = client.submit(
+        abi.FUSE_INIT, 0, abi.INIT_IN.pack(7, 31, 0, 0, 0, *[0] * 11), abi.INIT_OUT.size, kick=False
+    )
     q = frontend.queues[1]
     q.publish()
     with pytest.raises(Timeout):
@@ -167,8 +178,9 @@ def test_no_processing_before_kick(frontend: VhostUserFrontend, host_tree: HostT
 def test_disabled_ring_is_not_processed(frontend: VhostUserFrontend, host_tree: HostTree) -> None:
     frontend.connect_and_start(queues=2, enable=False)
     client = FuseClient(frontend)
-    pending = client.submit(abi.FUSE_INIT, 0, abi.INIT_IN.pack(7, 31, 0, 0, 0, *[0] * 11),
-                            abi.INIT_OUT.size)  # fmt: skip
+    pending = client.submit(
+        abi.FUSE_INIT, 0, abi.INIT_IN.pack(7, 31, 0, 0, 0, *[0] * 11), abi.INIT_OUT.size
+    )
     q = frontend.queues[1]
     with pytest.raises(Timeout):
         q.wait_used(IDLE_WAIT)

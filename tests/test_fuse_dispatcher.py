@@ -354,11 +354,14 @@ def test_init_knobs() -> None:
     assert out["flags"] & abi.FUSE_DO_READDIRPLUS and out["flags"] & abi.FUSE_READDIRPLUS_AUTO
 
 
-def test_second_init_is_eio_and_keeps_session() -> None:
+def test_second_init_starts_a_new_session() -> None:
+    # A rebooted guest sends INIT again without DESTROY: the old state goes.
     d, fs = make()
     before = d.session
-    assert call(d, request(abi.FUSE_INIT, init_args(38))).error == -errno.EIO
-    assert d.session is before and len(fs.sessions) == 1
+    out = init_out(call(d, request(abi.FUSE_INIT, init_args(38))))
+    assert out["minor"] == 38
+    assert fs.destroyed == 1 and len(fs.sessions) == 2
+    assert d.session is not None and d.session is not before
 
 
 def test_requests_before_init_get_eio() -> None:
@@ -386,6 +389,14 @@ def test_destroy_replies_with_bare_header_and_allows_new_init() -> None:
     assert lookup(d, b"hello").error == -errno.EIO
     assert call(d, request(abi.FUSE_INIT, init_args())).error == 0
     assert lookup(d, b"hello").error == 0
+
+
+def test_reset_allows_a_fresh_init() -> None:
+    d, fs = make()
+    d.reset()
+    assert d.session is None and fs.destroyed == 1
+    assert call(d, request(abi.FUSE_INIT, init_args(38))).error == 0
+    assert d.session is not None and d.session.minor == 38
 
 
 def test_session_export_restore_roundtrip() -> None:

@@ -81,31 +81,37 @@ def open_listener(opts: Options) -> Listener:
     pid_path = path + ".pid"
     lock_fd = _lock_pid_file(pid_path)
     created = [pid_path]
+    # Bound and set up under a temporary name, then renamed into place: the
+    # socket path appears only once it accepts connections with its final mode.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # stale: whoever made it no longer holds the lock
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            os.unlink(tmp)
         try:
-            sock.bind(path)
+            sock.bind(tmp)
         except OSError as e:
-            sock.close()
-            raise StartupError(f"cannot bind {path}: {e.strerror}") from None
-        created.insert(0, path)
+            raise StartupError(f"cannot bind {tmp}: {e.strerror}") from None
         if opts.socket_group is not None:
             try:
                 gid = grp.getgrnam(opts.socket_group).gr_gid
             except KeyError:
                 raise StartupError(f"--socket-group {opts.socket_group}: no such group") from None
-            os.chown(path, -1, gid)
-            os.chmod(path, 0o660)
+            os.chown(tmp, -1, gid)
+            os.chmod(tmp, 0o660)
         sock.listen(1)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise StartupError(f"{path} exists and is not a socket")
+        os.rename(tmp, path)  # replaces a stale socket: its owner no longer holds the lock
     except BaseException:
-        for p in created:
+        sock.close()
+        for p in (tmp, pid_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         os.close(lock_fd)
         raise
+    created.insert(0, path)
     return Listener(sock, created, lock_fd)
 
 
@@ -164,7 +170,7 @@ async def serve(opts: Options) -> int:
         readdirplus = opts.readdirplus and fs.policy.readdirplus
         dispatcher = Dispatcher(fs, FuseConfig(readdirplus=readdirplus))
         runner = QueueRunner(loop, dispatcher.handle, thread_pool_size=opts.thread_pool_size)
-        backend = VhostUserBackend(runner, BackendConfig(tag=opts.tag))
+        backend = VhostUserBackend(runner, BackendConfig(tag=opts.tag), on_reset=dispatcher.reset)
         conn = VhostUserConnection(conn_sock, backend)
         serving = asyncio.ensure_future(conn.serve())
         stopped = asyncio.ensure_future(stop.wait())

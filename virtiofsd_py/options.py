@@ -10,9 +10,11 @@ message (``OptionError``), never silently ignored.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 CACHE_MODES = ("auto", "always", "metadata", "never")
+SD_LISTEN_FDS_START = 3
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
 
 
@@ -138,6 +140,23 @@ _NOT_BUILT_VALUES = (
 )
 
 
+def systemd_listen_fd() -> int | None:
+    """The socket systemd passed us (sd_listen_fds(3): LISTEN_PID, LISTEN_FDS, fd 3)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    if count < 1:
+        return None
+    if count > 1:
+        raise OptionError(f"systemd passed {count} sockets; exactly one is supported")
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return SD_LISTEN_FDS_START
+
+
 def _dest(opt: str) -> str:
     return opt.lstrip("-").replace("-", "_")
 
@@ -181,8 +200,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         return opts
     if not opts.shared_dir:
         raise OptionError("--shared-dir is required")
-    if (opts.socket_path is None) == (opts.fd is None):
-        raise OptionError("exactly one of --socket-path and --fd is required")
+    if opts.socket_path is not None and opts.fd is not None:
+        raise OptionError("--socket-path and --fd are mutually exclusive")
+    if opts.socket_path is None and opts.fd is None:
+        opts.fd = systemd_listen_fd()
+        if opts.fd is None:
+            raise OptionError("one of --socket-path and --fd is required (or systemd's LISTEN_FDS)")
     if opts.thread_pool_size < 0:
         raise OptionError("--thread-pool-size must be >= 0")
     if opts.tag is not None and not 0 < len(opts.tag.encode()) <= 36:

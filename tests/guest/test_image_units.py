@@ -25,7 +25,7 @@ from virtiofsd_py.testing.vmlinux import ExtractError, extract_vmlinux, has_pvh_
 
 def parse_newc(data: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
     """(name, mode, data, rdev) of each member, independent of the writer."""
-    out = []
+    out: list[tuple[str, int, bytes, tuple[int, int]]] = []
     pos = 0
     while True:
         assert data[pos : pos + 6] == b"070701"

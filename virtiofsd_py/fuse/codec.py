@@ -234,9 +234,16 @@ def write_struct(writable: Buffers, unique: int, body: struct.Struct, *values: i
     """A success reply whose body is one struct; returns the reply length."""
     total = OUT_HEADER_SIZE + body.size
     first = writable[0] if writable else b""
-    if len(first) >= total:
+    nfirst = len(first)
+    if nfirst >= total:
         headed(body).pack_into(first, 0, total, 0, unique, *values)
         return total
+    if nfirst >= OUT_HEADER_SIZE:
+        win = iov.window(writable, OUT_HEADER_SIZE, body.size)
+        if win is not None:
+            abi.OUT_HEADER.pack_into(first, 0, total, 0, unique)
+            body.pack_into(win, 0, *values)
+            return total
     if iov.total_len(writable) < total:
         raise ReplyTooLarge(f"reply needs {total} bytes")
     write_header(writable, unique, 0, total)

@@ -201,6 +201,16 @@ class Dispatcher:
         with self._lock:
             self._session = new
 
+    def reset(self) -> None:
+        """Forget the session and the backend's state (device reset, guest reboot).
+
+        The daemon calls this when the front-end resets the device, so that
+        the next guest's FUSE_INIT starts afresh instead of getting EIO.
+        """
+        with self._lock:
+            self._session = None
+            self.fs.destroy()
+
     # -- entry point --------------------------------------------------------
     def handle(self, readable: Sequence[Any], writable: Sequence[Any]) -> int:
         """Execute one request; write the reply into ``writable``; return bytes written."""
@@ -299,8 +309,12 @@ class Dispatcher:
         cfg = self.config
         with self._lock:
             if self._session is not None:
-                log.warning("FUSE INIT unique=%d: session already initialized", req.unique)
-                raise OSError(errno.EIO, "second FUSE_INIT")
+                # A rebooted guest re-initialises the device without DESTROY (no
+                # vhost-user message tells us); its INIT starts a new session, as
+                # the Rust virtiofsd's passthrough init does.
+                log.info("FUSE INIT unique=%d on a live session: starting afresh", req.unique)
+                self._session = None
+                self.fs.destroy()
             if major < abi.FUSE_KERNEL_VERSION:
                 log.error("FUSE INIT: unsupported protocol %d.%d", major, minor)
                 raise OSError(errno.EPROTO, "FUSE major too old")
@@ -360,9 +374,7 @@ class Dispatcher:
         # header is well-formed for an op without out args and satisfies
         # kernels that check len/unique.  (The Rust virtiofsd returns used
         # length 0 instead.)  A later INIT starts a new session (remount).
-        with self._lock:
-            self._session = None
-            self.fs.destroy()
+        self.reset()
         return codec.write_empty(req.writable, req.unique)
 
     def _op_interrupt(self, req: Request) -> int:

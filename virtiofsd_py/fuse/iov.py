@@ -61,11 +61,9 @@ def view(bufs: Buffers, off: int, n: int) -> memoryview:
     """
     if n == 0:
         return memoryview(b"")
-    i, o = locate(bufs, off)
-    if i < len(bufs):
-        b = bufs[i]
-        if o + n <= len(b):
-            return memoryview(b)[o : o + n]
+    w = window(bufs, off, n)
+    if w is not None:
+        return w
     return memoryview(b"".join(slices(bufs, off, n)))
 
 
@@ -105,6 +103,15 @@ def window(bufs: Buffers, off: int, n: int) -> memoryview | None:
     """A writable view of ``n`` bytes at ``off`` if they lie in one buffer, else None."""
     if n == 0:
         return memoryview(bytearray())
+    if bufs:
+        # Fast paths for the layouts Linux produces: everything in the first
+        # buffer, or a header buffer followed by one for the arguments/body.
+        b0 = bufs[0]
+        n0 = len(b0)
+        if off + n <= n0:
+            return memoryview(b0)[off : off + n]
+        if off == n0 and len(bufs) > 1 and n <= len(bufs[1]):
+            return memoryview(bufs[1])[:n]
     i, o = locate(bufs, off)
     if i < len(bufs):
         b = bufs[i]

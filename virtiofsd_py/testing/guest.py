@@ -22,6 +22,7 @@ console log in the exception.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import select
@@ -134,12 +135,14 @@ class Guest:
         incoming: str | None = None,
         extra_args: Sequence[str] = (),
         smp: int = 2,
+        kernel_args: str = "",
         timeout: float | None = None,
     ) -> Guest:
         """Start QEMU and, unless ``incoming`` is set, wait for the guest's shell.
 
         With ``incoming`` (e.g. ``"defer"``) the guest only runs after a
-        migration into it; commands work once it has completed.
+        migration into it; commands work once it has completed. ``kernel_args``
+        are appended to the kernel command line.
         """
         image = load_image()
         if timeout is None:
@@ -159,7 +162,7 @@ class Guest:
             "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
             "-kernel", str(image.kernel),
             "-initrd", str(image.initramfs),
-            "-append", KERNEL_CMDLINE,
+            "-append", f"{KERNEL_CMDLINE} {kernel_args}".strip(),
             "-chardev", f"file,id=con,path={workdir / 'console.log'}",
             "-serial", "chardev:con",
             "-device", "virtio-serial-pci,id=vser",
@@ -208,7 +211,7 @@ class Guest:
         status = self.proc.poll()
         state = "running" if status is None else f"exited with status {status}"
         return GuestError(
-            f"{what} (QEMU {state}, workdir {self.workdir})\n"
+            f"{what} (QEMU {state}; VIRTIOFSD_PY_GUEST_KEEP=1 keeps {self.workdir})\n"
             f"--- QEMU output ---\n{_tail(self.qemu_log, 20)}\n"
             f"--- guest console (last lines) ---\n{_tail(self.console_log)}"
         )
@@ -219,8 +222,8 @@ class Guest:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._failure(f"timed out waiting for {what}")
-            ready, _, _ = select.select([sock, self._pidfd], [], [], remaining)
-            if sock in ready:
+            ready, _, _ = select.select([sock.fileno(), self._pidfd], [], [], remaining)
+            if sock.fileno() in ready:
                 return
             if self._pidfd in ready:
                 self.proc.wait()
@@ -308,10 +311,8 @@ class Guest:
                     self._qmp.execute("quit", timeout=5)
             except (OSError, TimeoutError, ValueError):
                 pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
     def kill(self) -> None:

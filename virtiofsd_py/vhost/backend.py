@@ -94,8 +94,16 @@ Handler = Callable[["VhostUserBackend", Message], Awaitable[Reply | None]]
 
 
 class VhostUserBackend:
-    def __init__(self, runner: QueueRunner, config: BackendConfig | None = None) -> None:
+    def __init__(
+        self,
+        runner: QueueRunner,
+        config: BackendConfig | None = None,
+        *,
+        on_reset: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config or BackendConfig()
+        #: Device reset (RESET_DEVICE/RESET_OWNER): the FUSE session ends too.
+        self.on_reset = on_reset
         self.runner = runner
         self.memory = GuestMemory()
         self.features = 0
@@ -196,6 +204,8 @@ class VhostUserBackend:
             r.close()
             self.rings[r.index] = Vring(r.index)
         self.features = 0
+        if self.on_reset is not None:
+            self.on_reset()
 
     async def _get_queue_num(self, msg: Message) -> Reply:
         return Reply(p.encode_u64_reply(msg.request, len(self.rings)))
