@@ -169,7 +169,13 @@ async def serve(opts: Options) -> int:
         log.info("front-end connected")
         readdirplus = opts.readdirplus and fs.policy.readdirplus
         dispatcher = Dispatcher(fs, FuseConfig(readdirplus=readdirplus))
-        runner = QueueRunner(loop, dispatcher.handle, thread_pool_size=opts.thread_pool_size)
+        runner = QueueRunner(
+            loop,
+            dispatcher.handle,
+            thread_pool_size=opts.thread_pool_size,
+            may_block=dispatcher.may_block,
+            interrupt=fs.interrupt_waits,
+        )
         backend = VhostUserBackend(runner, BackendConfig(tag=opts.tag), on_reset=dispatcher.reset)
         conn = VhostUserConnection(conn_sock, backend)
         serving = asyncio.ensure_future(conn.serve())

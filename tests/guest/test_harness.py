@@ -27,7 +27,7 @@ def test_status_and_separate_streams(bare_guest: Guest) -> None:
 
 def test_binary_and_multiline_output_is_exact(bare_guest: Guest) -> None:
     # Lines that look like frames, bytes that are not UTF-8, no final newline.
-    script = b"printf 'a b END 0\\nOUT\\n\\377\\000x'; printf '%s' \"$1\" >&2"
+    script = b"printf 'a b END 0\\nOUT\\n\\377\\000x'"
     res = bare_guest.run(script).check()
     assert res.stdout == b"a b END 0\nOUT\n\xff\x00x"
     assert res.stderr == b""
@@ -49,7 +49,7 @@ def test_kernel_panic_fails_fast_with_console(guest_support: None) -> None:
     start = time.monotonic()
     with pytest.raises(GuestError) as info:
         Guest.boot(vhost_sockets={}, qmp=False, kernel_args="rdinit=/does-not-exist", timeout=120)
-    assert "QEMU exited" in str(info.value)
+    assert "exited with status" in str(info.value)
     assert "Kernel panic" in str(info.value)
     assert time.monotonic() - start < 60
 

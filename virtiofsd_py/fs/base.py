@@ -102,6 +102,51 @@ class SessionInfo:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class SetAttr:
+    """SETATTR arguments (fuse_setattr_in).  ``valid`` holds FATTR_* bits
+    (fuse/abi.py); only the fields whose bit is set are meaningful.
+    FATTR_ATIME_NOW / FATTR_MTIME_NOW mean "now" (UTIME_NOW)."""
+
+    valid: int
+    fh: int | None = None
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    lock_owner: int = 0
+    #: FUSE_HANDLE_KILLPRIV_V2 semantics requested for this change (FATTR_KILL_SUIDGID).
+    kill_suidgid: bool = False
+
+
+@dataclass(slots=True)
+class Lock:
+    """A POSIX record lock (fuse_file_lock): byte range, F_RDLCK/F_WRLCK/F_UNLCK, pid."""
+
+    start: int
+    end: int  # inclusive; 0x7fffffffffffffff (OFFSET_MAX) means to EOF
+    type: int
+    pid: int = 0
+
+
+@dataclass(slots=True)
+class StatxReply:
+    """Result of STATX (fuse_statx_out): the host statx fields and a timeout.
+
+    ``fields`` maps fuse_statx member names (mask, blksize, attributes,
+    nlink, uid, gid, mode, ino, size, blocks, attributes_mask, atime_sec,
+    atime_nsec, btime_*, ctime_*, mtime_*, rdev_major, rdev_minor,
+    dev_major, dev_minor) to values; missing ones are 0.
+    """
+
+    fields: dict[str, int]
+    timeout: float
+    attr_flags: int = 0
+
+
 def make_stat(
     *,
     mode: int,
@@ -246,3 +291,148 @@ class Filesystem:
     def listxattr(self, ctx: Context, nodeid: int) -> bytes:
         """NUL-terminated names, concatenated (as listxattr(2) returns)."""
         raise enosys("listxattr")
+
+    def setxattr(
+        self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
+    ) -> None:
+        """``flags``: XATTR_CREATE/REPLACE; ``setxattr_flags``: FUSE_SETXATTR_ACL_KILL_SGID."""
+        raise enosys("setxattr")
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        raise enosys("removexattr")
+
+    # -- changing the tree ----------------------------------------------------
+    # Every method that creates a node returns its Entry with the lookup count
+    # already taken, exactly as lookup() does.  ``umask`` is the creating
+    # process's umask when the guest sends it (FUSE_DONT_MASK negotiated).
+    def create(
+        self, ctx: Context, parent: int, name: bytes, mode: int, flags: int, umask: int
+    ) -> tuple[Entry, Opened]:
+        raise enosys("create")
+
+    def mknod(
+        self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
+    ) -> Entry:
+        raise enosys("mknod")
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        raise enosys("mkdir")
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        raise enosys("symlink")
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        raise enosys("link")
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise enosys("unlink")
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise enosys("rmdir")
+
+    def rename(
+        self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes, flags: int
+    ) -> None:
+        """RENAME and RENAME2; ``flags``: RENAME_NOREPLACE/EXCHANGE/WHITEOUT."""
+        raise enosys("rename")
+
+    def tmpfile(
+        self, ctx: Context, parent: int, mode: int, flags: int, umask: int
+    ) -> tuple[Entry, Opened]:
+        raise enosys("tmpfile")
+
+    # -- changing files ---------------------------------------------------------
+    def setattr(self, ctx: Context, nodeid: int, attr: SetAttr) -> AttrReply:
+        raise enosys("setattr")
+
+    def write(
+        self,
+        ctx: Context,
+        nodeid: int,
+        fh: int,
+        offset: int,
+        bufs: list[memoryview],
+        write_flags: int,
+    ) -> int:
+        """Write ``bufs`` (guest memory, os.pwritev) at ``offset``; bytes written.
+
+        ``write_flags`` are fuse_write_in's FUSE_WRITE_* bits (KILL_SUIDGID...).
+        """
+        raise enosys("write")
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        raise enosys("fsync")
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        raise enosys("fsyncdir")
+
+    def fallocate(
+        self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int, length: int
+    ) -> None:
+        raise enosys("fallocate")
+
+    def copy_file_range(
+        self,
+        ctx: Context,
+        nodeid_in: int,
+        fh_in: int,
+        off_in: int,
+        nodeid_out: int,
+        fh_out: int,
+        off_out: int,
+        length: int,
+        flags: int,
+    ) -> int:
+        raise enosys("copy_file_range")
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        raise enosys("syncfs")
+
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, flags: int, mask: int) -> StatxReply:
+        raise enosys("statx")
+
+    def ioctl(
+        self,
+        ctx: Context,
+        nodeid: int,
+        fh: int,
+        flags: int,
+        cmd: int,
+        arg: int,
+        in_data: bytes,
+        out_size: int,
+    ) -> tuple[int, bytes]:
+        """(result, out data) of a restricted ioctl; ENOTTY for unsupported cmds."""
+        raise enosys("ioctl")
+
+    # -- locks ------------------------------------------------------------------
+    # Implemented with open file description locks on the host so that host
+    # processes and other guests see them.  ``owner`` is the guest's
+    # lock_owner; a backend maps each owner to its own open file description.
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: Lock) -> Lock:
+        raise enosys("getlk")
+
+    def setlk(
+        self,
+        ctx: Context,
+        nodeid: int,
+        fh: int,
+        owner: int,
+        lock: Lock,
+        *,
+        sleep: bool,
+        flock: bool,
+    ) -> None:
+        """SETLK/SETLKW (``sleep``); ``flock`` for BSD flock(2) semantics.
+
+        With ``sleep`` this may block for as long as the lock is held
+        elsewhere: the daemon runs such requests off the event loop.
+        """
+        raise enosys("setlk")
+
+    def interrupt_waits(self) -> None:
+        """Make every ``setlk(sleep=True)`` now waiting fail promptly with EINTR.
+
+        Called when a ring stops (GET_VRING_BASE must complete in-flight
+        requests, e.g. before migration): a lock wait must not hold it up.
+        """

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -54,6 +55,10 @@ DEFAULT_INIT_FLAGS: Final = (
 )
 
 _NO_REPLY: Final = frozenset({abi.FUSE_FORGET, abi.FUSE_BATCH_FORGET, abi.FUSE_INTERRUPT})
+#: Requests that may wait for a long time (another process's lock, disk
+#: flushes): the daemon runs them off the event loop even in inline mode.
+MAY_BLOCK: Final = frozenset({abi.FUSE_SETLKW, abi.FUSE_FSYNC, abi.FUSE_FSYNCDIR, abi.FUSE_SYNCFS})
+_OPCODE = struct.Struct("<I")
 _HDR: Final = codec.IN_HEADER_SIZE
 _OUT: Final = codec.OUT_HEADER_SIZE
 _S64_MAX: Final = (1 << 63) - 1
@@ -212,6 +217,14 @@ class Dispatcher:
             self.fs.destroy()
 
     # -- entry point --------------------------------------------------------
+    @staticmethod
+    def may_block(readable: Sequence[Any]) -> bool:
+        """Whether this request may wait long (see ``MAY_BLOCK``); a cheap peek."""
+        first = readable[0] if readable else b""
+        if len(first) < 8:
+            return False
+        return _OPCODE.unpack_from(first, 4)[0] in MAY_BLOCK
+
     def handle(self, readable: Sequence[Any], writable: Sequence[Any]) -> int:
         """Execute one request; write the reply into ``writable``; return bytes written."""
         try:

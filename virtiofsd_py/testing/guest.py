@@ -189,7 +189,12 @@ class Guest:
             deadline = time.monotonic() + timeout
             guest._ctl = guest._accept(listeners["ctl"], deadline)
             if qmp:
-                guest._qmp = QMPClient(guest._accept(listeners["qmp"], deadline))
+                conn = guest._accept(listeners["qmp"], deadline)
+                try:
+                    guest._qmp = QMPClient(conn, timeout=max(1.0, deadline - time.monotonic()))
+                except (OSError, ValueError) as e:
+                    conn.close()
+                    raise guest._failure(f"QMP handshake failed: {e}", exiting=True) from e
             if incoming is None:
                 guest.release = guest._wait_ready(deadline)
         except BaseException:
@@ -207,12 +212,23 @@ class Guest:
         sock.listen(1)
         return sock
 
-    def _failure(self, what: str) -> GuestError:
+    def _failure(self, what: str, exiting: bool = False) -> GuestError:
+        if exiting:
+            # A closed channel usually means QEMU is on its way out: let it
+            # finish, so that its status and last words are in the report.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
         status = self.proc.poll()
         state = "running" if status is None else f"exited with status {status}"
+        try:
+            console = self.console_log.read_text(errors="replace")
+        except OSError:
+            console = ""
+        panic = [line for line in console.splitlines() if "Kernel panic" in line]
         return GuestError(
             f"{what} (QEMU {state}; VIRTIOFSD_PY_GUEST_KEEP=1 keeps {self.workdir})\n"
-            f"--- QEMU output ---\n{_tail(self.qemu_log, 20)}\n"
+            + "".join(f"{line}\n" for line in panic)
+            + f"--- QEMU output ---\n{_tail(self.qemu_log, 20)}\n"
             f"--- guest console (last lines) ---\n{_tail(self.console_log)}"
         )
 
@@ -240,7 +256,9 @@ class Guest:
             self._wait_readable(self._ctl, deadline, what)
             chunk = self._ctl.recv(1 << 16)
             if not chunk:
-                raise self._failure(f"control channel closed while waiting for {what}")
+                raise self._failure(
+                    f"control channel closed while waiting for {what}", exiting=True
+                )
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return line

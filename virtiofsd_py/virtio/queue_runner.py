@@ -26,8 +26,11 @@ from virtiofsd_py.virtio.vring import Vring
 log = logging.getLogger("virtiofsd_py.queue")
 
 Handler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
+MayBlock = Callable[[Sequence[memoryview]], bool]
 #: Chains processed per loop turn before yielding to other rings and messages.
 BATCH = 64
+#: Threads for requests that may block (lock waits): beyond this they queue.
+BLOCKING_THREADS = 64
 HIPRIO = 0
 
 
@@ -38,14 +41,20 @@ class QueueRunner:
         handler: Handler,
         *,
         thread_pool_size: int = 0,
+        may_block: MayBlock | None = None,
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
         self._loop = loop
         self._handler = handler
+        self._may_block = may_block
+        self._interrupt = interrupt
         self._pool = (
             ThreadPoolExecutor(thread_pool_size, thread_name_prefix="vfsd-worker")
             if thread_pool_size > 0
             else None
         )
+        #: Requests that may wait long (SETLKW, fsync) never run on the loop.
+        self._slow_pool = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="vfsd-slow")
         self._watched: dict[int, int] = {}  # ring index -> kick fd being watched
 
     # -- kick watching ---------------------------------------------------------
@@ -105,10 +114,13 @@ class QueueRunner:
                     continue
                 break
             done += 1
-            if inline:
+            if self._may_block is not None and self._may_block(chain.readable):
+                self._submit(ring, chain, self._slow_pool)
+            elif inline:
                 q.add_used(chain.head, self._run(chain))
             else:
-                self._submit(ring, chain)
+                assert self._pool is not None
+                self._submit(ring, chain, self._pool)
         if q.publish(old_used):
             ring.notify()
 
@@ -119,11 +131,10 @@ class QueueRunner:
             log.exception("request handler failed on chain %d", chain.head)
             return 0
 
-    def _submit(self, ring: Vring, chain: Chain) -> None:
-        assert self._pool is not None
+    def _submit(self, ring: Vring, chain: Chain, pool: ThreadPoolExecutor) -> None:
         ring.inflight += 1
         ring.idle.clear()
-        fut = self._pool.submit(self._run, chain)
+        fut = pool.submit(self._run, chain)
         fut.add_done_callback(
             lambda f: self._loop.call_soon_threadsafe(self._complete, ring, chain, f)
         )
@@ -152,7 +163,13 @@ class QueueRunner:
         ring.signal_error()
 
     async def drain(self, ring: Vring) -> None:
-        """Wait until every request popped from ``ring`` is on its used ring."""
+        """Wait until every request popped from ``ring`` is on its used ring.
+
+        Requests waiting for a lock are interrupted first (they complete with
+        EINTR), so that stopping a ring cannot hang on another process's lock.
+        """
+        if ring.inflight and self._interrupt is not None:
+            self._interrupt()
         await ring.idle.wait()
         self._publish(ring)
 
@@ -162,3 +179,4 @@ class QueueRunner:
             self._loop.remove_reader(fd)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=False)
+        self._slow_pool.shutdown(wait=False, cancel_futures=True)
