@@ -47,6 +47,11 @@ if TYPE_CHECKING:
     from conftest import HostTree
 
 
+#: virtiofsd 1.13 does not survive these (its queue thread panics, or the ring
+#: stalls): run them against our daemon only.
+REFERENCE_BREAKS = pytest.mark.ours_only
+
+
 # -- helpers ---------------------------------------------------------------------
 def ack_or_close(fe: VhostUserFrontend, request: int) -> int | None:
     """The REPLY_ACK value for ``request``, or None if the daemon hung up instead."""
@@ -56,21 +61,22 @@ def ack_or_close(fe: VhostUserFrontend, request: int) -> int | None:
         return None
 
 
-def expect_rejected(
-    fe: VhostUserFrontend, daemon: DaemonProcess, request: int, *, ours: str = "nack"
-) -> bool:
-    """The message just sent (with NEED_REPLY) must be refused; True if still connected.
+def expect_rejected(fe: VhostUserFrontend, daemon: DaemonProcess, request: int) -> bool:
+    """The message just sent (with NEED_REPLY) must be refused; True if still usable.
 
-    ``ours`` is what our daemon must do: "nack" (non-zero ack, keeps serving)
-    or "close" (hangs up and exits).
+    Our daemon must nack it (non-zero REPLY_ACK) and carry on.  Another daemon
+    may also accept it, or nack and hang up, or just hang up (then it must exit
+    cleanly); the test then only checks that it did not crash.
     """
     value = ack_or_close(fe, request)
-    if value is None:
-        assert not is_own_daemon() or ours == "close", "daemon closed instead of a nack"
+    if is_own_daemon():
+        assert value is not None, "daemon closed the connection instead of a nack"
+        assert value != 0, "daemon accepted a malformed message"
+        return True
+    # Virtiofsd hangs up right after its nack; a short wait tells which it did.
+    if value is None or fe.wait_closed(0.5):
         expect_clean_exit(fe, daemon)
         return False
-    assert value != 0, "daemon accepted a malformed message"
-    assert not is_own_daemon() or ours == "nack"
     return True
 
 
@@ -154,7 +160,9 @@ def test_bad_version_closes(started: VhostUserFrontend, daemon: DaemonProcess) -
         (Request.SET_VRING_ENABLE, b""),
         (Request.SET_FEATURES, b"\0\0\0\0"),
         (Request.SET_VRING_ADDR, b"\1" + bytes(20)),
-        (Request.SET_MEM_TABLE, MEM_TABLE_HEAD.pack(2, 0) + bytes(32)),
+        pytest.param(
+            Request.SET_MEM_TABLE, MEM_TABLE_HEAD.pack(2, 0) + bytes(32), marks=REFERENCE_BREAKS
+        ),
     ],
     ids=["vring_num", "vring_enable", "features", "vring_addr", "mem_table"],
 )
@@ -187,6 +195,11 @@ def test_fds_with_get_features_are_closed(
     try:
         started.send(Request.GET_FEATURES, fds=probes)
         reply = started.recv_reply(Request.GET_FEATURES)
+    except ConnectionClosed:
+        # virtiofsd refuses fds on messages that take none by hanging up
+        assert not is_own_daemon(), "daemon closed on fds it can ignore"
+        expect_clean_exit(started, daemon)
+        return
     finally:
         for fd in probes:
             os.close(fd)
@@ -205,8 +218,9 @@ def test_fds_with_set_message_are_closed(
     finally:
         os.close(probe)
     value = ack_or_close(started, Request.SET_VRING_ENABLE)
-    if value is None:
-        assert not is_own_daemon(), "daemon closed on an fd it can ignore"
+    if is_own_daemon():
+        assert value == 0, "an fd the daemon can ignore made it refuse the message"
+    elif value is None or started.wait_closed(0.5):
         expect_clean_exit(started, daemon)
         return
     host_tree.check_serving(started)
@@ -312,6 +326,7 @@ def submit_raw_and_check(
     return q
 
 
+@REFERENCE_BREAKS
 def test_desc_address_outside_memory(started: VhostUserFrontend, host_tree: HostTree) -> None:
     mem = started.mem
     assert mem is not None
@@ -326,6 +341,7 @@ def test_desc_address_outside_memory(started: VhostUserFrontend, host_tree: Host
         )
 
 
+@REFERENCE_BREAKS
 def test_writable_desc_outside_memory(started: VhostUserFrontend, host_tree: HostTree) -> None:
     mem = started.mem
     assert mem is not None
@@ -339,6 +355,7 @@ def test_writable_desc_outside_memory(started: VhostUserFrontend, host_tree: Hos
         )
 
 
+@REFERENCE_BREAKS
 def test_descriptor_loop(started: VhostUserFrontend, host_tree: HostTree) -> None:
     q = started.queues[1]
     req = put(started, header(abi.FUSE_GETATTR, 1, 16) + GETATTR_ARGS)
@@ -351,11 +368,13 @@ def test_descriptor_loop(started: VhostUserFrontend, host_tree: HostTree) -> Non
     )
 
 
+@REFERENCE_BREAKS
 def test_next_index_out_of_range(started: VhostUserFrontend, host_tree: HostTree) -> None:
     req = put(started, header(abi.FUSE_GETATTR, 1, 16) + GETATTR_ARGS)
     submit_raw_and_check(started, host_tree, [RawDesc(req, 56, VIRTQ_DESC_F_NEXT, 0xFFFF)])
 
 
+@REFERENCE_BREAKS
 def test_avail_head_out_of_range(started: VhostUserFrontend, host_tree: HostTree) -> None:
     q = started.queues[1]
     (slot,) = q.reserve(1)
@@ -378,6 +397,7 @@ def getattr_chain(fe: VhostUserFrontend) -> list[RawDesc]:
     ]
 
 
+@REFERENCE_BREAKS
 def test_indirect_inside_indirect(started: VhostUserFrontend, host_tree: HostTree) -> None:
     """virtio 2.7.5.3.1: the driver MUST NOT set INDIRECT inside an indirect table."""
     inner = indirect_table(started, getattr_chain(started))
@@ -387,6 +407,7 @@ def test_indirect_inside_indirect(started: VhostUserFrontend, host_tree: HostTre
     )
 
 
+@REFERENCE_BREAKS
 @pytest.mark.parametrize("length", [0, 8, 33, 0xFFFF_FFF0])
 def test_indirect_table_bad_length(
     started: VhostUserFrontend, host_tree: HostTree, length: int
@@ -397,6 +418,7 @@ def test_indirect_table_bad_length(
     )
 
 
+@REFERENCE_BREAKS
 def test_indirect_with_next_flag(started: VhostUserFrontend, host_tree: HostTree) -> None:
     """virtio 2.7.5.3.1: INDIRECT and NEXT together are not allowed."""
     q = started.queues[1]
@@ -415,6 +437,7 @@ def test_indirect_with_next_flag(started: VhostUserFrontend, host_tree: HostTree
     )
 
 
+@REFERENCE_BREAKS
 @pytest.mark.parametrize("length", [0xFFFF_FFFF, 0x8000_0000, 64 << 20])
 def test_huge_descriptor_length(
     started: VhostUserFrontend, host_tree: HostTree, length: int
@@ -436,6 +459,7 @@ def test_huge_descriptor_length(
     )
 
 
+@REFERENCE_BREAKS
 def test_writable_before_readable(started: VhostUserFrontend, host_tree: HostTree) -> None:
     """virtio 2.7.4.2: device-writable descriptors come after all readable ones."""
     q = started.queues[1]
@@ -470,6 +494,7 @@ def test_fuse_header_len_lies(fuse: FuseClient, host_tree: HostTree, length: int
     host_tree.check_serving(fuse.fe)
 
 
+@REFERENCE_BREAKS
 @pytest.mark.parametrize(
     ("opcode", "args"),
     [
@@ -520,6 +545,7 @@ def test_huge_read_size_small_buffer(fuse: FuseClient, host_tree: HostTree) -> N
     host_tree.check_serving(fuse.fe)
 
 
+@REFERENCE_BREAKS
 def test_reply_buffer_too_small(fuse: FuseClient, host_tree: HostTree) -> None:
     """Room for the out header only: an attr reply does not fit and must not overflow."""
     r = fuse.request(abi.FUSE_GETATTR, 1, GETATTR_ARGS, [0])
@@ -529,6 +555,7 @@ def test_reply_buffer_too_small(fuse: FuseClient, host_tree: HostTree) -> None:
     host_tree.check_serving(fuse.fe)
 
 
+@REFERENCE_BREAKS
 def test_request_without_reply_buffers(fuse: FuseClient, host_tree: HostTree) -> None:
     """A GETATTR with no writable descriptor: nowhere to answer, but no crash."""
     fuse.request(abi.FUSE_GETATTR, 1, GETATTR_ARGS, None)

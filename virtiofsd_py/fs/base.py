@@ -41,7 +41,12 @@ class Context:
     gid: int
     pid: int
     groups: tuple[int, ...] = ()
+    #: The creating process's umask, for requests that create a node when
+    #: FUSE_DONT_MASK is negotiated (the guest kernel then leaves it to us).
     umask: int | None = None
+    #: (xattr name, value) of the security context the guest wants on a node
+    #: it creates (FUSE_SECURITY_CTX), e.g. (b"security.selinux", b"...\0").
+    security_ctx: tuple[bytes, bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -247,7 +252,9 @@ class Filesystem:
         raise enosys("access")
 
     # -- files -----------------------------------------------------------
-    def open(self, ctx: Context, nodeid: int, flags: int) -> Opened:
+    def open(self, ctx: Context, nodeid: int, flags: int, *, kill_suidgid: bool = False) -> Opened:
+        """``kill_suidgid``: FUSE_OPEN_KILL_SUIDGID (HANDLE_KILLPRIV_V2), clear set-id bits
+        if O_TRUNC truncates.  The dispatcher passes it only when set."""
         raise enosys("open")
 
     def read(
@@ -259,7 +266,11 @@ class Filesystem:
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
         raise enosys("flush")
 
-    def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+    def release(
+        self, ctx: Context, nodeid: int, fh: int, flags: int, *, lock_owner: int | None = None
+    ) -> None:
+        """Close handle ``fh``.  ``lock_owner`` (FUSE_RELEASE_FLOCK_UNLOCK): also drop the
+        flock(2) locks that owner holds.  The dispatcher passes it only when set."""
         raise enosys("release")
 
     def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
@@ -304,10 +315,20 @@ class Filesystem:
     # -- changing the tree ----------------------------------------------------
     # Every method that creates a node returns its Entry with the lookup count
     # already taken, exactly as lookup() does.  ``umask`` is the creating
-    # process's umask when the guest sends it (FUSE_DONT_MASK negotiated).
+    # process's umask when FUSE_DONT_MASK is negotiated (apply it, unless a
+    # default ACL governs), else 0: the guest kernel already applied it to mode.
     def create(
-        self, ctx: Context, parent: int, name: bytes, mode: int, flags: int, umask: int
+        self,
+        ctx: Context,
+        parent: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        umask: int,
+        *,
+        kill_suidgid: bool = False,
     ) -> tuple[Entry, Opened]:
+        """``kill_suidgid`` as for ``open``; passed only when set."""
         raise enosys("create")
 
     def mknod(

@@ -184,3 +184,149 @@ def getdents64(fd: int, buf: bytearray) -> list[Dirent]:
         out.append(Dirent(d_ino, d_off, d_type, bytes(buf[start:end])))
         pos += reclen
     return out
+
+
+# -- write-side syscalls (issue 3) ---------------------------------------------------
+
+_MACHINE: Final = os.uname().machine
+#: Raw syscall numbers of the credential calls: the glibc wrappers broadcast
+#: to every thread (setxid), the raw syscalls change only the calling thread.
+_SYSNO: Final[dict[str, int]] = {
+    "x86_64": {
+        "setgroups": 116,
+        "setresuid": 117,
+        "setresgid": 119,
+        "renameat2": 316,
+        "syncfs": 306,
+    },
+    "aarch64": {
+        "setgroups": 159,
+        "setresuid": 147,
+        "setresgid": 149,
+        "renameat2": 276,
+        "syncfs": 267,
+    },
+}.get(_MACHINE, {})
+
+RENAME_NOREPLACE: Final = 1 << 0
+RENAME_EXCHANGE: Final = 1 << 1
+RENAME_WHITEOUT: Final = 1 << 2
+
+_renameat2 = getattr(_libc, "renameat2", None)
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fchownat = _libc.fchownat
+_fchownat.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> None:
+    """renameat2(2): RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT."""
+    if _renameat2 is not None:
+        rc = _renameat2(olddirfd, old, newdirfd, new, ctypes.c_uint(flags))
+    else:
+        rc = _libc.syscall(_SYSNO["renameat2"], olddirfd, old, newdirfd, new, ctypes.c_uint(flags))
+    if rc != 0:
+        raise _oserror("renameat2")
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any mode (os.posix_fallocate knows only mode 0)."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        raise _oserror("fallocate")
+
+
+def fchown_empty(fd: int, uid: int, gid: int) -> None:
+    """fchownat(fd, "", uid, gid, AT_EMPTY_PATH): chown through an O_PATH fd.
+
+    -1 (as 0xffffffff) leaves an id unchanged.
+    """
+    if _fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH) != 0:
+        raise _oserror("fchownat")
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): flush the whole filesystem that ``fd`` is on."""
+    rc = _syncfs(fd) if _syncfs is not None else _libc.syscall(_SYSNO["syncfs"], fd)
+    if rc != 0:
+        raise _oserror("syncfs")
+
+
+STATX_ALL_FIELDS: Final = 0xFFF  # STATX_BASIC_STATS | STATX_BTIME
+
+
+def statx_fields(fd: int, flags: int, mask: int) -> dict[str, int]:
+    """statx(2) of ``fd`` itself (AT_EMPTY_PATH), as fuse_statx member names.
+
+    ``flags`` carries the caller's AT_STATX_* sync bits; symlinks are never
+    followed (``fd`` is the object).
+    """
+    buf = _local.buf
+    sync = flags & 0x6000  # AT_STATX_SYNC_TYPE
+    rc = (_statx_fn or _libc.statx)(
+        fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW | sync, mask & STATX_ALL_FIELDS, buf
+    )
+    if rc != 0:
+        raise _oserror("statx")
+    v = _STATX.unpack_from(buf)
+    return {
+        "mask": v[0],
+        "blksize": v[1],
+        "attributes": v[2],
+        "nlink": v[3],
+        "uid": v[4],
+        "gid": v[5],
+        "mode": v[6],
+        "ino": v[8],
+        "size": v[9],
+        "blocks": v[10],
+        "attributes_mask": v[11],
+        "atime_sec": v[12],
+        "atime_nsec": v[13],
+        "btime_sec": v[15],
+        "btime_nsec": v[16],
+        "ctime_sec": v[18],
+        "ctime_nsec": v[19],
+        "mtime_sec": v[21],
+        "mtime_nsec": v[22],
+        "rdev_major": v[24],
+        "rdev_minor": v[25],
+        "dev_major": v[26],
+        "dev_minor": v[27],
+    }
+
+
+# -- file handles (name_to_handle_at / open_by_handle_at) --------------------------------
+
+MAX_HANDLE_SZ: Final = 128
+_FH_HDR = struct.Struct("=Ii")  # handle_bytes, handle_type
+_name_to_handle_at = getattr(_libc, "name_to_handle_at", None)
+_open_by_handle_at = getattr(_libc, "open_by_handle_at", None)
+
+
+def name_to_handle(fd: int) -> tuple[bytes, int]:
+    """(file handle, mount id) of the object ``fd`` refers to (AT_EMPTY_PATH).
+
+    The handle bytes are the whole ``struct file_handle`` (header included),
+    ready for ``open_by_handle``.  EOPNOTSUPP where the fs has no handles.
+    """
+    if _name_to_handle_at is None:
+        raise OSError(errno.ENOSYS, "name_to_handle_at is not available")
+    buf = ctypes.create_string_buffer(_FH_HDR.size + MAX_HANDLE_SZ)
+    _FH_HDR.pack_into(buf, 0, MAX_HANDLE_SZ, 0)  # type: ignore[arg-type]
+    mnt = ctypes.c_int()
+    if _name_to_handle_at(fd, b"", buf, ctypes.byref(mnt), AT_EMPTY_PATH) != 0:
+        raise _oserror("name_to_handle_at")
+    nbytes, _type = _FH_HDR.unpack_from(buf)  # type: ignore[arg-type]
+    return bytes(buf.raw[: _FH_HDR.size + nbytes]), mnt.value
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """open_by_handle_at(2) (needs CAP_DAC_READ_SEARCH)."""
+    if _open_by_handle_at is None:
+        raise OSError(errno.ENOSYS, "open_by_handle_at is not available")
+    buf = ctypes.create_string_buffer(handle, len(handle))
+    fd = _open_by_handle_at(mount_fd, buf, flags)
+    if fd < 0:
+        raise _oserror("open_by_handle_at")
+    return int(fd)

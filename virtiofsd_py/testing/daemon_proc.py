@@ -23,7 +23,7 @@ ENV_DAEMON = "VIRTIOFSD_PY_TEST_DAEMON"
 
 DEFAULT_COMMAND = (
     f"{shlex.quote(sys.executable)} -m virtiofsd_py --socket-path {{socket}}"
-    " --shared-dir {shared_dir} --sandbox none --log-level debug"
+    " --shared-dir {shared_dir} --sandbox none --log-level debug --xattr --tag testfs"
 )
 
 

@@ -12,13 +12,18 @@ cited where they decide something.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+from virtiofsd_py.migration.transfer import TransferError, read_all, write_all
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.protocol import Message, ProtocolError, Request
+from virtiofsd_py.virtio.dirty_log import DirtyLog, DirtyLogError, logging_supported
 from virtiofsd_py.virtio.memory import GuestMemory, GuestMemoryError, close_fds, map_region
 from virtiofsd_py.virtio.queue_runner import QueueRunner
 from virtiofsd_py.virtio.virtqueue import QueueError, SplitQueue, valid_queue_size
@@ -38,15 +43,36 @@ class BackendConfig:
     max_mem_slots: int = 509
     #: With a tag we offer PROTOCOL_F_CONFIG and serve the config space.
     tag: str | None = None
+    #: Offer migration (LOG_ALL, LOG_SHMFD, DEVICE_STATE) when a state
+    #: provider exists and dirty logging works here.
+    migration: bool = True
+    #: Largest device state accepted on LOAD.
+    max_state_size: int = 1 << 30
 
 
-def offered_features() -> int:
-    return (
+class DeviceState(Protocol):
+    """What the back-end's internal state transfer needs from the daemon."""
+
+    def save(self) -> bytes:
+        """Serialize the state (called while the device is suspended)."""
+
+    def load(self, data: bytes) -> None:
+        """Adopt a serialized state; raise with a clear message if it is unusable."""
+
+    def log_all_changed(self, enabled: bool) -> None:
+        """Migration starts (LOG_ALL on) or is cancelled (off): prepare or stop."""
+
+
+def offered_features(config: BackendConfig | None = None) -> int:
+    bits = (
         p.bit(p.VIRTIO_F_VERSION_1)
         | p.bit(p.VIRTIO_RING_F_INDIRECT_DESC)
         | p.bit(p.VIRTIO_RING_F_EVENT_IDX)
         | p.bit(p.VHOST_USER_F_PROTOCOL_FEATURES)
     )
+    if config is not None and config.migration:
+        bits |= p.bit(p.VHOST_F_LOG_ALL)
+    return bits
 
 
 def offered_protocol_features(config: BackendConfig) -> int:
@@ -59,6 +85,8 @@ def offered_protocol_features(config: BackendConfig) -> int:
     )
     if config.tag is not None:
         bits |= p.bit(p.ProtocolFeature.CONFIG)
+    if config.migration:
+        bits |= p.bit(p.ProtocolFeature.LOG_SHMFD) | p.bit(p.ProtocolFeature.DEVICE_STATE)
     return bits
 
 
@@ -100,10 +128,20 @@ class VhostUserBackend:
         config: BackendConfig | None = None,
         *,
         on_reset: Callable[[], None] | None = None,
+        state: DeviceState | None = None,
     ) -> None:
         self.config = config or BackendConfig()
+        if self.config.migration and (state is None or not logging_supported()):
+            if state is not None:
+                log.warning("dirty logging unavailable (libatomic missing): migration off")
+            self.config.migration = False
         #: Device reset (RESET_DEVICE/RESET_OWNER): the FUSE session ends too.
         self.on_reset = on_reset
+        self.state = state
+        self.dirty_log: DirtyLog | None = None
+        self.log_fd: int | None = None
+        self._logging = False
+        self._transfer: asyncio.Task[None] | None = None
         self.runner = runner
         self.memory = GuestMemory()
         self.features = 0
@@ -160,11 +198,11 @@ class VhostUserBackend:
 
     # -- features ----------------------------------------------------------------
     async def _get_features(self, msg: Message) -> Reply:
-        return Reply(p.encode_u64_reply(msg.request, offered_features()))
+        return Reply(p.encode_u64_reply(msg.request, offered_features(self.config)))
 
     async def _set_features(self, msg: Message) -> None:
         value = p.decode_u64(msg)
-        unknown = value & ~offered_features()
+        unknown = value & ~offered_features(self.config)
         if unknown:
             raise ProtocolError(f"features {unknown:#x} were not offered")
         self.features = value
@@ -177,6 +215,7 @@ class VhostUserBackend:
         for r in self.rings:
             if r.queue is not None:
                 r.queue.event_idx = event_idx
+        self._update_logging()
 
     async def _get_protocol_features(self, msg: Message) -> Reply:
         return Reply(p.encode_u64_reply(msg.request, offered_protocol_features(self.config)))
@@ -300,6 +339,7 @@ class VhostUserBackend:
         if old is not None:
             ring.queue.used_idx = old.used_idx
         ring.broken = False
+        self._log_used_ring(ring)
 
     async def _set_vring_base(self, msg: Message) -> None:
         index, num = p.decode_vring_state(msg)
@@ -405,11 +445,143 @@ class VhostUserBackend:
         p.decode_config(msg)
         raise ProtocolError("the virtio-fs config space is read-only")
 
+    # -- migration: dirty log ---------------------------------------------------
+    @property
+    def log_all(self) -> bool:
+        return bool(self.features & p.bit(p.VHOST_F_LOG_ALL))
+
+    async def _set_log_base(self, msg: Message) -> Reply:
+        if not self.protocol_features & p.bit(p.ProtocolFeature.LOG_SHMFD):
+            raise ProtocolError("LOG_SHMFD was not negotiated")
+        size, offset = p.decode_log_desc(msg)
+        fds = _take_fds(msg)
+        try:
+            if len(fds) != 1:
+                raise ProtocolError(f"expected 1 fd, got {len(fds)}")
+            try:
+                new = DirtyLog(fds[0], size, offset)
+            except DirtyLogError as e:
+                raise ProtocolError(str(e)) from e
+        finally:
+            close_fds(fds)
+        old, self.dirty_log = self.dirty_log, new
+        self._update_logging()
+        if old is not None:
+            old.close()
+        log.info("dirty log mapped: %d bytes", size)
+        return Reply(p.encode_u64_reply(msg.request, 0))
+
+    async def _set_log_fd(self, msg: Message) -> None:
+        fds = _take_fds(msg)
+        if len(fds) != 1:
+            close_fds(fds)
+            raise ProtocolError(f"expected 1 fd, got {len(fds)}")
+        if self.log_fd is not None:
+            close_fds([self.log_fd])
+        self.log_fd = fds[0]
+
+    def _update_logging(self) -> None:
+        """Log writes iff LOG_ALL is on and a log is mapped; tell the state
+        provider when migration starts or is cancelled."""
+        active = self.log_all and self.dirty_log is not None
+        self.runner.dirty_log = self.dirty_log if active else None
+        for r in self.rings:
+            self._log_used_ring(r)
+        if active != self._logging:
+            self._logging = active
+            log.info("dirty logging %s", "on" if active else "off")
+            if self.state is not None:
+                self.state.log_all_changed(active)
+
+    def _log_used_ring(self, ring: Vring) -> None:
+        q = ring.queue
+        if q is None:
+            return
+        dlog = self.runner.dirty_log
+        addr = ring.addr
+        if dlog is None or addr is None or not addr.flags & p.VRING_F_LOG:
+            q.on_used_write = None
+            return
+        base = addr.log_guest_addr
+        q.on_used_write = lambda off, n: dlog.mark(base + off, n)
+
+    # -- migration: device state ---------------------------------------------------
+    async def _set_device_state_fd(self, msg: Message) -> Reply:
+        if not self.protocol_features & p.bit(p.ProtocolFeature.DEVICE_STATE):
+            raise ProtocolError("DEVICE_STATE was not negotiated")
+        direction, phase = p.decode_device_state_params(msg)
+        fds = _take_fds(msg)
+        fd = fds.pop(0) if fds else None
+        close_fds(fds)
+        try:
+            if fd is None:
+                raise ProtocolError("no transfer fd attached")
+            if phase != p.DEVICE_STATE_PHASE_STOPPED:
+                raise ProtocolError(f"unsupported migration phase {phase}")
+            if direction not in (p.DEVICE_STATE_SAVE, p.DEVICE_STATE_LOAD):
+                raise ProtocolError(f"unknown transfer direction {direction}")
+            if not self.suspended:
+                raise ProtocolError("device state transfer while rings are running")
+            if self._transfer is not None and not self._transfer.done():
+                raise ProtocolError("a device state transfer is already in progress")
+        except ProtocolError:
+            if fd is not None:
+                close_fds([fd])
+            raise
+        assert self.state is not None
+        job = self._save(fd) if direction == p.DEVICE_STATE_SAVE else self._load(fd)
+        # Reply first: QEMU starts reading/writing the pipe only after it.
+        self._transfer = asyncio.ensure_future(job)
+        return Reply(p.encode_u64_reply(msg.request, p.VRING_NOFD_MASK))
+
+    async def _save(self, fd: int) -> None:
+        assert self.state is not None
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(None, self.state.save)
+            await write_all(fd, data)
+            log.info("device state saved: %d bytes", len(data))
+        finally:
+            os.close(fd)
+
+    async def _load(self, fd: int) -> None:
+        assert self.state is not None
+        try:
+            data = await read_all(fd, self.config.max_state_size)
+        finally:
+            os.close(fd)
+        await asyncio.get_running_loop().run_in_executor(None, self.state.load, data)
+        log.info("device state loaded: %d bytes", len(data))
+
+    async def _check_device_state(self, msg: Message) -> Reply:
+        job, self._transfer = self._transfer, None
+        if job is None:
+            log.error("CHECK_DEVICE_STATE without a transfer")
+            return Reply(p.encode_u64_reply(msg.request, 1))
+        try:
+            await job
+        except (TransferError, OSError, ValueError) as e:
+            log.error("device state transfer failed: %s", e)
+            return Reply(p.encode_u64_reply(msg.request, 1))
+        except Exception:
+            log.exception("device state transfer failed")
+            return Reply(p.encode_u64_reply(msg.request, 1))
+        return Reply(p.encode_u64_reply(msg.request, 0))
+
     async def close(self) -> None:
         """Connection gone: stop every ring and release everything."""
+        if self._transfer is not None:
+            self._transfer.cancel()
+            self._transfer = None
         for r in self.rings:
             await self._stop_ring(r)
             r.close()
+        self.runner.dirty_log = None
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+            self.dirty_log = None
+        if self.log_fd is not None:
+            close_fds([self.log_fd])
+            self.log_fd = None
         if self.backend_req_fd is not None:
             close_fds([self.backend_req_fd])
             self.backend_req_fd = None
@@ -448,4 +620,8 @@ _HANDLERS: dict[int, Handler] = {
     Request.SET_BACKEND_REQ_FD: VhostUserBackend._set_backend_req_fd,
     Request.GET_CONFIG: VhostUserBackend._get_config,
     Request.SET_CONFIG: VhostUserBackend._set_config,
+    Request.SET_LOG_BASE: VhostUserBackend._set_log_base,
+    Request.SET_LOG_FD: VhostUserBackend._set_log_fd,
+    Request.SET_DEVICE_STATE_FD: VhostUserBackend._set_device_state_fd,
+    Request.CHECK_DEVICE_STATE: VhostUserBackend._check_device_state,
 }

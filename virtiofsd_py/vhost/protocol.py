@@ -133,6 +133,9 @@ SINGLE_MEM_REGION_PAD = struct.Struct("=Q")
 LOG_DESC = struct.Struct("=QQ")  # mmap_size, mmap_offset
 CONFIG_HEAD = struct.Struct("=III")  # offset, size, flags
 DEVICE_STATE_PARAMS = struct.Struct("=II")  # direction, phase
+DEVICE_STATE_SAVE = 0
+DEVICE_STATE_LOAD = 1
+DEVICE_STATE_PHASE_STOPPED = 0
 
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8

@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from virtiofsd_py.virtio.dirty_log import DirtyLog
 from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError
 from virtiofsd_py.virtio.vring import Vring
 
@@ -56,6 +57,8 @@ class QueueRunner:
         #: Requests that may wait long (SETLKW, fsync) never run on the loop.
         self._slow_pool = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="vfsd-slow")
         self._watched: dict[int, int] = {}  # ring index -> kick fd being watched
+        #: Set while migration logs dirty pages (VHOST_F_LOG_ALL + SET_LOG_BASE).
+        self.dirty_log: DirtyLog | None = None
 
     # -- kick watching ---------------------------------------------------------
     def watch(self, ring: Vring) -> None:
@@ -126,10 +129,14 @@ class QueueRunner:
 
     def _run(self, chain: Chain) -> int:
         try:
-            return self._handler(chain.readable, chain.writable)
+            n = self._handler(chain.readable, chain.writable)
         except Exception:
             log.exception("request handler failed on chain %d", chain.head)
             return 0
+        dlog = self.dirty_log
+        if dlog is not None and n:
+            dlog.mark_written(chain.writable_gpas, n)
+        return n
 
     def _submit(self, ring: Vring, chain: Chain, pool: ThreadPoolExecutor) -> None:
         ring.inflight += 1
