@@ -2,7 +2,8 @@
 # Prepare a Debian 12 (bookworm) or 13 (trixie) machine for the test suite.
 # Run as root. Idempotent, and quick when everything is already in place.
 #
-#  - QEMU >= 8.2 (bookworm-backports on bookworm), busybox-static, cpio, zstd, xz
+#  - QEMU >= 8.2 (bookworm-backports on bookworm), busybox-static, cpio, zstd, xz,
+#    libatomic1 (atomic dirty-log bits for migration)
 #  - the Python package in editable mode with its test tools, ruff, mypy
 #  - a Debian 6.12 guest kernel (downloaded, never installed) unpacked into
 #    $VIRTIOFSD_PY_GUEST_DIR (default /var/tmp/virtiofsd-py-guest): PVH vmlinux,
@@ -48,7 +49,7 @@ qemu_ok() {
     [ -n "$v" ] && set -- $v && { [ "$1" -gt 8 ] || { [ "$1" -eq 8 ] && [ "$2" -ge 2 ]; }; }
 }
 missing=()
-for p in busybox-static cpio zstd xz-utils; do
+for p in busybox-static cpio zstd xz-utils libatomic1; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -47,6 +47,11 @@ def setup_logging(opts: Options) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["inspect-state"]:
+        from virtiofsd_py.migration.inspect import main as inspect_main
+
+        return inspect_main(args[1:])
     try:
         opts = parse_args(argv)
     except OptionError as e:

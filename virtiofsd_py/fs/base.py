@@ -28,7 +28,7 @@ import os
 import stat as stat_mod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 ROOT_ID = 1
 
@@ -457,3 +457,21 @@ class Filesystem:
         Called when a ring stops (GET_VRING_BASE must complete in-flight
         requests, e.g. before migration): a lock wait must not hold it up.
         """
+
+    # -- migration ----------------------------------------------------------------
+    # The daemon's tables travel to the destination daemon inside QEMU's
+    # migration stream (virtiofsd_py/migration, docs/migration-format.md).
+    def prepare_migration(self, enabled: bool) -> None:
+        """Migration starts (True) or is cancelled (False): warm up or stop."""
+
+    def export_state(self) -> dict[str, Any]:
+        """The backend's tables as plain msgpack-able data (device suspended)."""
+        raise enosys("migration")
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Rebuild the tables from ``export_state`` output of another daemon.
+
+        Raises ``OSError``/``ValueError`` with a clear message when the state
+        is unusable; on success node ids and fh values are those of the source.
+        """
+        raise enosys("migration")
