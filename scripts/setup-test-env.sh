@@ -4,10 +4,14 @@
 #
 #  - QEMU >= 8.2 (bookworm-backports on bookworm), busybox-static, cpio, zstd, xz,
 #    libatomic1 (atomic dirty-log bits for migration)
+#  - gcc and libc6-dev (the guest's static syscall helper, tests/guest/guest_scripts)
 #  - the Python package in editable mode with its test tools, ruff, mypy
 #  - a Debian 6.12 guest kernel (downloaded, never installed) unpacked into
 #    $VIRTIOFSD_PY_GUEST_DIR (default /var/tmp/virtiofsd-py-guest): PVH vmlinux,
 #    modules, and the initramfs. VIRTIOFSD_PY_GUEST_REFRESH=1 fetches it again.
+#  - real programs for the guest (git, rsync, sqlite3, attr, python3) and the
+#    libraries they need: their Debian packages downloaded (never installed) and
+#    unpacked into $VIRTIOFSD_PY_GUEST_DIR/progroot (virtiofsd_py/testing/progimage.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GUEST_DIR=${VIRTIOFSD_PY_GUEST_DIR:-/var/tmp/virtiofsd-py-guest}
@@ -49,7 +53,7 @@ qemu_ok() {
     [ -n "$v" ] && set -- $v && { [ "$1" -gt 8 ] || { [ "$1" -eq 8 ] && [ "$2" -ge 2 ]; }; }
 }
 missing=()
-for p in busybox-static cpio zstd xz-utils libatomic1; do
+for p in busybox-static cpio zstd xz-utils libatomic1 gcc libc6-dev; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -88,5 +92,33 @@ if [ ! -f "$GUEST_DIR/kernel.json" ] || [ -n "${VIRTIOFSD_PY_GUEST_REFRESH:-}" ]
     python3 -m virtiofsd_py.testing.image prepare --kernel-root "$tmp/root"
     rm -rf "$tmp"
 fi
+# Programs for the guest's second initramfs (tests/guest/test_programs.py):
+# the packages plus, three levels deep, the library packages they depend on
+# (libc6 and libgcc-s1 come from the host, which is the same release).
+prog_pkgs="git rsync sqlite3 attr"
+py_pkg=$(apt-cache depends python3-minimal 2>/dev/null | awk '/Depends: python3\.[0-9]+-minimal/{print $2; exit}')
+[ -n "$py_pkg" ] && prog_pkgs="$prog_pkgs $py_pkg lib$py_pkg"
+if [ "$(cat "$GUEST_DIR/progroot/.packages" 2>/dev/null)" != "$prog_pkgs" ] || [ -n "${VIRTIOFSD_PY_GUEST_REFRESH:-}" ]; then
+    apt_update
+    all=$prog_pkgs cur=$prog_pkgs
+    for level in 1 2 3; do
+        next=$(apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
+                --no-replaces --no-enhances $cur 2>/dev/null \
+            | awk '/^ *(Pre)?Depends: (lib|zlib)/{print $2}' \
+            | grep -v -E '^(libc6|libgcc-s1|libperl.*|libcrypt1)$' | sort -u || true)
+        cur=$(comm -13 <(tr ' ' '\n' <<<"$all" | sort -u) <(echo "$next") | xargs || true)
+        [ -z "$cur" ] && break
+        all="$all $cur"
+    done
+    log "fetching guest programs: $all"
+    ptmp=$(mktemp -d)
+    (cd "$ptmp" && "${APT[@]}" -o APT::Sandbox::User=root download $all)
+    rm -rf "$GUEST_DIR/progroot"
+    mkdir -p "$GUEST_DIR/progroot"
+    for deb in "$ptmp"/*.deb; do dpkg-deb -x "$deb" "$GUEST_DIR/progroot"; done
+    echo "$prog_pkgs" > "$GUEST_DIR/progroot/.packages"
+    rm -rf "$ptmp"
+fi
+
 # Builds the initramfs if needed and says whether guests can run.
 python3 -m virtiofsd_py.testing.image check

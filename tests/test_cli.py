@@ -44,8 +44,8 @@ def test_print_capabilities() -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--writeback"], "--writeback: not implemented"),
-        (["--xattrmap", ":map::user.virtiofs.:"], "--xattrmap: not implemented"),
+        (["--uid-map", ":0:1000:1:"], "--uid-map: not implemented"),
+        (["--xattrmap", ":nope:all:::"], "xattrmap rule 1"),
         (["--sandbox", "namespace"], "--sandbox namespace: not implemented"),
         (["--seccomp", "kill"], "--seccomp kill: not implemented"),
         (["--inode-file-handles", "mandatory"], "mandatory: not implemented"),

@@ -6,14 +6,16 @@ Spec: QEMU docs/interop/vhost-user.rst (sections "Communication",
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from virtiofsd_py.fuse import abi
-from virtiofsd_py.testing.driver import Timeout
+from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
+from virtiofsd_py.testing.driver import Buffer, GuestMemory, SplitQueue, Timeout
 from virtiofsd_py.testing.frontend import DEFAULT_PROTOCOL_FEATURES, VhostUserFrontend
-from virtiofsd_py.testing.fuse_client import FuseClient
+from virtiofsd_py.testing.fuse_client import FuseClient, FuseReply, Pending
 from virtiofsd_py.vhost.protocol import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -25,6 +27,7 @@ from virtiofsd_py.vhost.protocol import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     VRING_STATE,
+    MemoryRegion,
     ProtocolFeature,
     Request,
     bit,
@@ -253,3 +256,112 @@ def test_disconnect_ends_daemon(frontend: VhostUserFrontend) -> None:
     FuseClient(frontend).init()
     frontend.close()
     # the daemon fixture then requires a clean exit (status 0, no traceback)
+
+
+def second_region(fe: VhostUserFrontend) -> GuestMemory:
+    """Another memfd region right after the first one in guest-physical space."""
+    assert fe.mem is not None
+    return GuestMemory(
+        1 << 20, gpa_base=fe.mem.gpa_end + (1 << 20), user_addr=0x7F55_0000_0000, name="ram2"
+    )
+
+
+def getattr_root_into(fe: VhostUserFrontend, client: FuseClient, mem: GuestMemory) -> FuseReply:
+    """GETATTR of the root whose reply buffer lies in ``mem``."""
+    assert fe.mem is not None
+    q = fe.queues[1]
+    unique = client.next_unique()
+    req = client.in_header(abi.FUSE_GETATTR, 1, abi.GETATTR_IN.size, unique)
+    req += abi.GETATTR_IN.pack(0, 0, 0)
+    req_gpa = fe.mem.alloc(len(req))
+    fe.mem.write(req_gpa, req)
+    out_gpa = mem.alloc(4096)
+    pending = Pending(q, abi.FUSE_GETATTR, unique)
+    pending.chain = q.add([Buffer(req_gpa, len(req))], [Buffer(out_gpa, 4096)], token=pending)
+    q.kick()
+    client.wait([pending])
+    assert pending.used is not None
+    data = mem.read(out_gpa, pending.used.length)
+    fe.mem.free(req_gpa)
+    mem.free(out_gpa)
+    _len, error, runique = abi.OUT_HEADER.unpack_from(data.ljust(16, b"\0"))
+    return FuseReply(runique, error, data[16:], pending.used.length)
+
+
+def test_add_memory_region(frontend: VhostUserFrontend, host_tree: HostTree) -> None:
+    """ADD_MEM_REG while running; a reply lands in the new region."""
+    frontend.connect_and_start(queues=2)
+    client = FuseClient(frontend)
+    client.init()
+    with second_region(frontend) as ram2:
+        frontend.add_mem_reg(MemoryRegion(ram2.gpa_base, ram2.size, ram2.user_addr, 0), ram2.fd)
+        reply = getattr_root_into(frontend, client, ram2)
+        assert reply.error == 0
+        attr = abi.ATTR_OUT.unpack_from(reply.payload)
+        assert attr[3] == host_tree.root.stat().st_ino  # attr.ino (after valid, nsec, dummy)
+        host_tree.check_serving(frontend)
+
+
+@pytest.mark.ours_only  # virtiofsd 1.13's queue thread panics on the stale address
+def test_removed_memory_region_is_not_used(
+    frontend: VhostUserFrontend, host_tree: HostTree
+) -> None:
+    frontend.connect_and_start(queues=2)
+    client = FuseClient(frontend)
+    client.init()
+    with second_region(frontend) as ram2:
+        region2 = MemoryRegion(ram2.gpa_base, ram2.size, ram2.user_addr, 0)
+        frontend.add_mem_reg(region2, ram2.fd)
+        assert getattr_root_into(frontend, client, ram2).error == 0
+        ram2.fill(ram2.gpa_base, ram2.size, 0)
+        frontend.rem_mem_reg(region2)
+        # The region is gone: a reply into it fails without touching it.
+        reply = getattr_root_into(frontend, client, ram2)
+        assert reply.used_len == 0
+        assert ram2.read(ram2.gpa_base, ram2.size) == bytes(ram2.size)
+        host_tree.check_serving(frontend)
+
+
+@pytest.mark.ours_only  # virtiofsd 1.13 does not process the rings again after the reset
+def test_reset_device_and_start_again(frontend: VhostUserFrontend, host_tree: HostTree) -> None:
+    """RESET_DEVICE (vhost-user.rst): rings stop, state resets, the device can be set up anew."""
+    frontend.connect_and_start(queues=2)
+    if not frontend.has_protocol_feature(ProtocolFeature.RESET_DEVICE):
+        pytest.skip("daemon does not offer VHOST_USER_PROTOCOL_F_RESET_DEVICE")
+    FuseClient(frontend).init()
+    host_tree.check_serving(frontend)
+    frontend.reset_device()
+    # As QEMU's vhost_dev_start after a guest reset: features, memory, fresh rings.
+    frontend.set_features(frontend.features)
+    frontend.set_mem_table([(frontend.region, frontend.mem.fd)])  # type: ignore[union-attr]
+    for i in range(len(frontend.queues)):
+        old = frontend.queues[i]
+        frontend.queues[i] = SplitQueue(
+            old.mem, i, old.size, event_idx=old.event_idx, indirect=old.indirect
+        )
+        old.close()
+        frontend.start_queue(frontend.queues[i])
+        frontend.set_vring_enable(i, True)
+    FuseClient(frontend).init()
+    host_tree.check_serving(frontend)
+    assert frontend.stop() == [0, 1 + host_tree.check_requests]
+
+
+def test_sigterm_exits_cleanly(host_tree: HostTree, tmp_path: Path) -> None:
+    """SIGTERM while a front-end is connected and requests were served: a clean exit."""
+    d = DaemonProcess(host_tree.root, tmp_path / "run-sigterm").start()
+    try:
+        with VhostUserFrontend.connect(d.socket_path) as fe:
+            fe.connect_and_start(queues=2)
+            FuseClient(fe).init()
+            host_tree.check_serving(fe)
+            status = d.terminate(5.0)
+            print(d.log())
+            assert status is not None, "daemon ignored SIGTERM"
+            if is_own_daemon():
+                assert status == 0
+                assert "Traceback" not in d.log()
+            # (virtiofsd 1.13 exits with status 1 here)
+            assert fe.wait_closed(1.0)
+    finally:
+        d.kill()

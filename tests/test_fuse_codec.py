@@ -123,11 +123,30 @@ def groups_ext(groups: list[int]) -> bytes:
     return abi.EXT_HEADER.pack(size, abi.FUSE_EXT_GROUPS) + body + bytes(pad)
 
 
-def test_parse_extensions_groups_and_skips_secctx() -> None:
-    secctx = abi.SECCTX_HEADER.pack(24, 1) + abi.SECCTX.pack(5, 0) + b"lbl\0\0\0\0\0"
-    assert codec.parse_extensions(memoryview(secctx + groups_ext([10, 20, 30]))) == (10, 20, 30)
-    assert codec.parse_extensions(memoryview(secctx)) == ()
-    assert codec.parse_extensions(memoryview(b"")) == ()
+def secctx_ext(name: bytes, ctx: bytes, nr: int = 1) -> bytes:
+    """A security-context extension laid out as Linux fs/fuse/dir.c does."""
+    body = b"".join(abi.SECCTX.pack(len(ctx), 0) + name + b"\0" + ctx for _ in range(nr))
+    size = abi.rec_align(abi.SECCTX_HEADER.size + len(body))
+    return abi.SECCTX_HEADER.pack(size, nr) + body.ljust(size - abi.SECCTX_HEADER.size, b"\0")
+
+
+def test_parse_extensions_groups_and_secctx() -> None:
+    secctx = secctx_ext(b"security.selinux", b"system_u:object_r:tmp_t:s0\0")
+    ext = codec.parse_extensions(memoryview(secctx + groups_ext([10, 20, 30])))
+    assert ext.groups == (10, 20, 30)
+    assert ext.secctx == (b"security.selinux", b"system_u:object_r:tmp_t:s0\0")
+    assert codec.parse_extensions(memoryview(groups_ext([7]) + secctx)).groups == (7,)
+    assert codec.parse_extensions(memoryview(secctx)) == (
+        (),
+        (b"security.selinux", b"system_u:object_r:tmp_t:s0\0"),
+    )
+    assert codec.parse_extensions(memoryview(b"")) == codec.NO_EXTENSIONS == ((), None)
+    # zero contexts (no LSM labels files) and unknown extension types
+    assert codec.parse_extensions(memoryview(abi.SECCTX_HEADER.pack(8, 0))) == ((), None)
+    assert codec.parse_extensions(memoryview(abi.EXT_HEADER.pack(16, 99) + bytes(8))) == ((), None)
+    # several contexts: the first is taken
+    two = secctx_ext(b"security.a", b"x", nr=2)
+    assert codec.parse_extensions(memoryview(two)).secctx == (b"security.a", b"x")
 
 
 @pytest.mark.parametrize(
@@ -138,11 +157,66 @@ def test_parse_extensions_groups_and_skips_secctx() -> None:
         abi.EXT_HEADER.pack(64, 32) + bytes(8),  # size beyond the region
         abi.EXT_HEADER.pack(8, 32),  # groups without nr_groups
         abi.EXT_HEADER.pack(16, 32) + struct.pack("<II", 5, 1),  # nr_groups lies
+        abi.SECCTX_HEADER.pack(8, 1),  # one context announced, none there
+        abi.SECCTX_HEADER.pack(24, 1) + abi.SECCTX.pack(5, 0) + b"lbl\0\0\0\0\0",  # size lies
+        abi.SECCTX_HEADER.pack(24, 1) + abi.SECCTX.pack(1, 0) + b"no-nul-x",  # name unended
+        abi.SECCTX_HEADER.pack(24, 1) + abi.SECCTX.pack(1, 0) + b"\0xxxxxxx",  # empty name
+        abi.SECCTX_HEADER.pack(24, 1) + abi.SECCTX.pack(0, 0) + b"a\0xxxxxx",  # empty context
+        secctx_ext(b"security.a", b"x", nr=2)[:-16],  # second context cut off
     ],
 )
 def test_parse_extensions_rejects_malformed(ext: bytes) -> None:
     with pytest.raises(codec.Malformed):
         codec.parse_extensions(memoryview(ext))
+
+
+def test_parse_two_names_and_cstring() -> None:
+    assert codec.parse_two_names(memoryview(b"xxold\0new\0tail"), 2) == (b"old", b"new", 10)
+    for bad in (b"old\0new", b"old\0\0", b"a/b\0c\0", b"old\0n/w\0"):
+        with pytest.raises(codec.Malformed):
+            codec.parse_two_names(memoryview(bad))
+    assert codec.parse_cstring(memoryview(b"n\0/etc/../x\0"), 2) == (b"/etc/../x", 12)
+    assert codec.parse_cstring(memoryview(b"\0")) == (b"", 1)
+    with pytest.raises(codec.Malformed):
+        codec.parse_cstring(memoryview(b"abc"))
+
+
+def test_statx_values_layout_and_widths() -> None:
+    fields = {
+        "mask": 0x7FF, "blksize": 4096, "attributes": 1 << 40, "nlink": 3, "uid": 1000,
+        "gid": 100, "mode": 0o100644, "ino": 2**64 - 1, "size": 12345, "blocks": 24,
+        "attributes_mask": 0x20, "atime_sec": -1, "atime_nsec": 5, "btime_sec": 2**40,
+        "mtime_sec": 7, "mtime_nsec": 999_999_999, "ctime_sec": 8, "rdev_major": 8,
+        "rdev_minor": 1, "dev_major": 253, "dev_minor": 2, "not_a_field": 1,
+    }  # fmt: skip
+    vals = codec.statx_values(fields)
+    packed = abi.STATX.pack(*vals)
+    assert len(packed) == 256
+    # offsets from struct fuse_statx in fuse.h
+    assert struct.unpack_from("<IIQIIIH", packed, 0) == (0x7FF, 4096, 1 << 40, 3, 1000, 100,
+                                                         0o100644)  # fmt: skip
+    assert struct.unpack_from("<QQQQ", packed, 32) == (2**64 - 1, 12345, 24, 0x20)
+    assert struct.unpack_from("<qI", packed, 64) == (-1, 5)  # atime
+    assert struct.unpack_from("<q", packed, 80) == (2**40,)  # btime
+    assert struct.unpack_from("<q", packed, 96) == (8,)  # ctime
+    assert struct.unpack_from("<qI", packed, 112) == (7, 999_999_999)  # mtime
+    assert struct.unpack_from("<IIII", packed, 128) == (8, 1, 253, 2)
+    assert packed[144:] == bytes(112)
+    # values wider than their field are cut, never an exception
+    wide = codec.statx_values({"mode": 0o170777 | 1 << 20, "uid": 2**40 + 5, "atime_sec": 2**64})
+    abi.STATX.pack(*wide)
+    assert dict(zip(abi.STATX_FIELDS, wide, strict=True))["uid"] == 5
+
+
+def test_write_struct_bytes_any_split() -> None:
+    for sizes in ((16, 100), (20, 3, 100), (1,) * 40, (40,)):
+        bufs = [bytearray(n) for n in sizes]
+        n = codec.write_struct_bytes(bufs, 9, abi.IOCTL_OUT, (-2, 0, 0, 0), b"abcdefgh")
+        flat = b"".join(bufs)
+        assert n == 40 and abi.OUT_HEADER.unpack_from(flat) == (40, 0, 9)
+        assert abi.IOCTL_OUT.unpack_from(flat, 16) == (-2, 0, 0, 0) and flat[32:40] == b"abcdefgh"
+    with pytest.raises(codec.ReplyTooLarge):
+        codec.write_struct_bytes([bytearray(39)], 9, abi.IOCTL_OUT, (0, 0, 0, 0), b"abcdefgh")
 
 
 # -- reply values -------------------------------------------------------------------

@@ -326,7 +326,10 @@ def test_init_flags_are_the_intersection() -> None:
     guest = abi.FUSE_ASYNC_READ | abi.FUSE_POSIX_LOCKS | abi.FUSE_FLOCK_LOCKS | abi.FUSE_INIT_EXT
     guest |= abi.FUSE_DO_READDIRPLUS | abi.FUSE_WRITEBACK_CACHE | abi.FUSE_EXPORT_SUPPORT
     out = init_out(call(d, request(abi.FUSE_INIT, init_args(flags=guest, flags2=1 << 2))))
-    assert out["flags"] == abi.FUSE_ASYNC_READ | abi.FUSE_INIT_EXT | abi.FUSE_DO_READDIRPLUS
+    assert out["flags"] == (
+        abi.FUSE_ASYNC_READ | abi.FUSE_INIT_EXT | abi.FUSE_DO_READDIRPLUS
+        | abi.FUSE_POSIX_LOCKS | abi.FUSE_FLOCK_LOCKS
+    )  # fmt: skip
     assert out["flags2"] == 1 << 2  # FUSE_CREATE_SUPP_GROUP
     assert d.session is not None
     assert d.session.flags == abi.join_init_flags(out["flags"], out["flags2"])
@@ -347,11 +350,12 @@ def test_init_knobs() -> None:
     out = init_out(call(d, request(abi.FUSE_INIT, all_flags)))
     assert out["flags"] & abi.FUSE_WRITEBACK_CACHE
     assert not out["flags"] & (abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO)
-    assert not out["flags"] & (abi.FUSE_POSIX_LOCKS | abi.FUSE_FLOCK_LOCKS)
     d, _ = make(init=False)
     out = init_out(call(d, request(abi.FUSE_INIT, all_flags)))
     assert not out["flags"] & abi.FUSE_WRITEBACK_CACHE
     assert out["flags"] & abi.FUSE_DO_READDIRPLUS and out["flags"] & abi.FUSE_READDIRPLUS_AUTO
+    # locks go to the backend by default (the Rust virtiofsd keeps them guest-local)
+    assert out["flags"] & abi.FUSE_POSIX_LOCKS and out["flags"] & abi.FUSE_FLOCK_LOCKS
 
 
 def test_second_init_starts_a_new_session() -> None:
@@ -716,6 +720,7 @@ def test_listxattr_size_rules() -> None:
 def test_interrupt_unknown_and_unimplemented() -> None:
     d, _ = make()
     assert call(d, request(abi.FUSE_INTERRUPT, abi.INTERRUPT_IN.pack(5))).n == 0
+    # an opcode the dispatcher knows, but this backend does not implement
     assert call(d, request(abi.FUSE_MKDIR, abi.MKDIR_IN.pack(0o755, 0) + b"x\0")).error == (
         -errno.ENOSYS
     )

@@ -21,7 +21,10 @@ import socket
 import stat
 from dataclasses import dataclass
 
+from virtiofsd_py.fs.creds import drop_supplementary_groups
+from virtiofsd_py.fs.idmap import IdMap
 from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
+from virtiofsd_py.fs.xattrmap import XattrMap
 from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
 from virtiofsd_py.options import Options
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
@@ -138,6 +141,13 @@ def build_filesystem(opts: Options) -> PassthroughFS:
                 readonly=opts.readonly,
                 xattr=opts.xattr,
                 allow_direct_io=opts.allow_direct_io,
+                xattrmap=XattrMap(opts.xattrmap) if opts.xattrmap is not None else None,
+                posix_acl=opts.posix_acl,
+                killpriv_v2=opts.killpriv_v2,
+                announce_submounts=opts.announce_submounts,
+                preserve_noatime=opts.preserve_noatime,
+                uid_map=IdMap(opts.translate_uid),
+                gid_map=IdMap(opts.translate_gid),
             )
         )
     except OSError as e:
@@ -147,6 +157,7 @@ def build_filesystem(opts: Options) -> PassthroughFS:
 async def serve(opts: Options) -> int:
     loop = asyncio.get_running_loop()
     raise_nofile_limit(opts.rlimit_nofile)
+    drop_supplementary_groups()  # CVE-2022-0358: never act with the operator's groups
     fs = build_filesystem(opts)
     listener = open_listener(opts)
     stop = asyncio.Event()
@@ -168,7 +179,18 @@ async def serve(opts: Options) -> int:
         listener.sock.close()  # one front-end per daemon
         log.info("front-end connected")
         readdirplus = opts.readdirplus and fs.policy.readdirplus
-        dispatcher = Dispatcher(fs, FuseConfig(readdirplus=readdirplus))
+        dispatcher = Dispatcher(
+            fs,
+            FuseConfig(
+                readdirplus=readdirplus,
+                writeback=opts.writeback,
+                killpriv_v2=opts.killpriv_v2,
+                posix_acl=opts.posix_acl,
+                security_label=opts.security_label,
+                allow_mmap=opts.allow_mmap,
+                submounts=opts.announce_submounts,
+            ),
+        )
         runner = QueueRunner(
             loop,
             dispatcher.handle,

@@ -42,6 +42,16 @@ class Options:
     sandbox: str
     seccomp: str
     inode_file_handles: str
+    xattrmap: str | None = None
+    posix_acl: bool = False
+    security_label: bool = False
+    writeback: bool = False
+    allow_mmap: bool = False
+    killpriv_v2: bool = False
+    announce_submounts: bool = False
+    preserve_noatime: bool = False
+    translate_uid: tuple[str, ...] = ()
+    translate_gid: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +77,49 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cache", choices=CACHE_MODES, default="auto", help="Cache policy (default auto)")
     add("--readonly", action="store_true", help="Share is read-only: every change gets EROFS")
     add("--xattr", action="store_true", help="Enable extended attributes")
+    add(
+        "--xattrmap",
+        metavar="RULES",
+        help="Rules translating xattr names between guest and host (implies --xattr)",
+    )
+    add("--posix-acl", action="store_true", help="Enable POSIX ACLs (implies --xattr)")
+    add(
+        "--security-label",
+        action="store_true",
+        help="Set the guest's security label on new nodes (implies --xattr)",
+    )
+    add("--writeback", action="store_true", help="Enable the guest's writeback cache")
+    add(
+        "--allow-mmap",
+        action="store_true",
+        help="Allow shared mmap of files opened with direct I/O",
+    )
+    add(
+        "--killpriv-v2",
+        action="store_true",
+        help="Let the daemon clear set-id bits on write/truncate (FUSE_HANDLE_KILLPRIV_V2)",
+    )
+    add("--no-killpriv-v2", dest="killpriv_v2", action="store_false", help=argparse.SUPPRESS)
+    add(
+        "--announce-submounts",
+        action="store_true",
+        help="Tell the guest about host mounts inside the share (FUSE_ATTR_SUBMOUNT)",
+    )
+    add("--preserve-noatime", action="store_true", help="Keep O_NOATIME from the guest")
+    add(
+        "--translate-uid",
+        action="append",
+        default=[],
+        metavar="MAP",
+        help="UID translation: guest|host|squash-guest|squash-host|map:A:B:N, forbid-guest:A:N",
+    )
+    add(
+        "--translate-gid",
+        action="append",
+        default=[],
+        metavar="MAP",
+        help="GID translation, as --translate-uid",
+    )
     add("--no-readdirplus", action="store_true", help="Disable READDIRPLUS")
     add(
         "--allow-direct-io",
@@ -117,22 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 #: Options whose absence of implementation would change what the guest sees
 #: or what isolation the operator asked for.
 _NOT_BUILT_FLAGS = (
-    "--posix-acl",
-    "--security-label",
-    "--writeback",
-    "--allow-mmap",
-    "--killpriv-v2",
-    "--announce-submounts",
-    "--preserve-noatime",
     "--migration-verify-handles",
     "--migration-confirm-paths",
 )
 _NOT_BUILT_VALUES = (
-    "--xattrmap",
     "--uid-map",
     "--gid-map",
-    "--translate-uid",
-    "--translate-gid",
     "--modcaps",
     "--migration-mode",
     "--migration-on-error",
@@ -159,6 +202,20 @@ def systemd_listen_fd() -> int | None:
 
 def _dest(opt: str) -> str:
     return opt.lstrip("-").replace("-", "_")
+
+
+def _check_maps(opts: Options) -> None:
+    """Refuse malformed --xattrmap / --translate-* at startup, with the parser's message."""
+    from virtiofsd_py.fs.idmap import IdMap, IdMapError
+    from virtiofsd_py.fs.xattrmap import XattrMap, XattrMapError
+
+    try:
+        if opts.xattrmap is not None:
+            XattrMap(opts.xattrmap)
+        IdMap(opts.translate_uid)
+        IdMap(opts.translate_gid)
+    except (XattrMapError, IdMapError) as e:
+        raise OptionError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -195,7 +252,23 @@ def parse_args(argv: list[str] | None = None) -> Options:
         sandbox=ns.sandbox,
         seccomp=ns.seccomp,
         inode_file_handles=ns.inode_file_handles,
+        xattrmap=ns.xattrmap,
+        posix_acl=ns.posix_acl,
+        security_label=ns.security_label,
+        writeback=ns.writeback,
+        allow_mmap=ns.allow_mmap,
+        killpriv_v2=ns.killpriv_v2,
+        announce_submounts=ns.announce_submounts,
+        preserve_noatime=ns.preserve_noatime,
+        translate_uid=tuple(ns.translate_uid),
+        translate_gid=tuple(ns.translate_gid),
     )
+    # As the Rust virtiofsd: these need xattrs, and ACLs rule out id translation.
+    if opts.xattrmap is not None or opts.posix_acl or opts.security_label:
+        opts.xattr = True
+    if opts.posix_acl and (opts.translate_uid or opts.translate_gid):
+        raise OptionError("--translate-uid/--translate-gid cannot be used with --posix-acl")
+    _check_maps(opts)
     if opts.print_capabilities:
         return opts
     if not opts.shared_dir:

@@ -313,16 +313,16 @@ def name_to_handle(fd: int) -> tuple[bytes, int]:
     if _name_to_handle_at is None:
         raise OSError(errno.ENOSYS, "name_to_handle_at is not available")
     buf = ctypes.create_string_buffer(_FH_HDR.size + MAX_HANDLE_SZ)
-    _FH_HDR.pack_into(buf, 0, MAX_HANDLE_SZ, 0)  # type: ignore[arg-type]
+    _FH_HDR.pack_into(buf, 0, MAX_HANDLE_SZ, 0)
     mnt = ctypes.c_int()
     if _name_to_handle_at(fd, b"", buf, ctypes.byref(mnt), AT_EMPTY_PATH) != 0:
         raise _oserror("name_to_handle_at")
-    nbytes, _type = _FH_HDR.unpack_from(buf)  # type: ignore[arg-type]
+    nbytes, _type = _FH_HDR.unpack_from(buf)
     return bytes(buf.raw[: _FH_HDR.size + nbytes]), mnt.value
 
 
 def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
-    """open_by_handle_at(2) (needs CAP_DAC_READ_SEARCH)."""
+    """open_by_handle_at(2): needs CAP_DAC_READ_SEARCH and a real (not O_PATH) ``mount_fd``."""
     if _open_by_handle_at is None:
         raise OSError(errno.ENOSYS, "open_by_handle_at is not available")
     buf = ctypes.create_string_buffer(handle, len(handle))
@@ -330,3 +330,43 @@ def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
     if fd < 0:
         raise _oserror("open_by_handle_at")
     return int(fd)
+
+
+# -- timestamps ------------------------------------------------------------------------
+
+UTIME_NOW: Final = (1 << 30) - 1
+UTIME_OMIT: Final = (1 << 30) - 2
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+_utimensat = _libc.utimensat
+_utimensat.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int)
+
+
+def _timespec(ns: int | None, now: bool) -> _Timespec:
+    if now:
+        return _Timespec(0, UTIME_NOW)
+    if ns is None:
+        return _Timespec(0, UTIME_OMIT)
+    return _Timespec(*divmod(ns, _NS))
+
+
+def utimens(
+    dirfd: int,
+    path: bytes | None,
+    atime_ns: int | None,
+    mtime_ns: int | None,
+    *,
+    atime_now: bool = False,
+    mtime_now: bool = False,
+) -> None:
+    """utimensat(2) with per-field UTIME_NOW / UTIME_OMIT (None omits a field).
+
+    ``path`` None sets the times of ``dirfd`` itself (futimens).
+    """
+    ts = (_Timespec * 2)(_timespec(atime_ns, atime_now), _timespec(mtime_ns, mtime_now))
+    if _utimensat(dirfd, path, ts, 0) != 0:
+        raise _oserror("utimensat")

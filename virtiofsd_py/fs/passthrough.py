@@ -24,13 +24,17 @@ GETATTR is one fstat; READ is one preadv straight into the guest buffers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
+from ..fuse import abi
+from . import linux
 from .base import (
     ROOT_ID,
     AttrReply,
@@ -38,13 +42,20 @@ from .base import (
     DirEntry,
     Entry,
     Filesystem,
+    Lock,
     Opened,
     SessionInfo,
+    SetAttr,
+    StatxReply,
 )
 from .cache import CacheMode, CachePolicy
+from .creds import CAP_FSETID, Credentials, DropCap, Umask
 from .handles import HandleData, HandleTable
+from .idmap import IdMap
 from .inodes import InodeData, InodeTable
 from .linux import getdents64, stat_fd
+from .locks import LockTable
+from .xattrmap import XattrMap
 
 FUSE_ATTR_SUBMOUNT: Final = 1 << 0  # fuse_attr.flags (fuse.h, 7.32)
 
@@ -63,6 +74,17 @@ _OPEN_PASS: Final = (
     | os.O_DIRECTORY
 )
 _O_TMPFILE_BIT: Final = os.O_TMPFILE & ~os.O_DIRECTORY
+_CREATE_TYPES: Final = frozenset(
+    (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+)
+_RENAME_FLAGS: Final = linux.RENAME_NOREPLACE | linux.RENAME_EXCHANGE | linux.RENAME_WHITEOUT
+_ACL_NAMES: Final = (b"system.posix_acl_access", b"system.posix_acl_default")
+# FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (linux/fs.h), native and 32-bit compat
+# numbers; the kernel reads and writes an int whatever the number says.
+_FS_IOC_GETFLAGS: Final = frozenset((0x80086601, 0x80046601))
+_FS_IOC_SETFLAGS: Final = frozenset((0x40086602, 0x40046602))
+_TIME_BITS: Final = abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW
+InodeFileHandles = Literal["never", "prefer", "mandatory"]
 _SEEK_WHENCE: Final = frozenset((os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE))
 _DIRENT_BUF: Final = 8192
 _DOTS: Final = (b".", b"..")
@@ -70,6 +92,18 @@ _DOTS: Final = (b".", b"..")
 
 def _err(code: int, what: str) -> OSError:
     return OSError(code, f"{what}: {os.strerror(code)}")
+
+
+_AT_REMOVEDIR: Final = 0x200
+
+
+def _unlink_quietly(dirfd: int, name: bytes, flags: int) -> None:
+    """Undo a creation whose follow-up failed; the original error is what counts."""
+    with contextlib.suppress(OSError):
+        if flags & _AT_REMOVEDIR:
+            os.rmdir(name, dir_fd=dirfd)
+        else:
+            os.unlink(name, dir_fd=dirfd)
 
 
 def check_name(name: bytes) -> None:
@@ -97,6 +131,15 @@ class PassthroughConfig:
     preserve_noatime: bool = False
     #: Where this process's fds appear (changes once a sandbox pivots root).
     proc_self_fd: str = "/proc/self/fd"
+    #: ``--xattrmap``: rename/hide/refuse xattr names (needs ``xattr``).
+    xattrmap: XattrMap | None = None
+    #: ``--posix-acl``: serve system.posix_acl_* (else they are ENOTSUP).
+    posix_acl: bool = False
+    #: ``--killpriv-v2``: honour FUSE_WRITE_KILL_SUIDGID / FATTR_KILL_SUIDGID.
+    killpriv_v2: bool = False
+    #: ``--translate-uid`` / ``--translate-gid``.
+    uid_map: IdMap | None = None
+    gid_map: IdMap | None = None
 
 
 class PassthroughFS(Filesystem):
@@ -133,6 +176,11 @@ class PassthroughFS(Filesystem):
         root = InodeData(ROOT_ID, root_fd, (st.st_dev, st.st_ino, mnt_id), st.st_mode, 0, b"")
         self.inodes = InodeTable(root)
         self.handles = HandleTable()
+        self.locks = LockTable()
+        self._writeback = False
+        self._supp_group_ext = False
+        self._uid_map = config.uid_map if config.uid_map else None
+        self._gid_map = config.gid_map if config.gid_map else None
 
     def close(self) -> None:
         """Close every fd, the root's included (for tests and shutdown)."""
@@ -150,7 +198,42 @@ class PassthroughFS(Filesystem):
         return node
 
     def _entry(self, node: InodeData, st: os.stat_result, attr_flags: int = 0) -> Entry:
+        st = self._guest_stat(st)
         return Entry(node.nodeid, 0, st, self._entry_timeout, self._attr_timeout, attr_flags)
+
+    def _guest_stat(self, st: os.stat_result) -> os.stat_result:
+        """``st`` with host uid/gid translated to the guest's (--translate-uid/gid)."""
+        if self._uid_map is None and self._gid_map is None:
+            return st
+        uid = self._uid_map.to_guest(st.st_uid) if self._uid_map else st.st_uid
+        gid = self._gid_map.to_guest(st.st_gid) if self._gid_map else st.st_gid
+        return os.stat_result(
+            (
+                *(st.st_mode, st.st_ino, st.st_dev, st.st_nlink, uid, gid, st.st_size),
+                *(int(st.st_atime), int(st.st_mtime), int(st.st_ctime)),
+                *(st.st_atime, st.st_mtime, st.st_ctime),
+                *(st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns),
+                *(st.st_blksize, st.st_blocks, st.st_rdev),
+            )
+        )
+
+    def _host_uid(self, uid: int) -> int:
+        return self._uid_map.to_host(uid) if self._uid_map else uid
+
+    def _host_gid(self, gid: int) -> int:
+        return self._gid_map.to_host(gid) if self._gid_map else gid
+
+    def _creds(self, ctx: Context) -> Credentials:
+        """The guest caller's credentials on the host, for creating requests (creds.py)."""
+        return Credentials(
+            self._host_uid(ctx.uid),
+            self._host_gid(ctx.gid),
+            tuple(self._host_gid(g) for g in ctx.groups),
+            keep_dac_override=not self._supp_group_ext,
+        )
+
+    def _proc_path(self, node: InodeData) -> str:
+        return self._proc_prefix + str(node.fd)
 
     def _reopen(self, node: InodeData, flags: int) -> int:
         """A real fd for ``node`` (regular file or directory only) via /proc/self/fd."""
@@ -161,8 +244,12 @@ class PassthroughFS(Filesystem):
     # -- session ---------------------------------------------------------
     def init(self, session: SessionInfo) -> None:
         self.session = session
+        self._writeback = bool(session.flags & abi.FUSE_WRITEBACK_CACHE)
+        self._supp_group_ext = bool(session.flags & abi.FUSE_CREATE_SUPP_GROUP)
 
     def destroy(self) -> None:
+        self.locks.interrupt()
+        self.locks.clear()
         self.handles.clear()
         self.inodes.clear()
 
@@ -173,6 +260,11 @@ class PassthroughFS(Filesystem):
         if parent == ROOT_ID and name == b"..":
             name = b"."
         fd = os.open(name, _O_PATH_FLAGS, dir_fd=p.fd)
+        return self._add_entry(p, name, fd)
+
+    def _add_entry(self, p: InodeData, name: bytes, fd: int) -> Entry:
+        """Count one lookup of the O_PATH ``fd`` found as ``name`` in ``p``; takes ``fd``."""
+        parent = p.nodeid
         try:
             st, mnt_id = stat_fd(fd)
             node, taken = self.inodes.add_lookup(
@@ -202,9 +294,9 @@ class PassthroughFS(Filesystem):
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> AttrReply:
         if fh is not None:
             h = self.handles.get(fh, nodeid)
-            return AttrReply(os.stat(h.fd), self._attr_timeout)
+            return AttrReply(self._guest_stat(os.stat(h.fd)), self._attr_timeout)
         node = self._node(nodeid)
-        return AttrReply(os.stat(node.fd), self._attr_timeout)
+        return AttrReply(self._guest_stat(os.stat(node.fd)), self._attr_timeout)
 
     def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
         node = self._node(nodeid)
@@ -247,20 +339,62 @@ class PassthroughFS(Filesystem):
 
     # -- files -----------------------------------------------------------
     def _check_open_flags(self, flags: int) -> None:
-        """Refusals of the read-only share (issue 3 adds the write path)."""
+        """Refusals of the read-only share."""
 
-    def _open(self, nodeid: int, flags: int, cache_flags: int) -> Opened:
+    def _check_write(self) -> None:
+        """Refusal of every change by the read-only share."""
+
+    def _host_flags(self, flags: int) -> int:
+        """open(2) flags for the host from the guest's.
+
+        With the writeback cache the guest kernel reads pages of files opened
+        write-only and computes append offsets itself, so O_WRONLY becomes
+        O_RDWR and O_APPEND is dropped (as the Rust virtiofsd does).  Otherwise
+        O_APPEND stays, so appends from several guests and the host land at the
+        real end of file.
+        """
+        host = flags & (_OPEN_PASS | os.O_APPEND) & ~self._drop_flags
+        if self._writeback:
+            host &= ~os.O_APPEND
+            if host & os.O_ACCMODE == os.O_WRONLY:
+                host = (host & ~os.O_ACCMODE) | os.O_RDWR
+        return host
+
+    def _reopen_flags(self, node: InodeData, flags: int) -> int:
+        """Reopen with ``_host_flags``; a write-only file refused for O_RDWR stays write-only."""
+        host = self._host_flags(flags)
+        try:
+            return self._reopen(node, host)
+        except PermissionError:
+            if flags & os.O_ACCMODE != os.O_WRONLY or host & os.O_ACCMODE != os.O_RDWR:
+                raise
+            return self._reopen(node, (host & ~os.O_ACCMODE) | os.O_WRONLY)
+
+    def _kill_priv(self, kill_suidgid: bool) -> contextlib.AbstractContextManager[object]:
+        """Without CAP_FSETID for the block when the guest asks to kill set-id bits.
+
+        FUSE_HANDLE_KILLPRIV_V2 (--killpriv-v2): the guest tells us when the
+        writer / truncater may not keep setuid/setgid; as root the host kernel
+        would keep them, without CAP_FSETID it clears them itself.
+        """
+        if kill_suidgid and self.config.killpriv_v2:
+            return DropCap(CAP_FSETID)
+        return contextlib.nullcontext()
+
+    def _open(
+        self, nodeid: int, flags: int, cache_flags: int, kill_suidgid: bool = False
+    ) -> Opened:
         self._check_open_flags(flags)
         node = self._node(nodeid)
-        host_flags = flags & _OPEN_PASS & ~self._drop_flags
-        fd = self._reopen(node, host_flags)
+        with self._kill_priv(kill_suidgid and bool(flags & os.O_TRUNC)):
+            fd = self._reopen_flags(node, flags)
         h = self.handles.add(nodeid, fd, flags)
         return Opened(h.fh, cache_flags)
 
-    def open(self, ctx: Context, nodeid: int, flags: int) -> Opened:
+    def open(self, ctx: Context, nodeid: int, flags: int, *, kill_suidgid: bool = False) -> Opened:
         # As the Rust virtiofsd: cache flags follow O_DIRECTORY, not the node type.
         cache = self._dir_open_flags if flags & os.O_DIRECTORY else self._file_open_flags
-        return self._open(nodeid, flags, cache)
+        return self._open(nodeid, flags, cache, kill_suidgid)
 
     def read(
         self, ctx: Context, nodeid: int, fh: int, offset: int, size: int, bufs: list[memoryview]
@@ -275,8 +409,15 @@ class PassthroughFS(Filesystem):
         # close-time work (NFS flush, lock release) happens now.
         h = self.handles.get(fh, nodeid)
         os.close(os.dup(h.fd))
+        self.locks.drop_owner(nodeid, lock_owner)
 
-    def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+    def release(
+        self, ctx: Context, nodeid: int, fh: int, flags: int, *, lock_owner: int | None = None
+    ) -> None:
+        if lock_owner is not None:  # FUSE_RELEASE_FLOCK_UNLOCK
+            h = self.handles.get(fh, nodeid)
+            self.locks.flock(h.fd, fcntl.F_UNLCK, sleep=False)
+            del h
         self.handles.remove(fh, nodeid)
 
     def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
@@ -324,34 +465,453 @@ class PassthroughFS(Filesystem):
         self.handles.remove(fh, nodeid)
 
     # -- extended attributes --------------------------------------------
-    def _xattr_path(self, nodeid: int, name: bytes | None) -> tuple[str, InodeData]:
+    def _xattr_path(self, nodeid: int) -> tuple[str, InodeData]:
         if not self.config.xattr:
             raise _err(errno.ENOSYS, "xattr support is off")
-        if name is not None and (not name or b"\0" in name):
-            raise _err(errno.EINVAL, f"invalid xattr name {name!r}")
         node = self._node(nodeid)
         # f*xattr() refuse O_PATH fds; the /proc/self/fd/N magic link names
         # the inode itself (a symlink's own xattrs, a device node's without
         # opening it), so one path call serves every file type.
-        return self._proc_prefix + str(node.fd), node
+        return self._proc_path(node), node
+
+    def _host_xattr_name(self, name: bytes) -> bytes:
+        """The host name of a guest xattr name (--xattrmap; ACLs need --posix-acl)."""
+        if not name or b"\0" in name:
+            raise _err(errno.EINVAL, f"invalid xattr name {name!r}")
+        if not self.config.posix_acl and name in _ACL_NAMES:
+            raise _err(errno.ENOTSUP, "POSIX ACLs are off (--posix-acl)")
+        xmap = self.config.xattrmap
+        return xmap.to_host(name) if xmap is not None else name
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
-        path, node = self._xattr_path(nodeid, name)
-        value = os.getxattr(path, name)
+        path, node = self._xattr_path(nodeid)
+        try:
+            host_name = self._host_xattr_name(name)
+        except PermissionError:  # a "bad" name reads as absent (Rust virtiofsd)
+            raise _err(errno.ENODATA, f"xattr {name!r}") from None
+        value = os.getxattr(path, host_name)
         del node
         return value
 
     def listxattr(self, ctx: Context, nodeid: int) -> bytes:
-        path, node = self._xattr_path(nodeid, None)
-        names = os.listxattr(path)
+        path, node = self._xattr_path(nodeid)
+        names = [os.fsencode(n) for n in os.listxattr(path)]
         del node
-        return b"".join(os.fsencode(n) + b"\0" for n in names)
+        if not self.config.posix_acl:
+            names = [n for n in names if n not in _ACL_NAMES]
+        xmap = self.config.xattrmap
+        if xmap is not None:
+            names = [g for g in map(xmap.to_guest, names) if g is not None]
+        return b"".join(n + b"\0" for n in names)
+
+    def setxattr(
+        self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
+    ) -> None:
+        path, node = self._xattr_path(nodeid)
+        self._check_write()
+        host_name = self._host_xattr_name(name)
+        os.setxattr(path, host_name, value, flags)
+        if (
+            setxattr_flags & abi.FUSE_SETXATTR_ACL_KILL_SGID
+            and host_name == b"system.posix_acl_access"
+        ):
+            # The guest decided the caller may not keep S_ISGID (not in the
+            # group, no CAP_FSETID); as root the host kernel would keep it.
+            mode = os.stat(node.fd).st_mode
+            if mode & stat.S_ISGID:
+                os.chmod(path, stat.S_IMODE(mode) & ~stat.S_ISGID)
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        path, node = self._xattr_path(nodeid)
+        self._check_write()
+        os.removexattr(path, self._host_xattr_name(name))
+        del node
+
+    # -- changing the tree ------------------------------------------------------------
+    def _set_security_ctx(self, ctx: Context, path: str) -> None:
+        """Label a node the guest just created (FUSE_SECURITY_CTX, --security-label)."""
+        if ctx.security_ctx is None:
+            return
+        name, value = ctx.security_ctx
+        xmap = self.config.xattrmap
+        os.setxattr(path, xmap.to_host(name) if xmap is not None else name, value)
+
+    def _new_node(self, ctx: Context, p: InodeData, name: bytes, rmflags: int = 0) -> Entry:
+        """Label and look up the node just created as ``name`` in ``p`` (as the daemon).
+
+        If labelling fails the node is removed again (``rmflags`` for unlinkat)
+        and the request fails, as the Rust virtiofsd does.
+        """
+        fd = os.open(name, _O_PATH_FLAGS, dir_fd=p.fd)
+        try:
+            self._set_security_ctx(ctx, self._proc_prefix + str(fd))
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(p.fd, name, rmflags)
+            raise
+        return self._add_entry(p, name, fd)
+
+    def _handle_entry(self, p: InodeData, name: bytes, fd: int, flags: int) -> tuple[Entry, Opened]:
+        """Entry and handle for the open file ``fd`` (takes ``fd``)."""
+        try:
+            path_fd = os.open(str(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd)
+            entry = self._add_entry(p, name, path_fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        h = self.handles.add(entry.nodeid, fd, flags)
+        return entry, Opened(h.fh, self._file_open_flags)
+
+    def create(
+        self,
+        ctx: Context,
+        parent: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        umask: int,
+        *,
+        kill_suidgid: bool = False,
+    ) -> tuple[Entry, Opened]:
+        """CREATE: a new regular file, opened (O_CREAT | O_EXCL on the host).
+
+        If the name exists and the guest did not ask for O_EXCL (its dentry
+        cache was stale), the existing file is opened instead -- if it is a
+        regular file: a fifo, socket or device node is never opened
+        (CVE-2020-35517).
+        """
+        self._check_write()
+        check_name(name)
+        p = self._node(parent)
+        host = self._host_flags(flags) & ~os.O_TRUNC
+        with self._creds(ctx), Umask(umask) as um:
+            try:
+                fd = os.open(
+                    name,
+                    host | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    um.mode(stat.S_IMODE(mode)),
+                    dir_fd=p.fd,
+                )
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                with self._kill_priv(kill_suidgid and bool(flags & os.O_TRUNC)):
+                    fd = self._open_existing(p, name, flags)
+                return self._handle_entry(p, name, fd, flags)
+        try:
+            self._set_security_ctx(ctx, self._proc_prefix + str(fd))
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(p.fd, name, 0)
+            raise
+        return self._handle_entry(p, name, fd, flags)
+
+    def _open_existing(self, p: InodeData, name: bytes, flags: int) -> int:
+        path_fd = os.open(name, _O_PATH_FLAGS, dir_fd=p.fd)
+        try:
+            mode = os.stat(path_fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise _err(errno.EISDIR, f"{name!r} is a directory")
+            if not stat.S_ISREG(mode):
+                raise _err(errno.EEXIST, f"{name!r} exists and is not a regular file")
+            host = self._host_flags(flags) | os.O_CLOEXEC
+            return os.open(str(path_fd), host, dir_fd=self._proc_fd)
+        finally:
+            os.close(path_fd)
+
+    def mknod(
+        self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
+    ) -> Entry:
+        """Regular files, fifos, sockets; device nodes where the host lets the caller."""
+        self._check_write()
+        check_name(name)
+        fmt = stat.S_IFMT(mode) or stat.S_IFREG
+        if fmt not in _CREATE_TYPES:
+            raise _err(errno.EINVAL, f"mknod of file type {fmt:o}")
+        p = self._node(parent)
+        with self._creds(ctx), Umask(umask) as um:
+            os.mknod(name, fmt | um.mode(stat.S_IMODE(mode)), rdev, dir_fd=p.fd)
+        return self._new_node(ctx, p, name)
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        self._check_write()
+        check_name(name)
+        p = self._node(parent)
+        with self._creds(ctx), Umask(umask) as um:
+            os.mkdir(name, um.mode(stat.S_IMODE(mode)), dir_fd=p.fd)
+        return self._new_node(ctx, p, name, _AT_REMOVEDIR)
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        self._check_write()
+        check_name(name)
+        if not target or b"\0" in target:
+            raise _err(errno.ENOENT if not target else errno.EINVAL, "symlink target")
+        p = self._node(parent)
+        with self._creds(ctx):
+            os.symlink(target, name, dir_fd=p.fd)
+        return self._new_node(ctx, p, name)
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        """A hard link to the node (any type) through its /proc/self/fd magic link."""
+        self._check_write()
+        check_name(newname)
+        node = self._node(nodeid)
+        np = self._node(newparent)
+        os.link(self._proc_path(node), newname, dst_dir_fd=np.fd, follow_symlinks=True)
+        return self._add_entry(np, newname, os.open(newname, _O_PATH_FLAGS, dir_fd=np.fd))
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        self._check_write()
+        check_name(name)
+        p = self._node(parent)
+        os.unlink(name, dir_fd=p.fd)
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        self._check_write()
+        check_name(name)
+        p = self._node(parent)
+        os.rmdir(name, dir_fd=p.fd)
+
+    def rename(
+        self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes, flags: int
+    ) -> None:
+        """RENAME / RENAME2 (renameat2(2) flags NOREPLACE, EXCHANGE, WHITEOUT)."""
+        self._check_write()
+        check_name(name)
+        check_name(newname)
+        if flags & ~_RENAME_FLAGS:
+            raise _err(errno.EINVAL, f"rename flags {flags:#x}")
+        p = self._node(parent)
+        np = self._node(newparent)
+        if flags:
+            # WHITEOUT creates a character device (0/0): only as the host allows.
+            linux.renameat2(p.fd, name, np.fd, newname, flags)
+        else:
+            os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=np.fd)
+
+    def tmpfile(
+        self, ctx: Context, parent: int, mode: int, flags: int, umask: int
+    ) -> tuple[Entry, Opened]:
+        """TMPFILE: an unnamed regular file in ``parent`` (O_TMPFILE), opened."""
+        self._check_write()
+        p = self._node(parent)
+        host = self._host_flags(flags) & ~(os.O_TRUNC | os.O_APPEND)
+        if host & os.O_ACCMODE == os.O_RDONLY:
+            raise _err(errno.EINVAL, "O_TMPFILE needs write access")
+        with self._creds(ctx), Umask(umask) as um:
+            fd = os.open(
+                ".", host | os.O_TMPFILE | os.O_CLOEXEC, um.mode(stat.S_IMODE(mode)), dir_fd=p.fd
+            )
+        return self._handle_entry(p, b"", fd, flags)
+
+    # -- changing files -----------------------------------------------------------------
+    def setattr(self, ctx: Context, nodeid: int, attr: SetAttr) -> AttrReply:
+        """SETATTR: through the open handle when the guest names one, else the inode.
+
+        Without a handle nothing is ever opened: chmod/truncate/utimensat go
+        through the /proc/self/fd magic link (which acts on a symlink itself),
+        chown through fchownat(AT_EMPTY_PATH) -- so a device node or fifo is
+        never opened (CVE-2020-35517).  truncate(2) refuses non-regular files.
+        """
+        self._check_write()
+        node = self._node(nodeid)
+        v = attr.valid
+        fd = -1
+        h: HandleData | None = None
+        if attr.fh is not None and v & abi.FATTR_FH:
+            h = self.handles.get(attr.fh, nodeid)
+            fd = h.fd
+        path = self._proc_path(node)
+        kill = attr.kill_suidgid and self.config.killpriv_v2
+        if v & abi.FATTR_MODE:
+            if fd >= 0:
+                os.fchmod(fd, stat.S_IMODE(attr.mode))
+            else:
+                os.chmod(path, stat.S_IMODE(attr.mode))
+        if v & (abi.FATTR_UID | abi.FATTR_GID):
+            uid = self._host_uid(attr.uid) if v & abi.FATTR_UID else -1
+            gid = self._host_gid(attr.gid) if v & abi.FATTR_GID else -1
+            linux.fchown_empty(node.fd, uid, gid)
+        if v & abi.FATTR_SIZE:
+            if not stat.S_ISREG(node.mode):
+                code = errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EINVAL
+                raise _err(code, "truncate of a file that is not regular")
+            with DropCap(CAP_FSETID) if kill else contextlib.nullcontext():
+                if fd >= 0:
+                    os.ftruncate(fd, attr.size)
+                else:
+                    os.truncate(path, attr.size)
+        if v & _TIME_BITS:
+            linux.utimens(
+                fd if fd >= 0 else self._proc_fd,
+                None if fd >= 0 else str(node.fd).encode(),
+                attr.atime_ns if v & abi.FATTR_ATIME else None,
+                attr.mtime_ns if v & abi.FATTR_MTIME else None,
+                atime_now=bool(v & abi.FATTR_ATIME_NOW),
+                mtime_now=bool(v & abi.FATTR_MTIME_NOW),
+            )
+        # FATTR_CTIME: the host sets ctime itself on every change above.
+        st = os.stat(fd) if fd >= 0 else os.stat(node.fd)
+        del h
+        return AttrReply(self._guest_stat(st), self._attr_timeout)
+
+    def write(
+        self,
+        ctx: Context,
+        nodeid: int,
+        fh: int,
+        offset: int,
+        bufs: list[memoryview],
+        write_flags: int,
+    ) -> int:
+        """pwritev straight from guest memory; the host fd's O_APPEND appends.
+
+        FUSE_WRITE_KILL_SUIDGID (with --killpriv-v2): the writer may not keep
+        setuid/setgid, so the write runs without CAP_FSETID and the host kernel
+        clears them.
+        """
+        self._check_write()
+        h = self.handles.get(fh, nodeid)
+        if not bufs:
+            return 0
+        if write_flags & abi.FUSE_WRITE_KILL_SUIDGID and self.config.killpriv_v2:
+            with DropCap(CAP_FSETID):
+                return os.pwritev(h.fd, bufs, offset)
+        return os.pwritev(h.fd, bufs, offset)
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        h = self.handles.get(fh, nodeid)
+        (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        self.fsync(ctx, nodeid, fh, datasync)
+
+    def fallocate(
+        self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int, length: int
+    ) -> None:
+        self._check_write()
+        h = self.handles.get(fh, nodeid)
+        linux.fallocate(h.fd, mode, offset, length)
+
+    def copy_file_range(
+        self,
+        ctx: Context,
+        nodeid_in: int,
+        fh_in: int,
+        off_in: int,
+        nodeid_out: int,
+        fh_out: int,
+        off_out: int,
+        length: int,
+        flags: int,
+    ) -> int:
+        self._check_write()
+        if flags:
+            raise _err(errno.EINVAL, "copy_file_range flags must be 0")
+        src = self.handles.get(fh_in, nodeid_in)
+        dst = self.handles.get(fh_out, nodeid_out)
+        return os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        node = self._node(nodeid)
+        # syncfs(2) refuses O_PATH fds; a fifo or device is never opened, so
+        # those sync the filesystem of the share's root.
+        target = node if stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode) else self.inodes.root
+        fd = self._reopen(target, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            linux.syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, flags: int, mask: int) -> StatxReply:
+        if fh is not None:
+            h = self.handles.get(fh, nodeid)
+            fields = linux.statx_fields(h.fd, flags, mask)
+        else:
+            node = self._node(nodeid)
+            fields = linux.statx_fields(node.fd, flags, mask)
+        if self._uid_map is not None:
+            fields["uid"] = self._uid_map.to_guest(fields["uid"])
+        if self._gid_map is not None:
+            fields["gid"] = self._gid_map.to_guest(fields["gid"])
+        return StatxReply(fields, self._attr_timeout)
+
+    def ioctl(
+        self,
+        ctx: Context,
+        nodeid: int,
+        fh: int,
+        flags: int,
+        cmd: int,
+        arg: int,
+        in_data: bytes,
+        out_size: int,
+    ) -> tuple[int, bytes]:
+        """FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (chattr/lsattr) only; ENOTTY otherwise.
+
+        SETFLAGS runs under the caller's credentials: the guest kernel checks
+        nothing for a FUSE ioctl, the host checks ownership and
+        CAP_LINUX_IMMUTABLE.
+        """
+        h = self.handles.get(fh, nodeid)
+        if cmd in _FS_IOC_GETFLAGS:
+            buf = fcntl.ioctl(h.fd, cmd, bytes(4))
+            return 0, bytes(buf[:4])
+        if cmd in _FS_IOC_SETFLAGS:
+            self._check_write()
+            if len(in_data) < 4:
+                raise _err(errno.EINVAL, "FS_IOC_SETFLAGS needs an int")
+            with self._creds(ctx):
+                fcntl.ioctl(h.fd, cmd, in_data[:4])
+            return 0, b""
+        raise _err(errno.ENOTTY, f"ioctl {cmd:#x}")
+
+    # -- locks ----------------------------------------------------------------------------
+    def _owner_fd(self, node: InodeData, h: HandleData, owner: int) -> int:
+        accmode = h.flags & os.O_ACCMODE
+        if stat.S_ISDIR(node.mode):
+            accmode = os.O_RDONLY
+        o = self.locks.owner_fd(
+            node.nodeid, owner, accmode, lambda mode: self._reopen(node, mode | os.O_NONBLOCK)
+        )
+        return o.fd
+
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: Lock) -> Lock:
+        h = self.handles.get(fh, nodeid)
+        node = self._node(nodeid)
+        return self.locks.getlk(self._owner_fd(node, h, owner), lock)
+
+    def setlk(
+        self,
+        ctx: Context,
+        nodeid: int,
+        fh: int,
+        owner: int,
+        lock: Lock,
+        *,
+        sleep: bool,
+        flock: bool,
+    ) -> None:
+        h = self.handles.get(fh, nodeid)
+        if flock:
+            self.locks.flock(h.fd, lock.type, sleep=sleep)
+            return
+        node = self._node(nodeid)
+        if lock.type == fcntl.F_UNLCK and (nodeid, owner) not in self.locks:
+            return  # nothing held: do not open an OFD just to unlock it
+        self.locks.setlk(self._owner_fd(node, h, owner), lock, sleep=sleep)
+
+    def interrupt_waits(self) -> None:
+        self.locks.interrupt()
 
 
 class ReadOnlyPassthroughFS(PassthroughFS):
     """``--readonly``: every request that could change the share gets EROFS."""
 
     readonly = True
+
+    def _check_write(self) -> None:
+        raise _err(errno.EROFS, "read-only share")
 
     def _check_open_flags(self, flags: int) -> None:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (

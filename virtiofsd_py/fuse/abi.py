@@ -285,6 +285,11 @@ FUSE_EXPIRE_ONLY: Final = 1 << 0
 FUSE_SETUPMAPPING_FLAG_WRITE: Final = 1 << 0
 FUSE_SETUPMAPPING_FLAG_READ: Final = 1 << 1
 
+# -- fuse_rename2_in.flags: renameat2(2) flags (include/uapi/linux/fs.h) ------
+RENAME_NOREPLACE: Final = 1 << 0
+RENAME_EXCHANGE: Final = 1 << 1
+RENAME_WHITEOUT: Final = 1 << 2
+
 # -- request extensions (7.38: fuse_in_header.total_extlen, in 8-byte units) --
 #: ``fuse_ext_header.type`` values 0..31 are security-context headers
 #: (``fuse_secctx_header.nr_secctx``, which shares the layout).
@@ -335,6 +340,14 @@ KSTATFS_FIELDS: Final = (
 FILE_LOCK = struct.Struct("<" + _FILE_LOCK)  # start, end, type, pid
 SX_TIME = struct.Struct("<" + _SX_TIME)  # tv_sec, tv_nsec, reserved
 STATX = struct.Struct("<" + _STATX)
+STATX_FIELDS: Final = (
+    "mask", "blksize", "attributes", "nlink", "uid", "gid", "mode", "spare0", "ino", "size",
+    "blocks", "attributes_mask",
+    *(f"{t}_{part}" for t in ("atime", "btime", "ctime", "mtime")
+      for part in ("sec", "nsec", "reserved")),
+    "rdev_major", "rdev_minor", "dev_major", "dev_minor",
+    *(f"spare2_{i}" for i in range(14)),
+)  # fmt: skip
 
 ENTRY_OUT = struct.Struct("<" + _ENTRY_OUT)
 ENTRY_OUT_FIELDS: Final = (
@@ -349,6 +362,8 @@ ATTR_OUT = struct.Struct("<QII" + _ATTR)  # attr_valid, attr_valid_nsec, dummy, 
 ATTR_OUT_FIELDS: Final = ("attr_valid", "attr_valid_nsec", "dummy", *ATTR_FIELDS)
 STATX_IN = struct.Struct("<IIQII")  # getattr_flags, reserved, fh, sx_flags, sx_mask
 STATX_OUT = struct.Struct("<QIIQQ" + _STATX)  # attr_valid, nsec, flags, spare[2], statx
+STATX_OUT_FIELDS: Final = ("attr_valid", "attr_valid_nsec", "flags", "spare0", "spare1",
+                           *STATX_FIELDS)  # fmt: skip
 MKNOD_IN = struct.Struct("<IIII")  # mode, rdev, umask, padding
 MKDIR_IN = struct.Struct("<II")  # mode, umask
 RENAME_IN = struct.Struct("<Q")  # newdir

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, NamedTuple
 
 from virtiofsd_py.fs.base import Entry
 
@@ -49,14 +49,28 @@ def parse_in_header(readable: Buffers) -> tuple[int, int, int, int, int, int, in
     return abi.IN_HEADER.unpack_from(iov.view(readable, 0, IN_HEADER_SIZE))
 
 
-def parse_extensions(ext: memoryview) -> tuple[int, ...]:
+class Extensions(NamedTuple):
+    """What the request extensions carried (fuse.h 7.38, ``fuse_ext_header``)."""
+
+    #: Supplementary groups of the caller (``FUSE_EXT_GROUPS``), else empty.
+    groups: tuple[int, ...] = ()
+    #: (xattr name, value) of the first security context (types 0..31), else None.
+    secctx: tuple[bytes, bytes] | None = None
+
+
+NO_EXTENSIONS: Final = Extensions()
+
+
+def parse_extensions(ext: memoryview) -> Extensions:
     """Walk the request extensions (fuse.h 7.38, ``fuse_ext_header``).
 
-    Returns the supplementary groups of a ``FUSE_EXT_GROUPS`` extension
-    (empty if none).  Security contexts (types 0..31) and unknown types are
-    skipped; they never reach the operation's arguments.
+    Returns the supplementary groups of a ``FUSE_EXT_GROUPS`` extension and
+    the security context of a ``fuse_secctx_header`` (whose ``nr_secctx`` is
+    the extension type, 0..31).  Unknown types are skipped; no extension
+    ever reaches the operation's arguments.
     """
     groups: tuple[int, ...] = ()
+    secctx: tuple[bytes, bytes] | None = None
     pos = 0
     end = len(ext)
     hdr = abi.EXT_HEADER
@@ -66,16 +80,46 @@ def parse_extensions(ext: memoryview) -> tuple[int, ...]:
         size, etype = hdr.unpack_from(ext, pos)
         if size < hdr.size or size > end - pos:
             raise Malformed(f"extension size {size} out of bounds")
+        body = pos + hdr.size
         if etype == abi.FUSE_EXT_GROUPS:
-            body = pos + hdr.size
             if size - hdr.size < abi.SUPP_GROUPS.size:
                 raise Malformed("truncated supplementary groups extension")
             (nr,) = abi.SUPP_GROUPS.unpack_from(ext, body)
             if nr > (size - hdr.size - abi.SUPP_GROUPS.size) // 4:
                 raise Malformed(f"supplementary groups count {nr} exceeds extension")
             groups = struct.unpack_from(f"<{nr}I", ext, body + abi.SUPP_GROUPS.size)
+        elif etype <= abi.FUSE_MAX_NR_SECCTX:
+            secctx = parse_secctx(ext[body : pos + size], etype)
         pos += (size + 7) & ~7
-    return groups
+    return Extensions(groups, secctx)
+
+
+def parse_secctx(body: memoryview, nr: int) -> tuple[bytes, bytes] | None:
+    """The first of ``nr`` security contexts in ``body`` (after ``fuse_secctx_header``).
+
+    Each is ``fuse_secctx`` (u32 size, u32 padding), a NUL-terminated xattr
+    name, then ``size`` bytes of context (Linux fs/fuse/dir.c lays them out
+    so; today it sends at most one).  Zero contexts means no LSM labels nodes.
+    """
+    first: tuple[bytes, bytes] | None = None
+    pos = 0
+    data = bytes(body)
+    for _ in range(nr):
+        if len(data) - pos < abi.SECCTX.size:
+            raise Malformed("truncated fuse_secctx")
+        (ctxlen, _) = abi.SECCTX.unpack_from(data, pos)
+        pos += abi.SECCTX.size
+        nul = data.find(b"\0", pos)
+        if nul <= pos:
+            raise Malformed("security context name missing or not NUL-terminated")
+        name = data[pos:nul]
+        pos = nul + 1
+        if ctxlen == 0 or ctxlen > len(data) - pos:
+            raise Malformed(f"security context size {ctxlen} out of bounds")
+        if first is None:
+            first = (name, data[pos : pos + ctxlen])
+        pos += ctxlen
+    return first
 
 
 def parse_name(args: memoryview, off: int = 0) -> tuple[bytes, int]:
@@ -94,6 +138,22 @@ def parse_name(args: memoryview, off: int = 0) -> tuple[bytes, int]:
     if b"/" in name:
         raise Malformed("name contains '/'")
     return name, off + nul + 1
+
+
+def parse_two_names(args: memoryview, off: int = 0) -> tuple[bytes, bytes, int]:
+    """Two NUL-terminated path components in a row (RENAME, RENAME2)."""
+    first, off = parse_name(args, off)
+    second, off = parse_name(args, off)
+    return first, second, off
+
+
+def parse_cstring(args: memoryview, off: int = 0) -> tuple[bytes, int]:
+    """Any NUL-terminated byte string (a symlink target, TMPFILE's "/" name)."""
+    data = bytes(args[off:])
+    nul = data.find(b"\0")
+    if nul < 0:
+        raise Malformed("string is not NUL-terminated")
+    return data[:nul], off + nul + 1
 
 
 def parse_xattr_name(args: memoryview, off: int = 0) -> tuple[bytes, int]:
@@ -171,6 +231,31 @@ def entry_values(entry: Entry) -> tuple[int, ...]:
 
 
 ZERO_ENTRY: Final = (0,) * len(abi.ENTRY_OUT_FIELDS)
+
+
+def statx_values(f: dict[str, int]) -> tuple[int, ...]:
+    """``StatxReply.fields`` -> the ``fuse_statx`` fields in ``abi.STATX_FIELDS`` order.
+
+    Missing names are 0; each value is wrapped to its field's width and sign.
+    """
+    get = f.get
+    out = []
+    for name, mask, sign in _STATX_CONV:
+        v = get(name, 0) & mask
+        out.append(v - (sign << 1) if v & sign else v)
+    return tuple(out)
+
+
+#: struct code -> (mask, sign bit or 0 for unsigned)
+_CONV: Final = {
+    "H": (0xFFFF, 0), "I": (_U32, 0), "Q": (_U64, 0), "i": (_U32, 1 << 31), "q": (_U64, 1 << 63),
+}  # fmt: skip
+_STATX_CONV: Final = tuple(
+    (name, *_CONV[code])
+    for name, code in zip(
+        abi.STATX_FIELDS, abi.STATX.format.lstrip("<").replace("14Q", "Q" * 14), strict=True
+    )
+)
 
 
 def statfs_values(sv: os.statvfs_result) -> tuple[int, ...]:
@@ -252,6 +337,18 @@ def write_struct(writable: Buffers, unique: int, body: struct.Struct, *values: i
         body.pack_into(win, 0, *values)
     else:
         iov.scatter(writable, OUT_HEADER_SIZE, body.pack(*values))
+    return total
+
+
+def write_struct_bytes(
+    writable: Buffers, unique: int, body: struct.Struct, values: Sequence[int], data: bytes
+) -> int:
+    """A success reply of one struct followed by raw bytes (IOCTL's out data)."""
+    total = OUT_HEADER_SIZE + body.size + len(data)
+    if iov.total_len(writable) < total:
+        raise ReplyTooLarge(f"reply needs {total} bytes")
+    write_header(writable, unique, 0, total)
+    iov.scatter(writable, OUT_HEADER_SIZE, body.pack(*values) + data)
     return total
 
 

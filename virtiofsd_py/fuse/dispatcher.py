@@ -16,7 +16,9 @@ calling ``handle`` read it without locking; ``export_session`` /
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import struct
 import threading
@@ -24,7 +26,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
-from virtiofsd_py.fs.base import Context, Filesystem, SessionInfo
+from virtiofsd_py.fs.base import (
+    AttrReply,
+    Context,
+    Entry,
+    Filesystem,
+    Lock,
+    Opened,
+    SessionInfo,
+    SetAttr,
+)
 
 from . import abi, codec, iov
 from .codec import Malformed, ReplyTooLarge
@@ -37,9 +48,9 @@ OUR_MAX_MINOR: Final = 41
 #: Oldest minor accepted, as the Rust virtiofsd (older kernels lack virtiofs).
 MIN_MINOR: Final = 27
 
-#: INIT flags offered by default: those the Rust virtiofsd 1.13 offers for a
-#: passthrough share, minus ALLOW_IDMAP (needs id-mapping in the backend).
-#: No POSIX_LOCKS / FLOCK_LOCKS: locks stay guest-local until implemented.
+#: INIT flags always offered: those the Rust virtiofsd 1.13 offers for a
+#: passthrough share, minus ALLOW_IDMAP (needs id-mapping in the backend) and
+#: SUBMOUNTS (a ``FuseConfig`` knob).  ``FuseConfig`` adds the optional ones.
 DEFAULT_INIT_FLAGS: Final = (
     abi.FUSE_ASYNC_READ
     | abi.FUSE_PARALLEL_DIROPS
@@ -49,7 +60,6 @@ DEFAULT_INIT_FLAGS: Final = (
     | abi.FUSE_HAS_IOCTL_DIR
     | abi.FUSE_ATOMIC_O_TRUNC
     | abi.FUSE_MAX_PAGES
-    | abi.FUSE_SUBMOUNTS
     | abi.FUSE_INIT_EXT
     | abi.FUSE_CREATE_SUPP_GROUP
 )
@@ -62,20 +72,52 @@ _OPCODE = struct.Struct("<I")
 _HDR: Final = codec.IN_HEADER_SIZE
 _OUT: Final = codec.OUT_HEADER_SIZE
 _S64_MAX: Final = (1 << 63) - 1
+_S32_MIN: Final = -(1 << 31)
+_S32_MAX: Final = (1 << 31) - 1
+_U32_MAX: Final = 0xFFFF_FFFF
+_NS: Final = 1_000_000_000
+_RENAME_FLAGS: Final = abi.RENAME_NOREPLACE | abi.RENAME_EXCHANGE | abi.RENAME_WHITEOUT
+#: The lock types of fuse_file_lock are the kernel's F_RDLCK/F_WRLCK/F_UNLCK,
+#: the same numbers as the host's (virtio-fs guests share the host's arch).
+_LOCK_TYPES: Final = frozenset({fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK})
+#: fuse_create_in + name reply: fuse_entry_out then fuse_open_out.
+_ENTRY_OPEN_OUT: Final = struct.Struct(abi.ENTRY_OUT.format + abi.OPEN_OUT.format.lstrip("<"))
 
 
 @dataclass(slots=True)
 class FuseConfig:
-    """What the daemon is willing to offer in FUSE_INIT, and request limits."""
+    """What the daemon is willing to offer in FUSE_INIT, and request limits.
+
+    The boolean knobs are the CLI options of the same names (``--writeback``,
+    ``--killpriv-v2``, ``--posix-acl``, ``--security-label``, ``--allow-mmap``,
+    ``--announce-submounts``); each adds INIT flags the guest may accept.
+    """
 
     max_write: int = 1 << 20
     max_pages: int = 256
     #: Cap on one READ's size (the guest also caps it by its mount options).
     max_read: int = 1 << 20
-    #: Base INIT flags offered; ``readdirplus``/``writeback`` add their own.
+    #: Base INIT flags offered; the knobs below add their own.
     flags: int = DEFAULT_INIT_FLAGS
     readdirplus: bool = True
+    #: WRITEBACK_CACHE: the guest caches writes and sends them later.
     writeback: bool = False
+    #: POSIX_LOCKS: fcntl() record locks go to the backend (host OFD locks,
+    #: visible to host processes) instead of staying guest-local.
+    posix_locks: bool = True
+    #: FLOCK_LOCKS: flock() locks go to the backend likewise.
+    flock_locks: bool = True
+    #: HANDLE_KILLPRIV_V2: the backend clears set-id bits on write/truncate/chown.
+    killpriv_v2: bool = False
+    #: POSIX_ACL with DONT_MASK (the backend applies umask or default ACLs) and
+    #: SETXATTR_EXT (ACL_KILL_SGID), as the Rust virtiofsd's --posix-acl.
+    posix_acl: bool = False
+    #: SECURITY_CTX: new nodes carry the guest's LSM label (Context.security_ctx).
+    security_label: bool = False
+    #: DIRECT_IO_ALLOW_MMAP: shared mmap of files opened with FOPEN_DIRECT_IO.
+    allow_mmap: bool = False
+    #: SUBMOUNTS: the guest may honour FUSE_ATTR_SUBMOUNT on entries.
+    submounts: bool = True
     max_background: int = 0xFFFF
     congestion_threshold: int = 0xFFFF // 4 * 3
     time_gran: int = 1  # nanoseconds: the passthrough backend has ns timestamps
@@ -83,10 +125,19 @@ class FuseConfig:
     def offered_flags(self) -> int:
         """The 64-bit INIT flag word offered to the guest."""
         flags = self.flags
-        if self.readdirplus:
-            flags |= abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO
-        if self.writeback:
-            flags |= abi.FUSE_WRITEBACK_CACHE
+        for on, bits in (
+            (self.readdirplus, abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO),
+            (self.writeback, abi.FUSE_WRITEBACK_CACHE),
+            (self.posix_locks, abi.FUSE_POSIX_LOCKS),
+            (self.flock_locks, abi.FUSE_FLOCK_LOCKS),
+            (self.killpriv_v2, abi.FUSE_HANDLE_KILLPRIV_V2),
+            (self.posix_acl, abi.FUSE_POSIX_ACL | abi.FUSE_DONT_MASK | abi.FUSE_SETXATTR_EXT),
+            (self.security_label, abi.FUSE_SECURITY_CTX),
+            (self.allow_mmap, abi.FUSE_DIRECT_IO_ALLOW_MMAP),
+            (self.submounts, abi.FUSE_SUBMOUNTS),
+        ):
+            if on:
+                flags |= bits
         return flags
 
 
@@ -124,8 +175,8 @@ class Request:
     __slots__ = (
         "args",
         "args_len",
+        "ext",
         "gid",
-        "groups",
         "nodeid",
         "opcode",
         "pid",
@@ -144,7 +195,7 @@ class Request:
         uid: int,
         gid: int,
         pid: int,
-        groups: tuple[int, ...],
+        ext: codec.Extensions,
         readable: Sequence[Any],
         writable: Sequence[Any],
         session: SessionState | None,
@@ -155,23 +206,42 @@ class Request:
         self.uid = uid
         self.gid = gid
         self.pid = pid
-        self.groups = groups
+        self.ext = ext
         self.readable = readable
         self.writable = writable
         self.session = session
         #: The operation's arguments: all of them (ops with names), or just
-        #: the fixed struct (ops with bulk data after it: see ``data``).
+        #: the fixed struct (WRITE, IOCTL: their data is read where it lies).
         self.args: memoryview = memoryview(b"")
         #: Length of the whole argument region (extensions excluded).
         self.args_len = 0
 
     def ctx(self) -> Context:
         """Credentials of the requesting guest process."""
-        return Context(self.uid, self.gid, self.pid, self.groups)
+        return Context(self.uid, self.gid, self.pid, self.ext.groups)
 
-    def data(self, start: int) -> list[memoryview]:
-        """Views of the argument bytes from ``start`` to the end (e.g. WRITE data)."""
-        return iov.slices(self.readable, _HDR + start, self.args_len - start)
+    def creator_ctx(self, umask: int, tail: int) -> tuple[Context, int]:
+        """Context of a request that creates a node, and the umask to pass on.
+
+        The umask is the caller's only with FUSE_DONT_MASK (else the guest
+        kernel applied it already: 0).  The security context arrives as an
+        extension since 7.38; before, the kernel appended it to the
+        arguments, at ``tail`` (fuse.h 7.36 FUSE_SECURITY_CTX).
+        """
+        assert self.session is not None
+        flags = self.session.flags
+        secctx = self.ext.secctx
+        if not flags & abi.FUSE_SECURITY_CTX:
+            secctx = None
+        elif secctx is None and self.session.minor < 38 and tail < len(self.args):
+            secctx = codec.parse_extensions(self.args[tail:]).secctx
+        if not flags & abi.FUSE_DONT_MASK:
+            umask = 0
+            ctx_umask = None
+        else:
+            umask &= 0o777
+            ctx_umask = umask
+        return Context(self.uid, self.gid, self.pid, self.ext.groups, ctx_umask, secctx), umask
 
 
 Handler = Callable[["Dispatcher", Request], int]
@@ -283,9 +353,9 @@ class Dispatcher:
         args_len = hlen - _HDR - ext_bytes
         if args_len < 0:
             raise Malformed(f"len {hlen} too small for header and {ext_bytes} extension bytes")
-        groups: tuple[int, ...] = ()
+        ext = codec.NO_EXTENSIONS
         if ext_bytes:
-            groups = codec.parse_extensions(iov.view(readable, _HDR + args_len, ext_bytes))
+            ext = codec.parse_extensions(iov.view(readable, _HDR + args_len, ext_bytes))
 
         session = self._session
         if session is None and opcode != abi.FUSE_INIT:
@@ -308,7 +378,7 @@ class Dispatcher:
         if args_len < min_args:
             raise Malformed(f"arguments are {args_len} bytes, need {min_args}")
 
-        req = Request(opcode, unique, nodeid, uid, gid, pid, groups, readable, writable, session)
+        req = Request(opcode, unique, nodeid, uid, gid, pid, ext, readable, writable, session)
         req.args_len = args_len
         req.args = iov.view(readable, _HDR, args_len if whole else min_args)
         return handler(self, req)
@@ -423,6 +493,10 @@ class Dispatcher:
         reply = self.fs.getattr(
             req.ctx(), req.nodeid, fh if getattr_flags & abi.FUSE_GETATTR_FH else None
         )
+        return self._attr_reply(req, reply)
+
+    @staticmethod
+    def _attr_reply(req: Request, reply: AttrReply) -> int:
         sec, nsec = codec.timeout_split(reply.timeout)
         return codec.write_struct(
             req.writable, req.unique, abi.ATTR_OUT,
@@ -446,8 +520,11 @@ class Dispatcher:
 
     # -- files ----------------------------------------------------------------------
     def _op_open(self, req: Request) -> int:
-        flags, _ = abi.OPEN_IN.unpack_from(req.args)
-        opened = self.fs.open(req.ctx(), req.nodeid, flags)
+        flags, open_flags = abi.OPEN_IN.unpack_from(req.args)
+        if open_flags & abi.FUSE_OPEN_KILL_SUIDGID:
+            opened = self.fs.open(req.ctx(), req.nodeid, flags, kill_suidgid=True)
+        else:  # backends without HANDLE_KILLPRIV_V2 need not know the keyword
+            opened = self.fs.open(req.ctx(), req.nodeid, flags)
         return codec.write_struct(
             req.writable, req.unique, abi.OPEN_OUT, opened.fh, opened.open_flags, 0
         )
@@ -476,8 +553,12 @@ class Dispatcher:
         return _OUT + got
 
     def _op_release(self, req: Request) -> int:
-        fh, flags, _, _ = abi.RELEASE_IN.unpack_from(req.args)
-        self.fs.release(req.ctx(), req.nodeid, fh, flags)
+        fh, flags, release_flags, lock_owner = abi.RELEASE_IN.unpack_from(req.args)
+        if release_flags & abi.FUSE_RELEASE_FLOCK_UNLOCK:
+            # The file had flock locks: the owner's go with its last close.
+            self.fs.release(req.ctx(), req.nodeid, fh, flags, lock_owner=lock_owner)
+        else:  # backends without FLOCK_LOCKS need not know the keyword
+            self.fs.release(req.ctx(), req.nodeid, fh, flags)
         return codec.write_empty(req.writable, req.unique)
 
     def _op_releasedir(self, req: Request) -> int:
@@ -577,6 +658,284 @@ class Dispatcher:
             raise OSError(errno.ERANGE, "xattr buffer too small")
         return codec.write_bytes(req.writable, req.unique, value)
 
+    # -- creating and removing names -----------------------------------------------------
+    def _entry_reply(self, req: Request, entry: Entry) -> int:
+        try:
+            return codec.write_struct(
+                req.writable, req.unique, abi.ENTRY_OUT, *codec.entry_values(entry)
+            )
+        except BaseException:
+            self.fs.forget(entry.nodeid, 1)  # the guest never learns of it
+            raise
+
+    def _create_reply(self, req: Request, ctx: Context, entry: Entry, opened: Opened) -> int:
+        try:
+            return codec.write_struct(
+                req.writable, req.unique, _ENTRY_OPEN_OUT,
+                *codec.entry_values(entry), opened.fh, opened.open_flags, 0,
+            )  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(OSError):  # the reply's failure is what gets reported
+                self.fs.release(ctx, entry.nodeid, opened.fh, 0)
+            self.fs.forget(entry.nodeid, 1)
+            raise
+
+    def _op_create(self, req: Request) -> int:
+        flags, mode, umask, open_flags = abi.CREATE_IN.unpack_from(req.args)
+        name, tail = codec.parse_name(req.args, abi.CREATE_IN.size)
+        ctx, umask = req.creator_ctx(umask, tail)
+        if open_flags & abi.FUSE_OPEN_KILL_SUIDGID:
+            entry, opened = self.fs.create(
+                ctx, req.nodeid, name, mode, flags, umask, kill_suidgid=True
+            )
+        else:
+            entry, opened = self.fs.create(ctx, req.nodeid, name, mode, flags, umask)
+        return self._create_reply(req, ctx, entry, opened)
+
+    def _op_tmpfile(self, req: Request) -> int:
+        flags, mode, umask, _ = abi.CREATE_IN.unpack_from(req.args)
+        # The kernel sends the dentry name of an O_TMPFILE file, "/": not a component.
+        _, tail = codec.parse_cstring(req.args, abi.CREATE_IN.size)
+        ctx, umask = req.creator_ctx(umask, tail)
+        entry, opened = self.fs.tmpfile(ctx, req.nodeid, mode, flags, umask)
+        return self._create_reply(req, ctx, entry, opened)
+
+    def _op_mknod(self, req: Request) -> int:
+        mode, rdev, umask, _ = abi.MKNOD_IN.unpack_from(req.args)
+        name, tail = codec.parse_name(req.args, abi.MKNOD_IN.size)
+        ctx, umask = req.creator_ctx(umask, tail)
+        return self._entry_reply(req, self.fs.mknod(ctx, req.nodeid, name, mode, rdev, umask))
+
+    def _op_mkdir(self, req: Request) -> int:
+        mode, umask = abi.MKDIR_IN.unpack_from(req.args)
+        name, tail = codec.parse_name(req.args, abi.MKDIR_IN.size)
+        ctx, umask = req.creator_ctx(umask, tail)
+        return self._entry_reply(req, self.fs.mkdir(ctx, req.nodeid, name, mode, umask))
+
+    def _op_symlink(self, req: Request) -> int:
+        # fuse.h: the new entry's name, then the link target, both NUL-terminated.
+        name, off = codec.parse_name(req.args)
+        target, tail = codec.parse_cstring(req.args, off)
+        ctx, _ = req.creator_ctx(0, tail)
+        return self._entry_reply(req, self.fs.symlink(ctx, req.nodeid, name, target))
+
+    def _op_link(self, req: Request) -> int:
+        (oldnodeid,) = abi.LINK_IN.unpack_from(req.args)
+        newname, _ = codec.parse_name(req.args, abi.LINK_IN.size)
+        return self._entry_reply(req, self.fs.link(req.ctx(), oldnodeid, req.nodeid, newname))
+
+    def _op_unlink(self, req: Request) -> int:
+        name, _ = codec.parse_name(req.args)
+        self.fs.unlink(req.ctx(), req.nodeid, name)
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_rmdir(self, req: Request) -> int:
+        name, _ = codec.parse_name(req.args)
+        self.fs.rmdir(req.ctx(), req.nodeid, name)
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_rename(self, req: Request) -> int:
+        (newdir,) = abi.RENAME_IN.unpack_from(req.args)
+        return self._rename(req, newdir, 0, abi.RENAME_IN.size)
+
+    def _op_rename2(self, req: Request) -> int:
+        newdir, flags, _ = abi.RENAME2_IN.unpack_from(req.args)
+        if flags & ~_RENAME_FLAGS:
+            raise OSError(errno.EINVAL, f"unknown rename flags {flags:#x}")  # as renameat2(2)
+        return self._rename(req, newdir, flags, abi.RENAME2_IN.size)
+
+    def _rename(self, req: Request, newdir: int, flags: int, off: int) -> int:
+        name, newname, _ = codec.parse_two_names(req.args, off)
+        self.fs.rename(req.ctx(), req.nodeid, name, newdir, newname, flags)
+        return codec.write_empty(req.writable, req.unique)
+
+    # -- changing files -----------------------------------------------------------------
+    def _op_setattr(self, req: Request) -> int:
+        (valid, _, fh, size, lock_owner, atime, mtime, ctime, atimensec, mtimensec, ctimensec,
+         mode, _, uid, gid, _) = abi.SETATTR_IN.unpack_from(req.args)  # fmt: skip
+        if valid & abi.FATTR_SIZE and size > _S64_MAX:
+            raise OSError(errno.EINVAL, "size out of range")
+        attr = SetAttr(
+            valid=valid,
+            fh=fh if valid & abi.FATTR_FH else None,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            size=size,
+            atime_ns=_time_ns(valid, abi.FATTR_ATIME, abi.FATTR_ATIME_NOW, atime, atimensec),
+            mtime_ns=_time_ns(valid, abi.FATTR_MTIME, abi.FATTR_MTIME_NOW, mtime, mtimensec),
+            ctime_ns=_time_ns(valid, abi.FATTR_CTIME, 0, ctime, ctimensec),
+            lock_owner=lock_owner if valid & abi.FATTR_LOCKOWNER else 0,
+            kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID),
+        )
+        return self._attr_reply(req, self.fs.setattr(req.ctx(), req.nodeid, attr))
+
+    def _op_write(self, req: Request) -> int:
+        fh, offset, size, write_flags, _, _, _ = abi.WRITE_IN.unpack_from(req.args)
+        start = abi.WRITE_IN.size
+        if size > req.args_len - start:
+            raise Malformed(f"size {size} exceeds the {req.args_len - start} data bytes")
+        assert req.session is not None
+        if size > req.session.max_write:
+            raise Malformed(f"size {size} exceeds max_write {req.session.max_write}")
+        if offset > _S64_MAX:
+            raise OSError(errno.EINVAL, "offset out of range")
+        # Zero copy: views of the guest's own buffers go to the backend (pwritev).
+        bufs = iov.slices(req.readable, _HDR + start, size)
+        done = self.fs.write(req.ctx(), req.nodeid, fh, offset, bufs, write_flags)
+        if type(done) is not int or not 0 <= done <= size:
+            raise RuntimeError(f"backend write returned {done!r} for a {size}-byte request")
+        return codec.write_struct(req.writable, req.unique, abi.WRITE_OUT, done, 0)
+
+    def _op_fsync(self, req: Request) -> int:
+        fh, fsync_flags, _ = abi.FSYNC_IN.unpack_from(req.args)
+        datasync = bool(fsync_flags & abi.FUSE_FSYNC_FDATASYNC)
+        self.fs.fsync(req.ctx(), req.nodeid, fh, datasync)
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_fsyncdir(self, req: Request) -> int:
+        fh, fsync_flags, _ = abi.FSYNC_IN.unpack_from(req.args)
+        datasync = bool(fsync_flags & abi.FUSE_FSYNC_FDATASYNC)
+        self.fs.fsyncdir(req.ctx(), req.nodeid, fh, datasync)
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_fallocate(self, req: Request) -> int:
+        fh, offset, length, mode, _ = abi.FALLOCATE_IN.unpack_from(req.args)
+        if offset > _S64_MAX or length > _S64_MAX:
+            raise OSError(errno.EINVAL, "offset or length out of range")
+        self.fs.fallocate(req.ctx(), req.nodeid, fh, mode, offset, length)
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_copy_file_range(self, req: Request) -> int:
+        (fh_in, off_in, nodeid_out, fh_out, off_out, length,
+         flags) = abi.COPY_FILE_RANGE_IN.unpack_from(req.args)  # fmt: skip
+        if off_in > _S64_MAX or off_out > _S64_MAX:
+            raise OSError(errno.EINVAL, "offset out of range")
+        # fuse_write_out.size is 32 bits (COPY_FILE_RANGE_64 is 7.45, beyond
+        # OUR_MAX_MINOR); Linux caps len so too.
+        length = min(length, _U32_MAX)
+        done = self.fs.copy_file_range(
+            req.ctx(), req.nodeid, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags
+        )
+        if type(done) is not int or not 0 <= done <= length:
+            raise RuntimeError(f"backend copy_file_range returned {done!r} for {length} bytes")
+        return codec.write_struct(req.writable, req.unique, abi.WRITE_OUT, done, 0)
+
+    def _op_syncfs(self, req: Request) -> int:
+        self.fs.syncfs(req.ctx(), req.nodeid)
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_statx(self, req: Request) -> int:
+        getattr_flags, _, fh, sx_flags, sx_mask = abi.STATX_IN.unpack_from(req.args)
+        reply = self.fs.statx(
+            req.ctx(), req.nodeid,
+            fh if getattr_flags & abi.FUSE_GETATTR_FH else None, sx_flags, sx_mask,
+        )  # fmt: skip
+        sec, nsec = codec.timeout_split(reply.timeout)
+        return codec.write_struct(
+            req.writable, req.unique, abi.STATX_OUT,
+            sec, nsec, reply.attr_flags & _U32_MAX, 0, 0, *codec.statx_values(reply.fields),
+        )  # fmt: skip
+
+    def _op_ioctl(self, req: Request) -> int:
+        fh, flags, cmd, arg, in_size, out_size = abi.IOCTL_IN.unpack_from(req.args)
+        if flags & abi.FUSE_IOCTL_UNRESTRICTED:
+            # Only CUSE sends unrestricted ioctls (their buffers need RETRY
+            # round trips into guest memory); refused as the C virtiofsd does.
+            raise OSError(errno.ENOSYS, "unrestricted ioctl")
+        start = abi.IOCTL_IN.size
+        if in_size > req.args_len - start:
+            raise Malformed(f"in_size {in_size} exceeds the {req.args_len - start} data bytes")
+        room = iov.total_len(req.writable) - _OUT - abi.IOCTL_OUT.size
+        if room < 0:
+            raise ReplyTooLarge("no room for fuse_ioctl_out")
+        out_size = min(out_size, room)
+        in_data = bytes(iov.view(req.readable, _HDR + start, in_size))
+        try:
+            result, out = self.fs.ioctl(
+                req.ctx(), req.nodeid, fh, flags, cmd, arg, in_data, out_size
+            )
+        except OSError as e:
+            if e.errno == errno.ENOSYS:  # a backend without ioctls: "not a tty" to the caller
+                raise OSError(errno.ENOTTY, "ioctl not supported") from e
+            raise
+        if type(result) is not int or not _S32_MIN <= result <= _S32_MAX:
+            raise RuntimeError(f"backend ioctl returned result {result!r}")
+        if len(out) > out_size:
+            raise RuntimeError(f"backend ioctl returned {len(out)} bytes, room for {out_size}")
+        return codec.write_struct_bytes(
+            req.writable, req.unique, abi.IOCTL_OUT, (result, 0, 0, 0), bytes(out)
+        )
+
+    # -- locks ------------------------------------------------------------------------
+    @staticmethod
+    def _lock_args(req: Request) -> tuple[int, int, Lock, int]:
+        fh, owner, start, end, typ, pid, lk_flags, _ = abi.LK_IN.unpack_from(req.args)
+        if typ not in _LOCK_TYPES:
+            raise OSError(errno.EINVAL, f"lock type {typ}")
+        if start > _S64_MAX or end > _S64_MAX or start > end:
+            raise OSError(errno.EINVAL, f"lock range {start}..{end}")
+        return fh, owner, Lock(start, end, typ, pid), lk_flags
+
+    def _op_getlk(self, req: Request) -> int:
+        fh, owner, lock, _ = self._lock_args(req)
+        got = self.fs.getlk(req.ctx(), req.nodeid, fh, owner, lock)
+        if got.type not in _LOCK_TYPES:
+            raise RuntimeError(f"backend getlk returned lock type {got.type!r}")
+        # A holder outside the guest has no guest pid (OFD locks report -1): 0.
+        pid = got.pid if 0 < got.pid <= _U32_MAX else 0
+        return codec.write_struct(
+            req.writable, req.unique, abi.LK_OUT,
+            min(got.start, _S64_MAX), min(got.end, _S64_MAX), got.type, pid,
+        )  # fmt: skip
+
+    def _op_setlk(self, req: Request) -> int:
+        return self._setlk(req, sleep=False)
+
+    def _op_setlkw(self, req: Request) -> int:
+        return self._setlk(req, sleep=True)
+
+    def _setlk(self, req: Request, sleep: bool) -> int:
+        fh, owner, lock, lk_flags = self._lock_args(req)
+        flock = bool(lk_flags & abi.FUSE_LK_FLOCK)
+        self.fs.setlk(req.ctx(), req.nodeid, fh, owner, lock, sleep=sleep, flock=flock)
+        return codec.write_empty(req.writable, req.unique)
+
+    # -- extended attributes (changes) -----------------------------------------------------
+    def _op_setxattr(self, req: Request) -> int:
+        assert req.session is not None
+        if req.session.flags & abi.FUSE_SETXATTR_EXT:
+            if len(req.args) < abi.SETXATTR_IN.size:
+                raise Malformed(f"arguments are {len(req.args)} bytes, need 16")
+            size, flags, setxattr_flags, _ = abi.SETXATTR_IN.unpack_from(req.args)
+            off = abi.SETXATTR_IN.size
+        else:  # fuse.h: the 8-byte fuse_setxattr_in unless FUSE_SETXATTR_EXT
+            size, flags = abi.SETXATTR_IN_COMPAT.unpack_from(req.args)
+            setxattr_flags = 0
+            off = abi.SETXATTR_IN_COMPAT.size
+        name, off = codec.parse_xattr_name(req.args, off)
+        value = bytes(req.args[off:])
+        if len(value) != size:
+            raise Malformed(f"value is {len(value)} bytes, size says {size}")
+        self.fs.setxattr(req.ctx(), req.nodeid, name, value, flags, setxattr_flags)
+        return codec.write_empty(req.writable, req.unique)
+
+    def _op_removexattr(self, req: Request) -> int:
+        name, _ = codec.parse_xattr_name(req.args)
+        self.fs.removexattr(req.ctx(), req.nodeid, name)
+        return codec.write_empty(req.writable, req.unique)
+
+
+def _time_ns(valid: int, bit: int, now_bit: int, sec: int, nsec: int) -> int:
+    """A fuse_setattr_in timestamp as signed nanoseconds (0 unless set to a given time)."""
+    if valid & (bit | now_bit) != bit:
+        return 0
+    if nsec >= _NS:
+        raise OSError(errno.EINVAL, f"nanoseconds {nsec} out of range")  # as utimensat(2)
+    if sec > _S64_MAX:
+        sec -= 1 << 64  # u64 on the wire, time64_t to the kernel
+    return sec * _NS + nsec
+
 
 # opcode -> (handler, fixed argument bytes required, whether the handler needs
 # all argument bytes contiguous (True) or only the fixed part (False)).
@@ -602,6 +961,35 @@ _TABLE: Final[tuple[tuple[int, Handler, int, bool], ...]] = (
     (abi.FUSE_READDIRPLUS, Dispatcher._op_readdirplus, abi.READ_IN.size, False),
     (abi.FUSE_GETXATTR, Dispatcher._op_getxattr, abi.GETXATTR_IN.size, True),
     (abi.FUSE_LISTXATTR, Dispatcher._op_listxattr, abi.GETXATTR_IN.size, True),
+    (abi.FUSE_SETXATTR, Dispatcher._op_setxattr, abi.SETXATTR_IN_COMPAT.size, True),
+    (abi.FUSE_REMOVEXATTR, Dispatcher._op_removexattr, 0, True),
+    (abi.FUSE_CREATE, Dispatcher._op_create, abi.CREATE_IN.size, True),
+    (abi.FUSE_TMPFILE, Dispatcher._op_tmpfile, abi.CREATE_IN.size, True),
+    (abi.FUSE_MKNOD, Dispatcher._op_mknod, abi.MKNOD_IN.size, True),
+    (abi.FUSE_MKDIR, Dispatcher._op_mkdir, abi.MKDIR_IN.size, True),
+    (abi.FUSE_SYMLINK, Dispatcher._op_symlink, 0, True),
+    (abi.FUSE_LINK, Dispatcher._op_link, abi.LINK_IN.size, True),
+    (abi.FUSE_UNLINK, Dispatcher._op_unlink, 0, True),
+    (abi.FUSE_RMDIR, Dispatcher._op_rmdir, 0, True),
+    (abi.FUSE_RENAME, Dispatcher._op_rename, abi.RENAME_IN.size, True),
+    (abi.FUSE_RENAME2, Dispatcher._op_rename2, abi.RENAME2_IN.size, True),
+    (abi.FUSE_SETATTR, Dispatcher._op_setattr, abi.SETATTR_IN.size, True),
+    (abi.FUSE_WRITE, Dispatcher._op_write, abi.WRITE_IN.size, False),
+    (abi.FUSE_FSYNC, Dispatcher._op_fsync, abi.FSYNC_IN.size, True),
+    (abi.FUSE_FSYNCDIR, Dispatcher._op_fsyncdir, abi.FSYNC_IN.size, True),
+    (abi.FUSE_FALLOCATE, Dispatcher._op_fallocate, abi.FALLOCATE_IN.size, True),
+    (abi.FUSE_COPY_FILE_RANGE, Dispatcher._op_copy_file_range, abi.COPY_FILE_RANGE_IN.size, True),
+    (abi.FUSE_SYNCFS, Dispatcher._op_syncfs, abi.SYNCFS_IN.size, True),
+    (abi.FUSE_IOCTL, Dispatcher._op_ioctl, abi.IOCTL_IN.size, False),
+    (abi.FUSE_GETLK, Dispatcher._op_getlk, abi.LK_IN.size, True),
+    (abi.FUSE_SETLK, Dispatcher._op_setlk, abi.LK_IN.size, True),
+    (abi.FUSE_SETLKW, Dispatcher._op_setlkw, abi.LK_IN.size, True),
+    # fuse.h 7.39; COPY_FILE_RANGE_64 (7.45) stays ENOSYS while OUR_MAX_MINOR < 45.
+    *(
+        ((abi.FUSE_STATX, Dispatcher._op_statx, abi.STATX_IN.size, True),)
+        if OUR_MAX_MINOR >= 39
+        else ()
+    ),
 )
 
 

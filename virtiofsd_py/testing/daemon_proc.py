@@ -115,6 +115,11 @@ class DaemonProcess:
         except FileNotFoundError:
             return ""
 
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once the daemon has exited (negative: killed by that signal)."""
+        return None if self.proc is None else self.proc.poll()
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -17,28 +17,47 @@ used ring (2.7.8), notification suppression with VIRTIO_F_EVENT_IDX (2.7.7,
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import select
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from virtiofsd_py.virtio.virtqueue import (
+    DESC,
+    U16,
+    USED_ELEM,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    full_barrier,
+)
+
+__all__ = [
+    "DESC",
+    "PAGE_SIZE",
+    "VIRTQ_AVAIL_F_NO_INTERRUPT",
+    "VIRTQ_DESC_F_INDIRECT",
+    "VIRTQ_DESC_F_NEXT",
+    "VIRTQ_DESC_F_WRITE",
+    "VIRTQ_USED_F_NO_NOTIFY",
+    "Buffer",
+    "Chain",
+    "GuestMemory",
+    "RawDesc",
+    "RingError",
+    "SplitQueue",
+    "Timeout",
+    "Used",
+    "drain_eventfd",
+    "vring_need_event",
+    "wait_readable",
+]
+
 PAGE_SIZE = 4096
-
-# Descriptor flags (virtio spec 2.7.5).
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-# Ring flags (2.7.6 / 2.7.8).
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-VIRTQ_USED_F_NO_NOTIFY = 1
-
-DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-U16 = struct.Struct("<H")
-USED_ELEM = struct.Struct("<II")  # id, len
+VIRTQ_USED_F_NO_NOTIFY = 1  # used ring flags (2.7.8); the device side never reads it
 
 
 class RingError(Exception):
@@ -162,6 +181,12 @@ class GuestMemory:
     @property
     def bytes_allocated(self) -> int:
         return sum(self._allocated.values())
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self.view.release()
@@ -382,6 +407,9 @@ class SplitQueue:
     def kick(self, *, force: bool = False) -> bool:
         """Publish and notify the device if it asked for it (or ``force``); True if kicked."""
         self.publish()
+        # The device stores avail_event then loads avail idx; we store idx then
+        # load avail_event: without a fence on both sides a kick can be lost (2.7.10).
+        full_barrier()
         if self.event_idx:
             need = vring_need_event(self.avail_event, self.avail_idx, self.kicked_idx)
         else:
@@ -436,6 +464,11 @@ class SplitQueue:
             done += self.poll_used()
             if len(done) >= min_count:
                 return done
+            # used_event was just stored; a device that published before seeing it
+            # may not notify, so look at the used idx again before sleeping.
+            full_barrier()
+            if self.used_idx != self.last_used:
+                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not wait_readable(self.call_fd, remaining):
                 # A last look: a device may update the ring without notifying.
@@ -453,8 +486,11 @@ class SplitQueue:
         return drain_eventfd(self.call_fd) > 0
 
     def close(self) -> None:
+        """Close the eventfds and give the ring memory back to the allocator."""
         for fd in (self.kick_fd, self.call_fd, self.err_fd):
             os.close(fd)
+        for gpa in (self.desc_gpa, self.avail_gpa, self.used_gpa):
+            self.mem.free(gpa)
 
 
 def wait_readable(fd: int, timeout: float) -> bool:
@@ -470,7 +506,3 @@ def drain_eventfd(fd: int) -> int:
         return os.eventfd_read(fd)
     except BlockingIOError:
         return 0
-    except OSError as e:  # pragma: no cover - only EAGAIN is expected
-        if e.errno == errno.EAGAIN:
-            return 0
-        raise

@@ -544,6 +544,24 @@ class VhostUserFrontend:
         self.set_vring_kick(q.index, q.kick_fd)
         self.set_vring_call(q.index, q.call_fd)
 
+    def replace_queue(self, index: int) -> SplitQueue:
+        """Stop ring ``index`` and start it again on fresh ring memory (indices 0).
+
+        What a driver does after resetting a broken queue; returns the new queue.
+        """
+        old = self.queues[index]
+        protocol = bool(self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES))
+        if protocol:
+            self.set_vring_enable(index, False)
+        self.get_vring_base(index)
+        q = SplitQueue(self._mem(), index, old.size, event_idx=old.event_idx, indirect=old.indirect)
+        self.queues[index] = q
+        old.close()
+        self.start_queue(q)
+        if protocol:
+            self.set_vring_enable(index, True)
+        return q
+
     def stop(self, *, disable: bool = True) -> list[int]:
         """QEMU's vhost_dev_stop: disable each ring, then GET_VRING_BASE each; returns the bases."""
         if disable and self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
