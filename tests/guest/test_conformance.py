@@ -396,8 +396,11 @@ def test_setgid_directory_inheritance(sc: Scenarios) -> None:
 def test_big_file_checksums(sc: Scenarios) -> None:
     size_mib = 32
     out = sc.guest.run(
-        f"dd if=/dev/urandom bs=1M count={size_mib} 2>/dev/null | tee {MNT}/big | sha256sum; "
-        f"echo 3 > /proc/sys/vm/drop_caches; sha256sum {MNT}/big",
+        # Big writes (bs=1M): a pipe would write 4 KiB at a time, which under TCG
+        # costs one slow request round trip each.
+        f"dd if=/dev/urandom of=/tmp/big bs=1M count={size_mib} 2>/dev/null; sha256sum /tmp/big;"
+        f" dd if=/tmp/big of={MNT}/big bs=1M 2>/dev/null; rm /tmp/big;"
+        f" echo 3 > /proc/sys/vm/drop_caches; sha256sum {MNT}/big",
         timeout=300,
     ).check()
     written, reread = out.out.split()[0::2]
@@ -434,7 +437,7 @@ def test_sparse_file_stays_sparse(sc: Scenarios) -> None:
 
 
 def test_many_small_files(sc: Scenarios) -> None:
-    n = 2000
+    n = 1000
     sc.guest.run(
         f"mkdir {MNT}/many && cd {MNT}/many && i=0; while [ $i -lt {n} ]; do "
         'echo "file $i" > f$i; i=$((i+1)); done',
@@ -444,8 +447,9 @@ def test_many_small_files(sc: Scenarios) -> None:
     assert len(names) == n
     for i in random.Random(1).sample(range(n), 50):
         assert (sc.shared / "many" / f"f{i}").read_text() == f"file {i}\n"
-    out = sc.guest.run(f"ls {MNT}/many | wc -l; cat {MNT}/many/f* | wc -l; rm -r {MNT}/many")
-    assert out.check().out.split() == [str(n), str(n)]
+    out = sc.guest.run(f"ls {MNT}/many | wc -l; cat {MNT}/many/f7*; rm -r {MNT}/many")
+    expected = [f"file {i}" for i in range(n) if str(i).startswith("7")]
+    assert out.check().out.splitlines() == [str(n), *sorted(expected, key=lambda s: s[5:])]
     assert not (sc.shared / "many").exists()
 
 
@@ -516,9 +520,7 @@ def test_statx_btime(sc: Scenarios, host_tools: Path) -> None:
     assert guest["btime"] == host["btime"]
 
 
-@ours_only(
-    "FS_IOC_GETFLAGS: the Rust virtiofsd answers no ioctl but FS_IOC_{GET,SET}FLAGS? (ENOTTY)"
-)
+@ours_only("the Rust virtiofsd does not pass FS_IOC_GETFLAGS through")
 def test_ioctl_getflags(sc: Scenarios, host_tools: Path) -> None:
     (sc.shared / "flags").write_bytes(b"x")
     guest = sc.guest.run(f"vfsprobe getflags {MNT}/flags").out.strip()

@@ -54,6 +54,10 @@ READ_SIZE = 12 * CHUNK + 1234
 UNLINKED_SIZE = 3 * CHUNK + 77
 IO_SOURCES = 4
 IO_SOURCE_SIZE = 96 * 1024
+CACHE_SIZE = 4 * 1024 * 1024
+#: Page-cache pages are zeroed on allocation by default (init_on_alloc): a
+#: CPU write that would make QEMU resend them and hide a missing dirty log.
+KERNEL_ARGS = "init_on_alloc=0"
 #: Host-side timeout for stepping the guest program (seconds).
 STEP_TIMEOUT = 60
 
@@ -117,20 +121,31 @@ while read -r cmd arg < /tmp/go; do
 done
 """
 
-#: Writes and reads files in a loop until /tmp/io.stop exists. Every read
-#: goes to the daemon (caches dropped), so replies land in guest memory.
+#: Writes and reads files in a loop until /tmp/io.stop exists. Each read
+#: opens the file anew (cache=auto drops its cached pages on open), so the
+#: daemon writes replies into guest memory all the time.
 IO_LOOP = r"""
 i=0
 while [ ! -e /tmp/io.stop ]; do
     head -c $((4096 * (i % 5 + 1) + i)) /dev/urandom > /tmp/io.chunk
     cp /tmp/io.chunk "/mnt/io/out-$i" || echo "error write $i"
     echo "$i $(wc -c < /tmp/io.chunk) $(sha256sum < /tmp/io.chunk)" >> /tmp/io.written
-    echo 3 > /proc/sys/vm/drop_caches
     for f in /mnt/io/src-*; do echo "$i $(sha256sum < "$f") $f"; done >> /tmp/io.read
     i=$((i + 1))
     echo "$i" > /tmp/io.count.new && mv /tmp/io.count.new /tmp/io.count  # never seen half-written
 done
 echo "stopped $i" > /tmp/io.fifo
+"""
+
+#: Fills the page cache through fd 7 when told to, and hashes it through fd 8
+#: (same file, opened before the fill, so no open drops the cache) when told
+#: again: the second time it reads pages the daemon wrote, not the daemon.
+CACHE_KEEPER = r"""
+exec 7< /mnt/io/cache.bin 8< /mnt/io/cache.bin || exit 1
+read -r x < /tmp/fill
+cat <&7 > /dev/null && echo filled > /tmp/filled
+read -r x < /tmp/fill
+echo "cache $(sha256sum <&8)" > /tmp/filled
 """
 
 
@@ -234,8 +249,33 @@ class Scenario:
         for i in range(self.rounds):
             assert (sub / f"made-{i}.txt").read_bytes() == b"made in round %d\n" % i
 
+    def unexpected_entries(self) -> list[str]:
+        """Paths in the share that neither the host nor the guest program made."""
+        expected = {
+            "work", "io", "tools", "tools/vfsprobe", "work/dir", "work/dir/sub",
+            "work/dir/sub/rel.txt", "work/read.bin", "work/write.bin",
+            "work/append.log", "work/posix.dat", "work/flock.dat",
+        }  # fmt: skip
+        expected.update(f"work/dir/sub/made-{i}.txt" for i in range(self.rounds))
+        expected.update(f"io/src-{i}" for i in range(IO_SOURCES))
+        expected.add("io/cache.bin")
+        return sorted(
+            rel
+            for p in self.shared.rglob("*")
+            if (rel := str(p.relative_to(self.shared))) not in expected
+            and not (rel.startswith("io/out-") and rel[7:].isdigit())
+        )
+
     def probe_locks(self, when: str) -> None:
+        """Record whether the host can take the held locks; the guest must not."""
         if self.locked:
+            # Another guest process conflicts with the holders wherever the
+            # locks live (guest kernel or host): this holds for every daemon.
+            res = self.guest.run(
+                "/tmp/vfsprobe lock /mnt/work/posix.dat w setlk 0 0;"
+                " /tmp/vfsprobe flock /mnt/work/flock.dat ex nb"
+            )
+            assert res.out.split() == ["EAGAIN", "EAGAIN"], f"{when}: {res}"
             self.lock_probes.append(
                 (
                     when,
@@ -248,8 +288,8 @@ class Scenario:
         """Migrate to a fresh destination; check the guest runs there and only there."""
         old = self.pair.source
         result = self.pair.migrate(**kwargs)  # type: ignore[arg-type]
-        assert (result.source, result.destination) != (old.label, old.label)
         new = self.pair.source
+        assert (result.source, result.destination) == (old.label, new.label)
         assert new is not old
         assert old.guest.proc.poll() is not None, "the old source QEMU is still running"
         assert new.guest.qmp("query-status")["status"] == "running"
@@ -270,6 +310,7 @@ def shared_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "io").mkdir()
     for i in range(IO_SOURCES):
         (root / "io" / f"src-{i}").write_bytes(rng.randbytes(IO_SOURCE_SIZE + i))
+    (root / "io" / "cache.bin").write_bytes(rng.randbytes(CACHE_SIZE))
     return root
 
 
@@ -293,7 +334,13 @@ def scenario(
     if probe is not None:
         (shared_tree / "tools").mkdir()
         shutil.copy(probe, shared_tree / "tools" / "vfsprobe")
-    pair = MigrationPair(shared_tree, tmp_path_factory.mktemp("migwork"), tag=TAG, mem_mib=MEM_MIB)
+    pair = MigrationPair(
+        shared_tree,
+        tmp_path_factory.mktemp("migwork"),
+        tag=TAG,
+        mem_mib=MEM_MIB,
+        kernel_args=KERNEL_ARGS,
+    )
     sc = Scenario(
         pair=pair,
         shared=shared_tree,
@@ -361,13 +408,11 @@ def test_refused_state_keeps_guest_on_source(
             scenario.pair.migrate(timeout=60)
     finally:
         shutil.rmtree(wrong, ignore_errors=True)
-    print("REFUSED", info.value)
     assert info.value.status == "failed", str(info.value)
     assert info.value.source_running, str(info.value)
     assert scenario.pair.source is source
     assert scenario.pair.destination is None
     assert source.guest.qmp("query-status")["status"] == "running"
-    assert list(scenario.shared.glob("**/*")) != []  # nothing was done to the real share
     scenario.round()
     # And the next migration from this source works.
     scenario.migrate()
@@ -377,33 +422,52 @@ def test_refused_state_keeps_guest_on_source(
 def test_migration_while_guest_does_io(scenario: Scenario) -> None:
     """A loop writes and reads files while the migration runs and at the switch.
 
-    The source's bandwidth is throttled to 1 MiB/s until the loop has made
-    progress during the migration, so the overlap is certain, not timing
-    luck; then the throttle is lifted and the migration converges. Reads
-    during the migration are replies the daemon writes into guest memory:
-    without the dirty log they would be lost, and hashes would differ.
+    The overlap is made certain, not left to timing: the source gets a
+    downtime limit of 0 ms, so the migration cannot converge while the guest
+    runs. After the first pass over RAM (MIGRATION_PASS 2) the guest fills
+    its page cache from ``io/cache.bin``: the daemon writes that data into
+    pages QEMU has already sent, so only the dirty log makes QEMU send them
+    again. Once the loop has made progress too, the limit is restored and
+    the migration completes. After the switch the guest hashes the cached
+    pages (through a second fd opened earlier, so nothing is re-read from
+    the daemon) and the host checks every file the loop wrote.
     """
     g = scenario.guest
     g.run(f"cat > /tmp/ioloop.sh <<'EOF'\n{IO_LOOP}\nEOF\n").check()
-    g.run("rm -f /tmp/io.stop /tmp/io.count; sh /tmp/ioloop.sh > /tmp/ioloop.log 2>&1 &").check()
-    count = wait_count_reaches(g, 2)
+    g.run(f"cat > /tmp/cachekeeper.sh <<'EOF'\n{CACHE_KEEPER}\nEOF\n").check()
+    g.run(
+        "rm -f /tmp/io.stop /tmp/io.count; mkfifo /tmp/fill /tmp/filled;"
+        " sh /tmp/ioloop.sh > /tmp/ioloop.log 2>&1 &"
+        " sh /tmp/cachekeeper.sh > /tmp/cachekeeper.log 2>&1 &"
+    ).check()
+    before = wait_count_reaches(g, 2)
     source = scenario.pair.source
-    source.guest.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 20})
-    observed: list[int] = []
+    params = source.guest.qmp("query-migrate-parameters")
+    source.guest.qmp("migrate-set-parameters", **{"downtime-limit": 0})
+    during: list[int] = []
 
     def while_active(side: Side) -> None:
-        start = count_now(side.guest)
-        observed.append(start)
-        observed.append(wait_count_reaches(side.guest, start + 2))
+        client = side.guest.qmp_client
+        while client.wait_event("MIGRATION_PASS", timeout=STEP_TIMEOUT)["data"]["pass"] < 2:
+            pass
+        assert fields(fill(side.guest)) == {"filled": []}
+        during.append(count_now(side.guest))
+        during.append(wait_count_reaches(side.guest, during[0] + 2))
         assert side.guest.qmp("query-migrate")["status"] == "active"
-        side.guest.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 34})
+        side.guest.qmp(
+            "migrate-set-parameters",
+            **{"downtime-limit": params["downtime-limit"], "max-bandwidth": 1 << 34},
+        )
 
     new = scenario.migrate(while_active=while_active)
-    assert observed[1] >= observed[0] + 2 > count
+    assert during[1] >= during[0] + 2 > before
+    got = fields(fill(new.guest))
+    assert got["cache"] == [sha((scenario.shared / "io" / "cache.bin").read_bytes())]
     # The loop goes on at the destination; then stop it and collect its record.
-    wait_count_reaches(new.guest, observed[1] + 2)
+    wait_count_reaches(new.guest, during[1] + 2)
     res = new.guest.run(
-        f"touch /tmp/io.stop && timeout {STEP_TIMEOUT} cat /tmp/io.fifo && cat /tmp/ioloop.log",
+        f"touch /tmp/io.stop && timeout {STEP_TIMEOUT} cat /tmp/io.fifo"
+        " && cat /tmp/ioloop.log /tmp/cachekeeper.log",
         timeout=STEP_TIMEOUT + 10,
     ).check()
     assert res.out.startswith("stopped "), res.out
@@ -417,13 +481,22 @@ def test_migration_while_guest_does_io(scenario: Scenario) -> None:
         assert (len(data), sha(data)) == (int(size), digest), f"io/out-{i} differs"
     reads = new.guest.run("cat /tmp/io.read").check().out.splitlines()
     assert len(reads) == iterations * IO_SOURCES
-    bad = [
-        line
-        for line in reads
-        if line.split()[1] != sha(scenario.io_sources[line.split()[3]])
-    ]
+    bad = [line for line in reads if line.split()[1] != sha(scenario.io_sources[line.split()[3]])]
     assert bad == [], f"{len(bad)} reads returned wrong data, e.g. {bad[:3]}"
     scenario.round()
+
+
+def fill(g: Guest) -> str:
+    """Step the cache keeper once; its answer."""
+    return (
+        g.run(
+            f"timeout {STEP_TIMEOUT} sh -c 'echo go > /tmp/fill' && timeout {STEP_TIMEOUT}"
+            " cat /tmp/filled",
+            timeout=2 * STEP_TIMEOUT + 10,
+        )
+        .check()
+        .out
+    )
 
 
 @pytest.mark.xfail(not is_own_daemon(), reason=RUST_NO_UNLINKED, raises=MigrationError)
@@ -440,9 +513,7 @@ def test_unlinked_open_file_survives_migration(scenario: Scenario) -> None:
     finally:
         assert fields(scenario.step("close-unlinked")) == {"closed": []}
     # Nothing is left behind on the host for it (no hidden link, no copy).
-    assert sorted(p.name for p in scenario.work.iterdir()) == sorted(
-        ["read.bin", "write.bin", "append.log", "dir", "posix.dat", "flock.dat"]
-    )
+    assert scenario.unexpected_entries() == []
 
 
 @pytest.mark.xfail(not is_own_daemon(), reason=RUST_NO_HOST_LOCKS, strict=True)
@@ -473,6 +544,7 @@ def test_program_finishes_with_every_byte_on_host(scenario: Scenario) -> None:
     ).check()
     assert res.out == "", res.out
     scenario.check_host()
+    assert scenario.unexpected_entries() == []
     assert len(scenario.pair.results) >= 5
 
 
@@ -490,4 +562,3 @@ def wait_count_reaches(g: Guest, target: int) -> int:
     )
     assert res.rc == 0, f"I/O loop stuck below {target} iterations: {res}"
     return int(res.out)
-

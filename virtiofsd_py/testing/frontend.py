@@ -19,7 +19,6 @@ Three levels of API:
 from __future__ import annotations
 
 import array
-import contextlib
 import os
 import select
 import socket
@@ -92,7 +91,7 @@ class Nack(VhostUserError):
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A message from the back-end."""
+    """A message from the back-end (the caller owns any ``fds`` that came with it)."""
 
     request: int
     flags: int
@@ -584,12 +583,6 @@ def _unpack_fds(data: bytes) -> list[int]:
     return list(arr)
 
 
-def close_fds(fds: Iterable[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
 __all__ = [
     "DEFAULT_PROTOCOL_FEATURES",
     "ConnectionClosed",
@@ -597,5 +590,4 @@ __all__ = [
     "Reply",
     "VhostUserError",
     "VhostUserFrontend",
-    "close_fds",
 ]

@@ -141,6 +141,7 @@ class MigrationPair:
         daemon_args: Sequence[str] = (),
         daemon_template: str | None = None,
         extra_qemu_args: Sequence[str] = (),
+        kernel_args: str = "",
     ) -> None:
         self.shared_dir = Path(shared_dir)
         self.workdir = Path(workdir)
@@ -151,6 +152,7 @@ class MigrationPair:
         self.daemon_args = list(daemon_args)
         self.daemon_template = daemon_template
         self.extra_qemu_args = list(extra_qemu_args)
+        self.kernel_args = kernel_args
         self._source: Side | None = None
         self.destination: Side | None = None
         self.retired: list[RetiredSide] = []
@@ -202,6 +204,7 @@ class MigrationPair:
                 qmp=True,
                 incoming="defer" if incoming else None,
                 extra_args=self.extra_qemu_args,
+                kernel_args=self.kernel_args,
             )
         except BaseException as e:
             daemon.stop(timeout=2)

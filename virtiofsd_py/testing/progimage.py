@@ -207,12 +207,17 @@ def programs_entries(root: Path, vfsprobe: Path) -> list[Entry]:
     py_entries, py_elves = _python_entries(root)
     files += py_entries
     elves += py_elves
-    interps, libs = library_closure(elves, [root, Path("/")])
+    roots = [root, Path("/")]
+    interps, libs = library_closure(elves, roots)
     for name, path in sorted(libs.items()):
         files.append(Entry(f"{GUEST_LIB_DIR}/{name}", stat.S_IFREG | 0o755, path.read_bytes()))
     for interp in sorted(interps):
-        real = Path(interp).resolve()
-        files.append(Entry(interp.lstrip("/"), stat.S_IFREG | 0o755, real.read_bytes()))
+        found = next(
+            (r / interp.lstrip("/") for r in roots if (r / interp.lstrip("/")).exists()), None
+        )
+        if found is None:
+            raise ProgramsUnavailable(f"program interpreter {interp} not found")
+        files.append(Entry(interp.lstrip("/"), stat.S_IFREG | 0o755, found.read_bytes()))
     # The loader searches /usr/lib/x86_64-linux-gnu by default: no ld.so.cache needed.
     dirs = [Entry(d, stat.S_IFDIR | 0o755) for d in _dirs_of([e.name for e in files])]
     # The guest's PATH is /bin:/sbin.
