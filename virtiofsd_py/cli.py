@@ -22,7 +22,7 @@ _LEVELS = {
 
 def capabilities() -> dict[str, object]:
     """QEMU docs/interop/vhost-user.json: a "fs" back-end and its features."""
-    return {"type": "fs", "features": ["separate-options"]}
+    return {"type": "fs", "features": ["migrate-precopy", "separate-options"]}
 
 
 def setup_logging(opts: Options) -> None:

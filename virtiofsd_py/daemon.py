@@ -19,13 +19,16 @@ import resource
 import signal
 import socket
 import stat
+import tempfile
 from dataclasses import dataclass
 
 from virtiofsd_py.fs.creds import drop_supplementary_groups
 from virtiofsd_py.fs.idmap import IdMap
 from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
+from virtiofsd_py.fs.passthrough_migration import MigrationConfig
 from virtiofsd_py.fs.xattrmap import XattrMap
 from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
+from virtiofsd_py.migration.state import DaemonState
 from virtiofsd_py.options import Options
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
 from virtiofsd_py.vhost.connection import VhostUserConnection
@@ -118,6 +121,17 @@ def open_listener(opts: Options) -> Listener:
     return Listener(sock, created, lock_fd)
 
 
+def rejected_state_dir(opts: Options) -> str:
+    """Where a migration state that failed to load is kept: the runtime
+    directory systemd gives us, else beside the socket, else the temp dir."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if runtime:
+        return runtime.split(":")[0]
+    if opts.socket_path:
+        return os.path.dirname(os.path.abspath(opts.socket_path))
+    return tempfile.gettempdir()
+
+
 def raise_nofile_limit(wanted: int | None) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if wanted is None else wanted
@@ -148,6 +162,12 @@ def build_filesystem(opts: Options) -> PassthroughFS:
                 preserve_noatime=opts.preserve_noatime,
                 uid_map=IdMap(opts.translate_uid),
                 gid_map=IdMap(opts.translate_gid),
+                migration=MigrationConfig(
+                    mode=opts.migration_mode,  # type: ignore[arg-type]
+                    on_error=opts.migration_on_error,  # type: ignore[arg-type]
+                    verify_handles=opts.migration_verify_handles,
+                    confirm_paths=opts.migration_confirm_paths,
+                ),
             )
         )
     except OSError as e:
@@ -198,7 +218,12 @@ async def serve(opts: Options) -> int:
             may_block=dispatcher.may_block,
             interrupt=fs.interrupt_waits,
         )
-        backend = VhostUserBackend(runner, BackendConfig(tag=opts.tag), on_reset=dispatcher.reset)
+        backend = VhostUserBackend(
+            runner,
+            BackendConfig(tag=opts.tag),
+            on_reset=dispatcher.reset,
+            state=DaemonState(dispatcher, fs, opts.shared_dir or "", rejected_state_dir(opts)),
+        )
         conn = VhostUserConnection(conn_sock, backend)
         serving = asyncio.ensure_future(conn.serve())
         stopped = asyncio.ensure_future(stop.wait())

@@ -52,6 +52,10 @@ class Options:
     preserve_noatime: bool = False
     translate_uid: tuple[str, ...] = ()
     translate_gid: tuple[str, ...] = ()
+    migration_mode: str = "find-paths"
+    migration_on_error: str = "abort"
+    migration_verify_handles: bool = False
+    migration_confirm_paths: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
         default="never",
         help="Use file handles for inodes; 'prefer' falls back to fds (default never)",
     )
+    add(
+        "--migration-mode",
+        choices=("find-paths", "file-handles"),
+        default="find-paths",
+        help="Source: send paths (default) or file handles to find inodes after migration",
+    )
+    add(
+        "--migration-on-error",
+        choices=("abort", "guest-error"),
+        default="abort",
+        help="Destination: an inode not found fails the migration (default) or gets EIO",
+    )
+    add(
+        "--migration-verify-handles",
+        action="store_true",
+        help="Destination: require each inode found to have the source's file handle",
+    )
+    add(
+        "--migration-confirm-paths",
+        action="store_true",
+        help="Source: re-check every path at switch-over",
+    )
     add("-f", "--foreground", action="store_true", help=argparse.SUPPRESS)
     add("-V", "--version", action="version", version="virtiofsd-py 0.1.0")
     # Recognised but not built yet: each refused with a message when used.
@@ -169,16 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Options whose absence of implementation would change what the guest sees
 #: or what isolation the operator asked for.
-_NOT_BUILT_FLAGS = (
-    "--migration-verify-handles",
-    "--migration-confirm-paths",
-)
+_NOT_BUILT_FLAGS: tuple[str, ...] = ()
 _NOT_BUILT_VALUES = (
     "--uid-map",
     "--gid-map",
     "--modcaps",
-    "--migration-mode",
-    "--migration-on-error",
     "-o",
 )
 
@@ -262,6 +283,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
         preserve_noatime=ns.preserve_noatime,
         translate_uid=tuple(ns.translate_uid),
         translate_gid=tuple(ns.translate_gid),
+        migration_mode=ns.migration_mode,
+        migration_on_error=ns.migration_on_error,
+        migration_verify_handles=ns.migration_verify_handles,
+        migration_confirm_paths=ns.migration_confirm_paths,
     )
     # As the Rust virtiofsd: these need xattrs, and ACLs rule out id translation.
     if opts.xattrmap is not None or opts.posix_acl or opts.security_label:

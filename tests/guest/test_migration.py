@@ -34,14 +34,14 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from virtiofsd_py.testing.daemon_proc import is_own_daemon
-from virtiofsd_py.testing.guest import Guest
+from virtiofsd_py.testing.guest import Guest, GuestError
 from virtiofsd_py.testing.image import cache_dir
 from virtiofsd_py.testing.migration import MigrationError, MigrationPair, Side
 
@@ -59,7 +59,7 @@ CACHE_SIZE = 4 * 1024 * 1024
 #: CPU write that would make QEMU resend them and hide a missing dirty log.
 KERNEL_ARGS = "init_on_alloc=0"
 #: Host-side timeout for stepping the guest program (seconds).
-STEP_TIMEOUT = 60
+STEP_TIMEOUT = 30
 
 RUST_NO_HOST_LOCKS = (
     "the Rust virtiofsd keeps guest locks guest-local (no POSIX_LOCKS/FLOCK_LOCKS): "
@@ -195,6 +195,8 @@ class Scenario:
     #: (after what, posix lock held, flock held) as probed from the host.
     lock_probes: list[tuple[str, bool, bool]] = field(default_factory=list)
     locked: bool = False
+    #: The guest program stopped answering: later tests would only time out.
+    hung: bool = False
 
     @property
     def guest(self) -> Guest:
@@ -206,11 +208,17 @@ class Scenario:
 
     def step(self, command: str) -> str:
         """Send one command to the guest program; its answer."""
-        res = self.guest.run(
-            f"timeout {STEP_TIMEOUT} sh -c 'echo {command} > /tmp/go' || exit 90\n"
-            f"timeout {STEP_TIMEOUT} cat /tmp/ack",
-            timeout=2 * STEP_TIMEOUT + 10,
-        )
+        try:
+            res = self.guest.run(
+                f"timeout {STEP_TIMEOUT} sh -c 'echo {command} > /tmp/go' || exit 90\n"
+                f"timeout {STEP_TIMEOUT} cat /tmp/ack",
+                timeout=2 * STEP_TIMEOUT + 10,
+            )
+        except GuestError:
+            self.hung = True
+            raise
+        if res.rc != 0:
+            self.hung = True
         assert res.rc == 0, f"guest program did not answer {command!r}: {res}"
         return res.out
 
@@ -284,10 +292,10 @@ class Scenario:
                 )
             )
 
-    def migrate(self, **kwargs: object) -> Side:
+    def migrate(self, while_active: Callable[[Side], None] | None = None) -> Side:
         """Migrate to a fresh destination; check the guest runs there and only there."""
         old = self.pair.source
-        result = self.pair.migrate(**kwargs)  # type: ignore[arg-type]
+        result = self.pair.migrate(while_active=while_active)
         new = self.pair.source
         assert (result.source, result.destination) == (old.label, new.label)
         assert new is not old
@@ -359,6 +367,13 @@ def scenario(
     assert pair.problems() == []
 
 
+@pytest.fixture(autouse=True)
+def skip_after_hang(scenario: Scenario) -> None:
+    """The tests build on each other: once the program hangs, stop waiting on it."""
+    if scenario.hung:
+        pytest.skip("the guest program stopped answering in an earlier test")
+
+
 def test_program_holds_files_before_migration(scenario: Scenario) -> None:
     g = scenario.guest
     g.run(f"mount -t virtiofs {TAG} /mnt && mkfifo /tmp/go /tmp/ack /tmp/io.fifo").check()
@@ -422,15 +437,18 @@ def test_refused_state_keeps_guest_on_source(
 def test_migration_while_guest_does_io(scenario: Scenario) -> None:
     """A loop writes and reads files while the migration runs and at the switch.
 
-    The overlap is made certain, not left to timing: the source gets a
-    downtime limit of 0 ms, so the migration cannot converge while the guest
-    runs. After the first pass over RAM (MIGRATION_PASS 2) the guest fills
-    its page cache from ``io/cache.bin``: the daemon writes that data into
-    pages QEMU has already sent, so only the dirty log makes QEMU send them
-    again. Once the loop has made progress too, the limit is restored and
-    the migration completes. After the switch the guest hashes the cached
-    pages (through a second fd opened earlier, so nothing is re-read from
-    the daemon) and the host checks every file the loop wrote.
+    The overlap is made certain, not left to timing. A guest process keeps
+    rewriting 16 MiB (``dd`` from /dev/zero), so when the first pass over
+    RAM ends (MIGRATION_PASS 2, at 32 MiB/s) the second pass has at least
+    that much to send; the test then throttles the source to a trickle,
+    which holds the migration in the active phase for as long as it likes.
+    Meanwhile the guest fills its page cache from ``io/cache.bin``: the
+    daemon writes that data into pages QEMU has already sent, and only the
+    dirty log makes QEMU send them again. Once the I/O loop has made
+    progress too, the hog stops, the limits are restored and the migration
+    completes. After the switch the guest hashes the cached pages through a
+    second fd opened earlier (so nothing is re-read from the daemon), and
+    the host checks every file the loop wrote and every hash it computed.
     """
     g = scenario.guest
     g.run(f"cat > /tmp/ioloop.sh <<'EOF'\n{IO_LOOP}\nEOF\n").check()
@@ -439,24 +457,30 @@ def test_migration_while_guest_does_io(scenario: Scenario) -> None:
         "rm -f /tmp/io.stop /tmp/io.count; mkfifo /tmp/fill /tmp/filled;"
         " sh /tmp/ioloop.sh > /tmp/ioloop.log 2>&1 &"
         " sh /tmp/cachekeeper.sh > /tmp/cachekeeper.log 2>&1 &"
+        " dd if=/dev/zero of=/dev/null bs=16M count=1000000 2>/dev/null &"
+        " echo $! > /tmp/hog.pid"
     ).check()
     before = wait_count_reaches(g, 2)
     source = scenario.pair.source
     params = source.guest.qmp("query-migrate-parameters")
-    source.guest.qmp("migrate-set-parameters", **{"downtime-limit": 0})
+    source.guest.qmp("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 32 << 20})
     during: list[int] = []
 
     def while_active(side: Side) -> None:
         client = side.guest.qmp_client
         while client.wait_event("MIGRATION_PASS", timeout=STEP_TIMEOUT)["data"]["pass"] < 2:
             pass
+        side.guest.qmp("migrate-set-parameters", **{"max-bandwidth": 1024})
+        info = side.guest.qmp("query-migrate")
+        assert info["status"] == "active", f"migration left the active phase early: {info}"
         assert fields(fill(side.guest)) == {"filled": []}
         during.append(count_now(side.guest))
         during.append(wait_count_reaches(side.guest, during[0] + 2))
         assert side.guest.qmp("query-migrate")["status"] == "active"
+        side.guest.run("kill $(cat /tmp/hog.pid)").check()
         side.guest.qmp(
             "migrate-set-parameters",
-            **{"downtime-limit": params["downtime-limit"], "max-bandwidth": 1 << 34},
+            **{k: params[k] for k in ("downtime-limit", "max-bandwidth")},
         )
 
     new = scenario.migrate(while_active=while_active)

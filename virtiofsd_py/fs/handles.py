@@ -82,6 +82,18 @@ class HandleTable:
             del self._handles[fh]
         del h  # may close the fd: outside the lock
 
+    def restore(self, handles: list[HandleData], next_fh: int) -> None:
+        """Install migrated handles with the source's fh values (table empty)."""
+        with self._lock:
+            if self._handles:
+                raise ValueError("migration state loaded into a daemon that is already in use")
+            self._handles = {h.fh: h for h in handles}
+            self._next_fh = max([next_fh, *(h.fh + 1 for h in handles)])
+
+    @property
+    def next_fh(self) -> int:
+        return self._next_fh
+
     def clear(self) -> None:
         with self._lock:
             dropped = self._handles

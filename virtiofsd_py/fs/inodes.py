@@ -168,6 +168,30 @@ class InodeTable:
             self._by_key = {root.key: root}
         del dropped
 
+    def restore(self, nodes: list[InodeData], next_id: int) -> None:
+        """Install migrated nodes (ids, lookup counts and parents as on the source).
+
+        The table must hold only the root.  Each node's ``parent`` must be the
+        root or another node of ``nodes`` and the parent links must not form a
+        cycle (``passthrough_migration`` sanitises hostile states before this).
+        """
+        with self._lock:
+            if len(self._nodes) != 1:
+                raise ValueError("migration state loaded into a daemon that is already in use")
+            root = self._nodes[ROOT_ID]
+            for node in nodes:
+                self._nodes[node.nodeid] = node
+                if node.fd >= 0:
+                    self._by_key.setdefault(node.key, node)
+            for node in nodes:
+                self._nodes[node.parent].children += 1
+            self._next_id = max(next_id, max(self._nodes) + 1)
+            root.lookups = _ROOT_PIN
+
+    @property
+    def next_id(self) -> int:
+        return self._next_id
+
     def _may_relink_locked(self, node: InodeData, parent: int, name: bytes) -> bool:
         """Whether (parent, name) may become ``node``'s record: a real name, no cycle."""
         if node.nodeid == ROOT_ID or name in (b".", b".."):

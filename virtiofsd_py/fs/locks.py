@@ -44,7 +44,8 @@ _BACKOFF_MAX: Final = 0.05
 _BUSY: Final = (errno.EAGAIN, errno.EACCES)
 
 
-def _flock_arg(lock: Lock) -> bytes:
+def flock_arg(lock: Lock) -> bytes:
+    """``struct flock`` for F_OFD_SETLK/GETLK of ``lock``; EINVAL for a bad one."""
     if lock.type not in (fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK):
         raise OSError(errno.EINVAL, f"lock type {lock.type}")
     if lock.start < 0 or lock.end < lock.start or lock.start > OFFSET_MAX:
@@ -132,6 +133,11 @@ class LockTable:
     def __len__(self) -> int:
         return len(self._owners)
 
+    def owners(self) -> list[tuple[tuple[int, int], OwnerFd]]:
+        """A snapshot of ((nodeid, owner), OFD) pairs (for migration)."""
+        with self._lock:
+            return list(self._owners.items())
+
     def __contains__(self, key: object) -> bool:
         """Whether ``(nodeid, owner)`` has an OFD."""
         return key in self._owners
@@ -141,11 +147,11 @@ class LockTable:
         """F_OFD_GETLK: the first lock that would conflict, or type F_UNLCK."""
         if lock.type == fcntl.F_UNLCK:
             raise OSError(errno.EINVAL, "GETLK of F_UNLCK")
-        return _lock_of(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock_arg(lock)))
+        return _lock_of(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, flock_arg(lock)))
 
     def setlk(self, fd: int, lock: Lock, *, sleep: bool) -> None:
         """F_OFD_SETLK; with ``sleep``, wait (interruptibly) until it is granted."""
-        arg = _flock_arg(lock)
+        arg = flock_arg(lock)
 
         def attempt() -> bool:
             try:

@@ -30,11 +30,12 @@ import fcntl
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Final, Literal
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
 
 from ..fuse import abi
 from . import linux
+from . import passthrough_migration as migration
 from .base import (
     ROOT_ID,
     AttrReply,
@@ -55,6 +56,7 @@ from .idmap import IdMap
 from .inodes import InodeData, InodeTable
 from .linux import getdents64, stat_fd
 from .locks import LockTable
+from .passthrough_migration import MigrationConfig, Preparer
 from .xattrmap import XattrMap
 
 FUSE_ATTR_SUBMOUNT: Final = 1 << 0  # fuse_attr.flags (fuse.h, 7.32)
@@ -140,6 +142,8 @@ class PassthroughConfig:
     #: ``--translate-uid`` / ``--translate-gid``.
     uid_map: IdMap | None = None
     gid_map: IdMap | None = None
+    #: ``--migration-*``.
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
 
 
 class PassthroughFS(Filesystem):
@@ -181,6 +185,10 @@ class PassthroughFS(Filesystem):
         self._supp_group_ext = False
         self._uid_map = config.uid_map if config.uid_map else None
         self._gid_map = config.gid_map if config.gid_map else None
+        self.migration = config.migration
+        #: Guest renames/unlinks so far: prepared migration paths are stale after one.
+        self.namespace_changes = 0
+        self._preparer: Preparer | None = None
 
     def close(self) -> None:
         """Close every fd, the root's included (for tests and shutdown)."""
@@ -665,12 +673,14 @@ class PassthroughFS(Filesystem):
         check_name(name)
         p = self._node(parent)
         os.unlink(name, dir_fd=p.fd)
+        self.namespace_changes += 1
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         self._check_write()
         check_name(name)
         p = self._node(parent)
         os.rmdir(name, dir_fd=p.fd)
+        self.namespace_changes += 1
 
     def rename(
         self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes, flags: int
@@ -688,6 +698,7 @@ class PassthroughFS(Filesystem):
             linux.renameat2(p.fd, name, np.fd, newname, flags)
         else:
             os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=np.fd)
+        self.namespace_changes += 1
 
     def tmpfile(
         self, ctx: Context, parent: int, mode: int, flags: int, umask: int
@@ -903,6 +914,29 @@ class PassthroughFS(Filesystem):
 
     def interrupt_waits(self) -> None:
         self.locks.interrupt()
+
+    def lock_owner_fd(self, node: InodeData, owner: int, write: bool) -> int:
+        """``owner``'s OFD on ``node`` (opened for writing if ``write``)."""
+        accmode = os.O_RDWR if write and not stat.S_ISDIR(node.mode) else os.O_RDONLY
+        o = self.locks.owner_fd(
+            node.nodeid, owner, accmode, lambda mode: self._reopen(node, mode | os.O_NONBLOCK)
+        )
+        return o.fd
+
+    # -- migration ------------------------------------------------------------------
+    def prepare_migration(self, enabled: bool) -> None:
+        if self._preparer is not None:
+            self._preparer.stop()
+            self._preparer = None
+        if enabled:
+            self._preparer = Preparer(self)
+            self._preparer.start()
+
+    def export_state(self) -> dict[str, Any]:
+        return migration.export_state(self, self._preparer)
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        migration.import_state(self, state)
 
 
 class ReadOnlyPassthroughFS(PassthroughFS):

@@ -77,10 +77,18 @@ def decode(data: bytes) -> dict[str, Any]:
 class DaemonState:
     """Save/load of the dispatcher session and backend tables (``DeviceState``)."""
 
-    def __init__(self, dispatcher: Dispatcher, fs: Filesystem, shared_dir: str) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        fs: Filesystem,
+        shared_dir: str,
+        dump_dir: str | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
         self.fs = fs
         self.shared_dir = shared_dir
+        #: Where a state that could not be loaded is kept for inspection.
+        self.dump_dir = dump_dir
 
     def save(self) -> bytes:
         t0 = time.monotonic()
@@ -106,7 +114,7 @@ class DaemonState:
             doc = decode(data)
             self.fs.import_state(doc["fs"])
         except (StateError, OSError, ValueError, TypeError, KeyError) as e:
-            path = dump_rejected(data)
+            path = dump_rejected(data, self.dump_dir)
             raise StateError(
                 f"cannot load the device state: {e}"
                 + (
@@ -126,9 +134,10 @@ class DaemonState:
         self.fs.prepare_migration(enabled)
 
 
-def dump_rejected(data: bytes) -> str | None:
+def dump_rejected(data: bytes, directory: str | None) -> str | None:
     """Keep a rejected state for debugging; its path, or None."""
-    directory = os.environ.get("RUNTIME_DIRECTORY") or "/tmp"
+    if directory is None:
+        return None
     path = os.path.join(directory, f"virtiofsd-py-rejected-state-{os.getpid()}-{int(time.time())}")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -1,0 +1,511 @@
+"""Live migration of the passthrough backend's tables (docs/migration-format.md).
+
+Source: every node is described by how to find it again -- its path relative
+to the shared directory, read from ``/proc/self/fd/N`` (the kernel keeps it
+current across renames) and confirmed with ``fstatat``; and, in
+``file-handles`` mode or when it has no path (unlinked but open), its
+``name_to_handle_at`` file handle.  Open handles keep their fh and flags;
+locks the guest holds are read from ``/proc/self/fdinfo`` of the fds that
+hold them.  Paths are worked out ahead of time once migration starts
+(``prepare``), so the switch-over only re-checks what changed since.
+
+Destination: nodes are opened by handle (when given and allowed) or by path,
+one component at a time with O_NOFOLLOW from the shared directory, so a
+hostile state cannot reach outside it; identities are checked; handles are
+reopened; locks re-acquired (in the background while the source, on the same
+host, still holds them).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from . import linux
+from .base import ROOT_ID, Lock
+from .handles import HandleData
+from .inodes import InodeData
+from .locks import OFFSET_MAX, flock_arg
+
+if TYPE_CHECKING:
+    from .passthrough import PassthroughFS
+
+log = logging.getLogger("virtiofsd_py.migration")
+
+MigrationMode = Literal["find-paths", "file-handles"]
+OnError = Literal["abort", "guest-error"]
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_REOPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationConfig:
+    """The Rust virtiofsd's ``--migration-*`` options."""
+
+    #: Source: what to send to find inodes again.
+    mode: MigrationMode = "find-paths"
+    #: Destination: a node that cannot be found fails the load, or becomes EIO.
+    on_error: OnError = "abort"
+    #: Destination: the inode found must have the very file handle the source sent.
+    verify_handles: bool = False
+    #: Source: re-check every path at switch-over even when nothing was renamed.
+    confirm_paths: bool = False
+
+
+class MigrationError(ValueError):
+    pass
+
+
+# -- source ---------------------------------------------------------------------------------
+class Preparer:
+    """Paths worked out while the guest still runs (from LOG_ALL on).
+
+    ``namespace_changes`` of the backend counts guest renames/unlinks; a
+    cached path is trusted at switch-over only if none happened since it was
+    computed (host-side renames are caught by the destination's identity
+    check and the file-handle fallback).
+    """
+
+    def __init__(self, fs: PassthroughFS) -> None:
+        self.fs = fs
+        self.cache: dict[int, bytes | None] = {}
+        self.generation = -1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.stop()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="vfsd-migration-prep", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        generation = self.fs.namespace_changes
+        root = _root_path(self.fs)
+        cache: dict[int, bytes | None] = {}
+        for node in self.fs.inodes:
+            if self._stop.is_set():
+                return
+            if node.nodeid != ROOT_ID:
+                cache[node.nodeid] = _path_of(node, root, self.fs.inodes.root.fd)
+        self.cache, self.generation = cache, generation
+        log.info("migration: %d paths prepared in %.3f s", len(cache), time.monotonic() - t0)
+
+    def path(self, node: InodeData, root: bytes, confirm: bool) -> bytes | None:
+        fresh = not confirm and self.generation == self.fs.namespace_changes
+        if fresh and node.nodeid in self.cache:
+            return self.cache[node.nodeid]
+        return _path_of(node, root, self.fs.inodes.root.fd)
+
+
+def _root_path(fs: PassthroughFS) -> bytes:
+    return os.readlink(f"/proc/self/fd/{fs.inodes.root.fd}".encode())
+
+
+def _path_of(node: InodeData, root: bytes, root_fd: int) -> bytes | None:
+    """The node's current path relative to the share, confirmed by identity."""
+    try:
+        where = os.readlink(f"/proc/self/fd/{node.fd}".encode())
+    except OSError:
+        return None
+    if not where.startswith(root + b"/"):
+        return None
+    rel = where[len(root) + 1 :]
+    try:
+        st = os.stat(rel, dir_fd=root_fd, follow_symlinks=False)
+    except OSError:
+        return None  # unlinked (the link reads "... (deleted)") or moved meanwhile
+    return rel if (st.st_dev, st.st_ino) == node.key[:2] else None
+
+
+def _handle_of(node: InodeData) -> bytes | None:
+    try:
+        return linux.name_to_handle(node.fd)[0]
+    except OSError:
+        return None
+
+
+def _fd_locks(fd: int) -> list[tuple[str, int, int, int]]:
+    """(class, type, start, end) of each lock held through ``fd``'s open file."""
+    out: list[tuple[str, int, int, int]] = []
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            lines = [line for line in f if line.startswith("lock:")]
+    except OSError:
+        return out
+    for line in lines:
+        words = line.split()
+        # lock:  N: CLASS ADVISORY ACCESS PID MAJ:MIN:INO START END|EOF
+        if len(words) < 9:
+            continue
+        kind = fcntl.F_WRLCK if words[4] == "WRITE" else fcntl.F_RDLCK
+        end = OFFSET_MAX if words[8] == "EOF" else int(words[8])
+        out.append((words[2], kind, int(words[7]), end))
+    return out
+
+
+def export_state(fs: PassthroughFS, prep: Preparer | None) -> dict[str, Any]:
+    cfg = fs.migration
+    root = _root_path(fs)
+    root_node = fs.inodes.root
+    inodes = []
+    for node in fs.inodes:
+        if node.nodeid == ROOT_ID:
+            continue
+        if prep is not None:
+            path = prep.path(node, root, cfg.confirm_paths)
+        else:
+            path = _path_of(node, root, root_node.fd)
+        try:
+            unlinked = os.fstat(node.fd).st_nlink == 0
+        except OSError:
+            unlinked = False
+        handle = _handle_of(node) if cfg.mode == "file-handles" or path is None else None
+        inodes.append(
+            {
+                "id": node.nodeid,
+                "gen": 0,
+                "lookups": node.lookups,
+                "mode": node.mode,
+                "key": list(node.key),
+                "parent": node.parent,
+                "name": node.name,
+                "path": path,
+                "handle": handle,
+                "unlinked": unlinked,
+            }
+        )
+    handles = [{"fh": h.fh, "inode": h.nodeid, "flags": h.flags} for h in fs.handles]
+    locks: list[dict[str, Any]] = []
+    for (nodeid, owner), ofd in fs.locks.owners():
+        for kind, ltype, start, end in _fd_locks(ofd.fd):
+            if kind == "OFDLCK":
+                locks.append(_lock(nodeid, owner, ltype, start, end, flock=False))
+    for h in fs.handles:
+        for kind, ltype, start, end in _fd_locks(h.fd):
+            if kind == "FLOCK":
+                locks.append(_lock(h.nodeid, h.fh, ltype, start, end, flock=True))
+    return {
+        "kind": "passthrough",
+        "host": socket.gethostname(),
+        "root_key": list(root_node.key),
+        "next_nodeid": fs.inodes.next_id,
+        "next_fh": fs.handles.next_fh,
+        "inodes": inodes,
+        "handles": handles,
+        "locks": locks,
+    }
+
+
+def _lock(
+    nodeid: int, owner: int, ltype: int, start: int, end: int, *, flock: bool
+) -> dict[str, Any]:
+    """``owner`` is the guest lock owner for POSIX locks, the fh for flock locks."""
+    return {
+        "inode": nodeid,
+        "owner": owner,
+        "type": ltype,
+        "start": start,
+        "end": end,
+        "flock": flock,
+    }
+
+
+# -- destination ----------------------------------------------------------------------------
+def _field(d: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(d, dict):
+        raise MigrationError(f"{what}: not a map")
+    value = d.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise MigrationError(f"{what}: field {key!r} missing or of the wrong type")
+    return value
+
+
+def _open_path(root_fd: int, path: bytes) -> int:
+    """O_PATH fd of ``path`` under ``root_fd``, never following a symlink or ``..``."""
+    parts = path.split(b"/")
+    if not path or any(p in (b"", b".", b"..") for p in parts):
+        raise OSError(errno.EINVAL, f"bad path in state: {path!r}")
+    fd = os.dup(root_fd)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = _O_PATH if last else _O_PATH | os.O_DIRECTORY
+            nxt = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Loader:
+    def __init__(self, fs: PassthroughFS, state: dict[str, Any]) -> None:
+        self.fs = fs
+        self.cfg = fs.migration
+        self.state = state
+        root_key = state.get("root_key")
+        self.same_fs = (
+            state.get("host") == socket.gethostname()
+            and isinstance(root_key, list)
+            and root_key[:2] == list(fs.inodes.root.key[:2])
+        )
+        self.mount_fd = -1
+        self.failed: list[str] = []
+
+    def _mount_fd(self) -> int:
+        if self.mount_fd < 0:
+            self.mount_fd = os.open(
+                os.fspath(self.fs.config.shared_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+        return self.mount_fd
+
+    def _by_handle(self, handle: bytes) -> int:
+        fd = linux.open_by_handle(self._mount_fd(), handle, os.O_PATH | os.O_NOFOLLOW)
+        # A file handle names any file of the file system: keep only what lies
+        # inside the share (or is unlinked, reachable only through open fds).
+        try:
+            st = os.fstat(fd)
+            where = os.readlink(f"/proc/self/fd/{fd}".encode())
+            root = _root_path(self.fs)
+            if st.st_nlink != 0 and not (where == root or where.startswith(root + b"/")):
+                raise OSError(errno.EACCES, "file handle names a file outside the shared directory")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def open_node(self, d: dict[str, Any]) -> int:
+        path = d.get("path")
+        handle = d.get("handle")
+        errors = []
+        if isinstance(handle, bytes) and handle:
+            try:
+                return self._by_handle(handle)
+            except OSError as e:
+                errors.append(f"file handle: {e.strerror or e}")
+        if isinstance(path, bytes):
+            try:
+                return _open_path(self.fs.inodes.root.fd, path)
+            except OSError as e:
+                errors.append(f"path {path!r}: {e.strerror or e}")
+        raise MigrationError("; ".join(errors) or "neither a path nor a file handle")
+
+    def check_identity(self, fd: int, d: dict[str, Any]) -> tuple[os.stat_result, int]:
+        st, mnt_id = linux.stat_fd(fd)
+        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(d["mode"]):
+            raise MigrationError(
+                f"file type {stat.S_IFMT(st.st_mode):o} is not the source's "
+                f"{stat.S_IFMT(d['mode']):o}"
+            )
+        key = d.get("key")
+        if self.same_fs and isinstance(key, list) and key[:2] != [st.st_dev, st.st_ino]:
+            raise MigrationError("found a different inode than the source had")
+        if self.cfg.verify_handles:
+            handle = d.get("handle")
+            mine = linux.name_to_handle(fd)[0]
+            if not isinstance(handle, bytes) or handle != mine:
+                raise MigrationError("file handle differs from the source's")
+        return st, mnt_id
+
+    def node(self, d: dict[str, Any], ids: set[int]) -> InodeData:
+        nodeid = _field(d, "id", int, "inode")
+        what = f"inode {nodeid}"
+        _field(d, "mode", int, what)
+        lookups = _field(d, "lookups", int, what)
+        parent = d.get("parent")
+        name = d.get("name")
+        if not isinstance(parent, int) or (parent not in ids and parent != ROOT_ID):
+            parent, name = ROOT_ID, b""
+        if not isinstance(name, bytes):
+            name = b""
+        try:
+            fd = self.open_node(d)
+            try:
+                st, mnt_id = self.check_identity(fd, d)
+            except BaseException:
+                os.close(fd)
+                raise
+        except (OSError, MigrationError) as e:
+            reason = f"{what} ({_describe(d)}): {e}"
+            if self.cfg.on_error == "abort":
+                raise MigrationError(reason) from None
+            self.failed.append(reason)
+            node = InodeData(nodeid, -1, (0, 0, 0), d["mode"], parent, name)
+        else:
+            node = InodeData(nodeid, fd, (st.st_dev, st.st_ino, mnt_id), st.st_mode, parent, name)
+        node.lookups = max(0, lookups)
+        return node
+
+    def close(self) -> None:
+        if self.mount_fd >= 0:
+            os.close(self.mount_fd)
+
+
+def _describe(d: dict[str, Any]) -> str:
+    path = d.get("path")
+    if isinstance(path, bytes):
+        return path.decode("utf-8", "backslashreplace")
+    return "unlinked" if d.get("unlinked") else "no path"
+
+
+def _break_cycles(nodes: dict[int, InodeData]) -> None:
+    """Re-root nodes whose parent chain does not reach the root (hostile state)."""
+    for node in nodes.values():
+        seen = {node.nodeid}
+        cur = node.parent
+        while cur != ROOT_ID:
+            if cur in seen or cur not in nodes:
+                node.parent, node.name = ROOT_ID, b""
+                break
+            seen.add(cur)
+            cur = nodes[cur].parent
+
+
+def import_state(fs: PassthroughFS, state: dict[str, Any]) -> None:
+    if state.get("kind") != "passthrough":
+        raise MigrationError(f"state of a {state.get('kind')!r} backend, not passthrough")
+    raw_inodes = _field(state, "inodes", list, "state")
+    raw_handles = _field(state, "handles", list, "state")
+    raw_locks = state.get("locks", [])
+    if not isinstance(raw_locks, list):
+        raise MigrationError("state: locks is not a list")
+    ids: set[int] = set()
+    for d in raw_inodes:
+        nodeid = _field(d, "id", int, "inode")
+        if nodeid <= ROOT_ID or nodeid in ids or nodeid >= 1 << 63:
+            raise MigrationError(f"inode id {nodeid} is invalid or repeated")
+        ids.add(nodeid)
+    loader = _Loader(fs, state)
+    nodes: dict[int, InodeData] = {}
+    try:
+        for d in raw_inodes:
+            node = loader.node(d, ids)
+            nodes[node.nodeid] = node
+        _break_cycles(nodes)
+        handles = [_reopen(fs, nodes, d, loader) for d in raw_handles]
+    except BaseException:
+        for n in nodes.values():
+            n.close()
+        raise
+    finally:
+        loader.close()
+    next_id = state.get("next_nodeid")
+    next_fh = state.get("next_fh")
+    fs.inodes.restore(list(nodes.values()), next_id if isinstance(next_id, int) else 0)
+    fs.handles.restore(
+        [h for h in handles if h is not None], next_fh if isinstance(next_fh, int) else 0
+    )
+    for reason in loader.failed:
+        log.error("migration: %s; the guest gets errors for it", reason)
+    log.info(
+        "migration: %d inodes, %d handles restored (%d unusable)",
+        len(nodes), len(handles), len(loader.failed),
+    )  # fmt: skip
+    if raw_locks:
+        LockRestorer(fs, raw_locks).start()
+
+
+def _reopen(
+    fs: PassthroughFS, nodes: dict[int, InodeData], d: Any, loader: _Loader
+) -> HandleData | None:
+    fh = _field(d, "fh", int, "handle")
+    nodeid = _field(d, "inode", int, f"handle {fh}")
+    flags = _field(d, "flags", int, f"handle {fh}")
+    if fh <= 0 or fh >= 1 << 63:
+        raise MigrationError(f"handle {fh} is invalid")
+    node = nodes.get(nodeid)
+    if node is None:
+        raise MigrationError(f"handle {fh} refers to unknown inode {nodeid}")
+    if node.fd < 0:
+        return HandleData(fh, nodeid, -1, flags)
+    host = flags & ~_REOPEN_DROP | os.O_CLOEXEC
+    if stat.S_ISDIR(node.mode):
+        host = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    elif not stat.S_ISREG(node.mode):
+        raise MigrationError(f"handle {fh} is open on a node that is not a file or directory")
+    try:
+        fd = os.open(f"/proc/self/fd/{node.fd}", host)
+    except OSError as e:
+        reason = f"handle {fh} of inode {nodeid}: reopen failed: {e.strerror}"
+        if loader.cfg.on_error == "abort":
+            raise MigrationError(reason) from None
+        loader.failed.append(reason)
+        fd = -1
+    return HandleData(fh, nodeid, fd, flags)
+
+
+class LockRestorer:
+    """Takes the guest's locks again, waiting while the source still holds them."""
+
+    def __init__(self, fs: PassthroughFS, locks: list[Any], timeout: float = 120.0) -> None:
+        self.fs = fs
+        self.locks = locks
+        self.timeout = timeout
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="vfsd-lock-restore", daemon=True).start()
+
+    def _run(self) -> None:
+        pending = []
+        for d in self.locks:
+            try:
+                nodeid = _field(d, "inode", int, "lock")
+                owner = _field(d, "owner", int, "lock")
+                ltype = _field(d, "type", int, "lock")
+                start = _field(d, "start", int, "lock")
+                end = _field(d, "end", int, "lock")
+            except MigrationError as e:
+                log.error("migration: skipping a lock: %s", e)
+                continue
+            if ltype not in (fcntl.F_RDLCK, fcntl.F_WRLCK) or not 0 <= start <= end:
+                log.error("migration: skipping an invalid lock on inode %d", nodeid)
+                continue
+            pending.append((nodeid, owner, ltype, start, end, bool(d.get("flock"))))
+        deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        while pending and time.monotonic() < deadline:
+            pending = [lk for lk in pending if not self._try(*lk)]
+            if pending:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        for nodeid, owner, *_ in pending:
+            log.error("migration: could not re-take a lock on inode %d (owner %#x)", nodeid, owner)
+        if not pending and self.locks:
+            log.info("migration: %d guest locks re-taken", len(self.locks))
+
+    def _try(self, nodeid: int, owner: int, ltype: int, start: int, end: int, flock: bool) -> bool:
+        fs = self.fs
+        node = fs.inodes.get(nodeid)
+        if node is None or node.fd < 0:
+            return True  # forgotten meanwhile: nothing to hold
+        try:
+            if flock:
+                h = fs.handles.get(owner, nodeid)
+                op = fcntl.LOCK_EX if ltype == fcntl.F_WRLCK else fcntl.LOCK_SH
+                fcntl.flock(h.fd, op | fcntl.LOCK_NB)
+            else:
+                fd = fs.lock_owner_fd(node, owner, ltype == fcntl.F_WRLCK)
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock_arg(Lock(start, end, ltype)))
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return False
+            log.error("migration: lock on inode %d: %s", nodeid, e)
+            return True
+        return True
