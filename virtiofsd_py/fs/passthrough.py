@@ -186,6 +186,12 @@ class PassthroughFS(Filesystem):
         self._uid_map = config.uid_map if config.uid_map else None
         self._gid_map = config.gid_map if config.gid_map else None
         self.migration = config.migration
+        #: Host name of the guest's security.capability when --xattrmap renames it.
+        self._remapped_cap = (
+            config.xattrmap.remapped_capability()
+            if config.xattr and config.xattrmap is not None
+            else None
+        )
         #: Guest renames/unlinks so far: prepared migration paths are stale after one.
         self.namespace_changes = 0
         self._preparer: Preparer | None = None
@@ -242,6 +248,24 @@ class PassthroughFS(Filesystem):
 
     def _proc_path(self, node: InodeData) -> str:
         return self._proc_prefix + str(node.fd)
+
+    def _drop_capability(self, target: int | str) -> None:
+        """Remove the remapped security.capability before a write, truncate or chown.
+
+        CVE-2021-20263: the host kernel only clears the attribute it knows
+        by that name; when --xattrmap stores the guest's elsewhere, a
+        modified file would keep its capabilities in the guest.  ``target``
+        is an open fd or a /proc/self/fd path of a regular file.  Failing to
+        remove it fails the request (before anything changed), as in the
+        Rust and C virtiofsd.
+        """
+        if self._remapped_cap is None:
+            return
+        try:
+            os.removexattr(target, self._remapped_cap)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
 
     def _reopen(self, node: InodeData, flags: int) -> int:
         """A real fd for ``node`` (regular file or directory only) via /proc/self/fd."""
@@ -394,6 +418,8 @@ class PassthroughFS(Filesystem):
     ) -> Opened:
         self._check_open_flags(flags)
         node = self._node(nodeid)
+        if flags & os.O_TRUNC and stat.S_ISREG(node.mode):
+            self._drop_capability(self._proc_path(node))
         with self._kill_priv(kill_suidgid and bool(flags & os.O_TRUNC)):
             fd = self._reopen_flags(node, flags)
         h = self.handles.add(nodeid, fd, flags)
@@ -622,6 +648,8 @@ class PassthroughFS(Filesystem):
                 raise _err(errno.EISDIR, f"{name!r} is a directory")
             if not stat.S_ISREG(mode):
                 raise _err(errno.EEXIST, f"{name!r} exists and is not a regular file")
+            if flags & os.O_TRUNC:
+                self._drop_capability(self._proc_prefix + str(path_fd))
             host = self._host_flags(flags) | os.O_CLOEXEC
             return os.open(str(path_fd), host, dir_fd=self._proc_fd)
         finally:
@@ -734,6 +762,8 @@ class PassthroughFS(Filesystem):
             fd = h.fd
         path = self._proc_path(node)
         kill = attr.kill_suidgid and self.config.killpriv_v2
+        if v & (abi.FATTR_UID | abi.FATTR_GID | abi.FATTR_SIZE) and stat.S_ISREG(node.mode):
+            self._drop_capability(fd if fd >= 0 else path)
         if v & abi.FATTR_MODE:
             if fd >= 0:
                 os.fchmod(fd, stat.S_IMODE(attr.mode))
@@ -785,6 +815,7 @@ class PassthroughFS(Filesystem):
         h = self.handles.get(fh, nodeid)
         if not bufs:
             return 0
+        self._drop_capability(h.fd)
         if write_flags & abi.FUSE_WRITE_KILL_SUIDGID and self.config.killpriv_v2:
             with DropCap(CAP_FSETID):
                 return os.pwritev(h.fd, bufs, offset)
@@ -802,6 +833,7 @@ class PassthroughFS(Filesystem):
     ) -> None:
         self._check_write()
         h = self.handles.get(fh, nodeid)
+        self._drop_capability(h.fd)
         linux.fallocate(h.fd, mode, offset, length)
 
     def copy_file_range(
@@ -821,6 +853,7 @@ class PassthroughFS(Filesystem):
             raise _err(errno.EINVAL, "copy_file_range flags must be 0")
         src = self.handles.get(fh_in, nodeid_in)
         dst = self.handles.get(fh_out, nodeid_out)
+        self._drop_capability(dst.fd)
         return os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
 
     def syncfs(self, ctx: Context, nodeid: int) -> None:

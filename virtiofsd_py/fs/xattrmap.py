@@ -35,6 +35,7 @@ from typing import Final, Literal
 
 RuleType = Literal["prefix", "ok", "bad", "unsupported"]
 _TYPES: Final = ("prefix", "ok", "bad", "unsupported", "map")
+SECURITY_CAPABILITY: Final = b"security.capability"
 _SCOPES: Final = {"client": (True, False), "server": (False, True), "all": (True, True)}
 
 
@@ -145,3 +146,19 @@ class XattrMap:
                     return name
                 return None
         return None
+
+    def remapped_capability(self) -> bytes | None:
+        """Where the guest's ``security.capability`` lives on the host, if renamed.
+
+        The host kernel clears ``security.capability`` when a file is written,
+        truncated or chowned, so a modified binary loses its file
+        capabilities.  Once a rule renames that attribute (say to
+        ``user.virtiofs.security.capability``), the kernel no longer knows to
+        clear it and the daemon must (CVE-2021-20263).  None when the name is
+        not renamed or is refused outright (the guest cannot set it then).
+        """
+        try:
+            host = self.to_host(SECURITY_CAPABILITY)
+        except OSError:
+            return None
+        return None if host == SECURITY_CAPABILITY else host

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from virtiofsd_py.testing.driver import GuestMemory, SplitQueue
 from virtiofsd_py.vhost.protocol import (
     CONFIG_HEAD,
+    DEVICE_STATE_LOAD,
+    DEVICE_STATE_PARAMS,
+    DEVICE_STATE_SAVE,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     HEADER,
@@ -560,6 +563,54 @@ class VhostUserFrontend:
         if protocol:
             self.set_vring_enable(index, True)
         return q
+
+    # -- migration (vhost-user.rst, "Migrating back-end state") -------------------------
+    def set_device_state_fd(self, direction: int, fd: int, phase: int = 0) -> int:
+        """SET_DEVICE_STATE_FD with our end ``fd``; the raw u64 result."""
+        self.send(
+            Request.SET_DEVICE_STATE_FD, DEVICE_STATE_PARAMS.pack(direction, phase), fds=[fd]
+        )
+        return self.recv_reply(Request.SET_DEVICE_STATE_FD).u64()
+
+    def check_device_state(self) -> int:
+        return self.get_u64(Request.CHECK_DEVICE_STATE)
+
+    def save_state(self) -> bytes:
+        """What QEMU's vhost_save_backend_state does: pipe, read to EOF, check."""
+        r, w = os.pipe()
+        try:
+            result = self.set_device_state_fd(DEVICE_STATE_SAVE, w)
+        finally:
+            os.close(w)
+        try:
+            if result & 0xFF:
+                raise Nack(Request.SET_DEVICE_STATE_FD, result)
+            chunks = []
+            while chunk := os.read(r, 1 << 20):
+                chunks.append(chunk)
+        finally:
+            os.close(r)
+        check = self.check_device_state()
+        if check:
+            raise Nack(Request.CHECK_DEVICE_STATE, check)
+        return b"".join(chunks)
+
+    def load_state(self, data: bytes) -> int:
+        """What QEMU's vhost_load_backend_state does; the CHECK_DEVICE_STATE result."""
+        r, w = os.pipe()
+        try:
+            result = self.set_device_state_fd(DEVICE_STATE_LOAD, r)
+        finally:
+            os.close(r)
+        try:
+            if result & 0xFF:
+                raise Nack(Request.SET_DEVICE_STATE_FD, result)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view[: 1 << 20]) :]
+        finally:
+            os.close(w)
+        return self.check_device_state()
 
     def stop(self, *, disable: bool = True) -> list[int]:
         """QEMU's vhost_dev_stop: disable each ring, then GET_VRING_BASE each; returns the bases."""

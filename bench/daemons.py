@@ -1,0 +1,69 @@
+"""Which daemons a benchmark compares: ours and, when installed, the Rust virtiofsd.
+
+Both get the same cache mode (``--cache auto`` unless told otherwise) and no
+sandbox, so they differ only in the implementation. Ours logs errors only:
+debug logging costs more than the request itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_REF = "VIRTIOFSD_REF"
+OURS = "virtiofsd-py"
+REF = "virtiofsd-rs"
+
+
+@dataclass(frozen=True)
+class DaemonSpec:
+    """A daemon to benchmark: a name and a command template ({socket}, {shared_dir})."""
+
+    name: str
+    template: str
+
+
+def reference_command() -> str | None:
+    """The Rust virtiofsd: ``$VIRTIOFSD_REF``, else ``virtiofsd`` on PATH or in /usr/libexec."""
+    env = os.environ.get(ENV_REF)
+    if env:
+        return env
+    found = shutil.which("virtiofsd")
+    if found:
+        return found
+    libexec = Path("/usr/libexec/virtiofsd")
+    return str(libexec) if os.access(libexec, os.X_OK) else None
+
+
+def ours(cache: str = "auto", extra: str = "") -> DaemonSpec:
+    cmd = (
+        f"{shlex.quote(sys.executable)} -m virtiofsd_py --socket-path {{socket}}"
+        f" --shared-dir {{shared_dir}} --sandbox none --log-level error --cache {cache} {extra}"
+    )
+    return DaemonSpec(OURS, cmd.strip())
+
+
+def reference(cache: str = "auto", extra: str = "") -> DaemonSpec | None:
+    cmd = reference_command()
+    if cmd is None:
+        return None
+    tpl = (
+        f"{cmd} --sandbox none --seccomp none --socket-path {{socket}}"
+        f" --shared-dir {{shared_dir}} --cache {cache} {extra}"
+    )
+    return DaemonSpec(REF, tpl.strip())
+
+
+def selected(names: list[str] | None, cache: str = "auto") -> list[DaemonSpec]:
+    """Ours and the reference (if installed), filtered by ``names``."""
+    specs = [ours(cache)]
+    ref = reference(cache)
+    if ref is not None:
+        specs.append(ref)
+    if names:
+        specs = [s for s in specs if s.name in names]
+    return specs

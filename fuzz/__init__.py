@@ -1,0 +1,1 @@
+"""Fuzz targets (``targets.py``) and atheris harnesses (``fuzz_*.py``)."""
