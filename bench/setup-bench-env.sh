@@ -36,6 +36,12 @@ if [ "$(cat "$GUEST_DIR/benchroot/.packages" 2>/dev/null)" != "$bench_pkgs" ] ||
     rm -rf "$GUEST_DIR/benchroot.new"
     mkdir -p "$GUEST_DIR/benchroot.new"
     for deb in "$tmp"/debs/*.deb; do dpkg-deb -x "$deb" "$GUEST_DIR/benchroot.new"; done
+    # Some libraries live in private directories found through RUNPATH (ceph);
+    # the guest has one flat library directory, so link them into it.
+    libdir="$GUEST_DIR/benchroot.new/usr/lib/x86_64-linux-gnu"
+    find "$libdir" -mindepth 2 -name 'lib*.so*' -printf '%P\n' | while read -r rel; do
+        [ -e "$libdir/$(basename "$rel")" ] || ln -s "$rel" "$libdir/$(basename "$rel")"
+    done
     echo "$bench_pkgs" > "$GUEST_DIR/benchroot.new/.packages"
     rm -rf "$GUEST_DIR/benchroot"
     mv "$GUEST_DIR/benchroot.new" "$GUEST_DIR/benchroot"

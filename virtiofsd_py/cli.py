@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from virtiofsd_py.migration.inspect import main as inspect_main
 
         return inspect_main(args[1:])
+    if args[:1] == ["mount"]:
+        from virtiofsd_py.mount import run as mount_run
+
+        return mount_run(args[1:])
     try:
         opts = parse_args(argv)
     except OptionError as e:
@@ -61,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(capabilities(), indent=2))
         return 0
     setup_logging(opts)
+    for note in opts.deprecations:
+        logging.getLogger("virtiofsd_py").warning("%s", note)
     import uvloop
 
     from virtiofsd_py.daemon import StartupError, serve

@@ -24,12 +24,14 @@ from dataclasses import dataclass
 
 from virtiofsd_py.fs.creds import drop_supplementary_groups
 from virtiofsd_py.fs.idmap import IdMap
+from virtiofsd_py.fs.memory import MemoryFS, memory_fs_from_options
 from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fs.passthrough_migration import MigrationConfig
 from virtiofsd_py.fs.xattrmap import XattrMap
 from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
 from virtiofsd_py.migration.state import DaemonState
 from virtiofsd_py.options import Options
+from virtiofsd_py.service import ServiceHooks
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
 from virtiofsd_py.vhost.connection import VhostUserConnection
 from virtiofsd_py.virtio.queue_runner import QueueRunner
@@ -145,7 +147,24 @@ def raise_nofile_limit(wanted: int | None) -> None:
         log.warning("could not raise RLIMIT_NOFILE to %d: %s", target, e)
 
 
-def build_filesystem(opts: Options) -> PassthroughFS:
+def fuse_config(opts: Options, fs: PassthroughFS | MemoryFS) -> FuseConfig:
+    """What FUSE_INIT offers, from the options (shared with ``mount.py``)."""
+    return FuseConfig(
+        readdirplus=opts.readdirplus and fs.policy.readdirplus,
+        writeback=opts.writeback,
+        killpriv_v2=opts.killpriv_v2,
+        posix_acl=opts.posix_acl,
+        security_label=opts.security_label,
+        allow_mmap=opts.allow_mmap,
+        submounts=opts.announce_submounts,
+        posix_locks=opts.posix_locks,
+        flock_locks=opts.flock_locks,
+    )
+
+
+def build_filesystem(opts: Options) -> PassthroughFS | MemoryFS:
+    if opts.backend == "memory":
+        return memory_fs_from_options(opts)
     assert opts.shared_dir is not None
     try:
         return PassthroughFS(
@@ -185,8 +204,11 @@ async def serve(opts: Options) -> int:
         loop.add_signal_handler(sig, stop.set)
     if opts.sandbox == "none":
         log.warning("running without a sandbox (--sandbox none): confinement is by *at() only")
+    hooks = ServiceHooks(opts, loop)
     try:
+        await hooks.start()
         log.info("waiting for a vhost-user front-end on %s", opts.socket_path or f"fd {opts.fd}")
+        hooks.listening(opts.socket_path or f"fd {opts.fd}")
         accept = asyncio.ensure_future(loop.sock_accept(listener.sock))
         stopped = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({accept, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -198,22 +220,10 @@ async def serve(opts: Options) -> int:
         conn_sock, _ = accept.result()
         listener.sock.close()  # one front-end per daemon
         log.info("front-end connected")
-        readdirplus = opts.readdirplus and fs.policy.readdirplus
-        dispatcher = Dispatcher(
-            fs,
-            FuseConfig(
-                readdirplus=readdirplus,
-                writeback=opts.writeback,
-                killpriv_v2=opts.killpriv_v2,
-                posix_acl=opts.posix_acl,
-                security_label=opts.security_label,
-                allow_mmap=opts.allow_mmap,
-                submounts=opts.announce_submounts,
-            ),
-        )
+        dispatcher = Dispatcher(fs, fuse_config(opts, fs))
         runner = QueueRunner(
             loop,
-            dispatcher.handle,
+            hooks.instrument(dispatcher.handle),
             thread_pool_size=opts.thread_pool_size,
             may_block=dispatcher.may_block,
             interrupt=fs.interrupt_waits,
@@ -224,6 +234,7 @@ async def serve(opts: Options) -> int:
             on_reset=dispatcher.reset,
             state=DaemonState(dispatcher, fs, opts.shared_dir or "", rejected_state_dir(opts)),
         )
+        hooks.serving(lambda: backend.rings, fs)
         conn = VhostUserConnection(conn_sock, backend)
         serving = asyncio.ensure_future(conn.serve())
         stopped = asyncio.ensure_future(stop.wait())
@@ -238,5 +249,6 @@ async def serve(opts: Options) -> int:
         fs.destroy()
         return 0
     finally:
+        await hooks.close()
         listener.close()
         fs.close()

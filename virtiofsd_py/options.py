@@ -13,9 +13,16 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from virtiofsd_py import legacy_options
+
 CACHE_MODES = ("auto", "always", "metadata", "never")
 SD_LISTEN_FDS_START = 3
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
+BACKENDS = ("passthrough", "memory")
+MOUNT_HELP = (
+    "Serve the backend through the host kernel's FUSE on MOUNTPOINT instead of a "
+    "vhost-user socket (SHARED_DIR is the passthrough's --shared-dir)"
+)
 
 
 class OptionError(Exception):
@@ -56,19 +63,43 @@ class Options:
     migration_on_error: str = "abort"
     migration_verify_handles: bool = False
     migration_confirm_paths: bool = False
+    #: Forward the guest's flock()/fcntl() locks to the host (legacy -o no_flock/no_posix_lock).
+    flock_locks: bool = True
+    posix_locks: bool = True
+    #: --metrics ADDR (see metrics_server.parse_address).
+    metrics: str | None = None
+    #: Deprecated syntax used on the command line: warnings to log at startup.
+    deprecations: tuple[str, ...] = ()
+    #: ``--backend``: "passthrough" (--shared-dir) or "memory" (fs/memory.py).
+    backend: str = "passthrough"
+    #: ``virtiofsd-py mount``: where the host mount goes (mount.py).
+    mountpoint: str | None = None
+    #: ``--modcaps`` (capabilities.py), ``--uid-map``/``--gid-map`` (sandbox.py).
+    modcaps: str | None = None
+    uid_map: tuple[str, ...] = ()
+    gid_map: tuple[str, ...] = ()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, mount: bool = False) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="virtiofsd-py",
+        prog="virtiofsd-py mount" if mount else "virtiofsd-py",
         description="vhost-user virtio-fs back-end (a Python virtiofsd).",
         allow_abbrev=False,
     )
     add = ap.add_argument
     add("--shared-dir", metavar="DIR", help="Shared directory path")
+    add(
+        "--backend",
+        choices=BACKENDS,
+        default="passthrough",
+        help="virtiofsd-py only: what to serve, the shared directory (passthrough, default) "
+        "or a file system held in memory (memory; no --shared-dir)",
+    )
+    if mount:
+        add("paths", nargs="+", metavar="[SHARED_DIR] MOUNTPOINT", help=MOUNT_HELP)
     add("--tag", help="Tag the virtio device advertises (offers VHOST_USER_PROTOCOL_F_CONFIG)")
     add("--socket-path", metavar="PATH", help="vhost-user socket path")
-    add("--socket", dest="socket_path", metavar="PATH", help=argparse.SUPPRESS)
+    add("--socket", dest="socket_path", metavar="PATH", help="Same as --socket-path [deprecated]")
     add("--socket-group", metavar="GROUP", help="Name of the group to own the socket")
     add("--fd", type=int, metavar="FD", help="File descriptor of an already listening socket")
     add(
@@ -103,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Let the daemon clear set-id bits on write/truncate (FUSE_HANDLE_KILLPRIV_V2)",
     )
-    add("--no-killpriv-v2", dest="killpriv_v2", action="store_false", help=argparse.SUPPRESS)
+    add(
+        "--no-killpriv-v2",
+        dest="killpriv_v2",
+        action="store_false",
+        help="Disable KILLPRIV V2 support [default]",
+    )
     add(
         "--announce-submounts",
         action="store_true",
@@ -146,20 +182,41 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--sandbox",
         choices=("namespace", "chroot", "none"),
-        default="none",
-        help="Sandbox mechanism; only 'none' is built so far (default none)",
+        default="namespace",
+        help="Sandbox mechanism: namespace (default: pid/mount/net namespaces, pivot_root), "
+        "chroot, none",
     )
     add(
         "--seccomp",
         choices=("none", "kill", "log", "trap"),
-        default="none",
-        help="seccomp action; only 'none' is built so far (default none)",
+        default="kill",
+        help="Action on a system call outside the allow-list (default kill)",
+    )
+    add(
+        "--modcaps",
+        metavar="CAPS",
+        help="Modify the kept capabilities, e.g. +sys_admin:-mknod",
+    )
+    add(
+        "--uid-map",
+        action="append",
+        default=[],
+        metavar=":NS_UID:HOST_UID:COUNT:",
+        help="UID map of the user namespace (unprivileged --sandbox namespace)",
+    )
+    add(
+        "--gid-map",
+        action="append",
+        default=[],
+        metavar=":NS_GID:HOST_GID:COUNT:",
+        help="GID map of the user namespace (unprivileged --sandbox namespace)",
     )
     add(
         "--inode-file-handles",
-        choices=("never", "prefer", "mandatory"),
+        choices=("never", "prefer", "mandatory", "fallback"),
         default="never",
-        help="Use file handles for inodes; 'prefer' falls back to fds (default never)",
+        help="Use file handles for inodes; 'prefer' falls back to fds (default never); "
+        "'fallback' is a deprecated name of 'prefer'",
     )
     add(
         "--migration-mode",
@@ -183,25 +240,36 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Source: re-check every path at switch-over",
     )
-    add("-f", "--foreground", action="store_true", help=argparse.SUPPRESS)
+    add(
+        "--metrics",
+        metavar="ADDR",
+        help="Serve Prometheus metrics on a unix socket (PATH, unix:PATH) or a loopback "
+        "TCP port ([127.0.0.1:|[::1]:]PORT); SIGUSR1 logs them in any case",
+    )
+    add(
+        "-o",
+        action="append",
+        metavar="OPT[,OPT...]",
+        help="Options in the legacy C virtiofsd format, e.g. source=DIR,cache=none,xattr "
+        "[deprecated]",
+    )
+    add("-d", action="store_true", help="Same as --log-level debug [deprecated]")
+    add("-f", "--foreground", action="store_true", help="No effect [deprecated]")
     add("-V", "--version", action="version", version="virtiofsd-py 0.1.0")
     # Recognised but not built yet: each refused with a message when used.
+    not_built = "Recognised, not implemented yet in virtiofsd-py: refused"
     for flag in _NOT_BUILT_FLAGS:
-        add(flag, action="store_true", help=argparse.SUPPRESS)
+        add(flag, action="store_true", help=not_built)
     for opt in _NOT_BUILT_VALUES:
-        add(opt, action="append", help=argparse.SUPPRESS)
+        add(opt, action="append", metavar="VALUE", help=not_built)
+    ap.set_defaults(flock_locks=True, posix_locks=True)
     return ap
 
 
 #: Options whose absence of implementation would change what the guest sees
 #: or what isolation the operator asked for.
 _NOT_BUILT_FLAGS: tuple[str, ...] = ()
-_NOT_BUILT_VALUES = (
-    "--uid-map",
-    "--gid-map",
-    "--modcaps",
-    "-o",
-)
+_NOT_BUILT_VALUES: tuple[str, ...] = ()
 
 
 def systemd_listen_fd() -> int | None:
@@ -219,6 +287,23 @@ def systemd_listen_fd() -> int | None:
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)
     return SD_LISTEN_FDS_START
+
+
+def _mount_paths(opts: Options, paths: list[str]) -> None:
+    """``mount [SHARED_DIR] MOUNTPOINT``: SHARED_DIR for the passthrough only."""
+    if opts.backend != "passthrough" and opts.shared_dir:
+        raise OptionError(f"--shared-dir makes no sense with --backend {opts.backend}")
+    want = 2 if opts.backend == "passthrough" else 1
+    if opts.shared_dir and want == 2:
+        want = 1  # --shared-dir given as an option
+    if len(paths) != want:
+        usage = "SHARED_DIR MOUNTPOINT" if want == 2 else "MOUNTPOINT"
+        raise OptionError(f"mount: expected {usage}, got {len(paths)} path(s)")
+    if opts.socket_path is not None or opts.fd is not None:
+        raise OptionError("mount: --socket-path/--fd make no sense for a host mount")
+    if want == 2:
+        opts.shared_dir = paths[0]
+    opts.mountpoint = paths[-1]
 
 
 def _dest(opt: str) -> str:
@@ -239,8 +324,24 @@ def _check_maps(opts: Options) -> None:
         raise OptionError(str(e)) from None
 
 
-def parse_args(argv: list[str] | None = None) -> Options:
-    ns = build_parser().parse_args(argv)
+def _check_confinement(opts: Options) -> None:
+    """--sandbox/--seccomp/--modcaps/--uid-map/--gid-map (confinement.py)."""
+    from virtiofsd_py.capabilities import CapabilityError
+    from virtiofsd_py.confinement import ConfinementError, check_options
+
+    try:
+        check_options(opts)
+    except (ConfinementError, CapabilityError) as e:
+        raise OptionError(str(e)) from None
+
+
+def parse_args(argv: list[str] | None = None, *, mount: bool = False) -> Options:
+    """Options of the daemon, or of ``virtiofsd-py mount`` (``mount``: no socket, paths)."""
+    ns = build_parser(mount=mount).parse_args(argv)
+    try:
+        deprecations = legacy_options.apply(ns)
+    except legacy_options.LegacyOptionError as e:
+        raise OptionError(str(e)) from None
     used = [f for f in _NOT_BUILT_FLAGS if getattr(ns, _dest(f))]
     used += [o for o in _NOT_BUILT_VALUES if getattr(ns, _dest(o))]
     if used:
@@ -248,10 +349,6 @@ def parse_args(argv: list[str] | None = None) -> Options:
             f"{', '.join(used)}: not implemented yet in virtiofsd-py; refusing to start "
             "rather than ignore it"
         )
-    if ns.sandbox != "none":
-        raise OptionError(f"--sandbox {ns.sandbox}: not implemented yet; use --sandbox none")
-    if ns.seccomp != "none":
-        raise OptionError(f"--seccomp {ns.seccomp}: not implemented yet; use --seccomp none")
     if ns.inode_file_handles == "mandatory":
         raise OptionError("--inode-file-handles mandatory: not implemented yet")
     opts = Options(
@@ -287,6 +384,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
         migration_on_error=ns.migration_on_error,
         migration_verify_handles=ns.migration_verify_handles,
         migration_confirm_paths=ns.migration_confirm_paths,
+        flock_locks=ns.flock_locks,
+        posix_locks=ns.posix_locks,
+        metrics=ns.metrics,
+        deprecations=tuple(deprecations),
+        backend=ns.backend,
+        modcaps=ns.modcaps,
+        uid_map=tuple(ns.uid_map),
+        gid_map=tuple(ns.gid_map),
     )
     # As the Rust virtiofsd: these need xattrs, and ACLs rule out id translation.
     if opts.xattrmap is not None or opts.posix_acl or opts.security_label:
@@ -294,10 +399,28 @@ def parse_args(argv: list[str] | None = None) -> Options:
     if opts.posix_acl and (opts.translate_uid or opts.translate_gid):
         raise OptionError("--translate-uid/--translate-gid cannot be used with --posix-acl")
     _check_maps(opts)
+    _check_confinement(opts)
+    if opts.metrics is not None:
+        from virtiofsd_py.metrics_server import AddressError, parse_address
+
+        try:
+            parse_address(opts.metrics)
+        except AddressError as e:
+            raise OptionError(str(e)) from None
     if opts.print_capabilities:
         return opts
-    if not opts.shared_dir:
+    if opts.backend == "memory":
+        opts.flock_locks = opts.posix_locks = False  # fs/memory.py takes no locks
+    if mount:
+        _mount_paths(opts, ns.paths)
+    elif opts.backend == "passthrough" and not opts.shared_dir:
         raise OptionError("--shared-dir is required")
+    elif opts.backend != "passthrough" and opts.shared_dir:
+        raise OptionError(f"--shared-dir makes no sense with --backend {opts.backend}")
+    if mount:
+        if opts.thread_pool_size < 0:
+            raise OptionError("--thread-pool-size must be >= 0")
+        return opts
     if opts.socket_path is not None and opts.fd is not None:
         raise OptionError("--socket-path and --fd are mutually exclusive")
     if opts.socket_path is None and opts.fd is None:

@@ -255,6 +255,9 @@ class Dispatcher:
         self.config = config if config is not None else FuseConfig()
         self._lock = threading.Lock()
         self._session: SessionState | None = None
+        #: Trace every request by name: decided once, so that with debug off
+        #: the hot path pays one attribute test, not argument formatting.
+        self._trace = log.isEnabledFor(logging.DEBUG)
 
     # -- session state ----------------------------------------------------
     @property
@@ -346,6 +349,11 @@ class Dispatcher:
         writable: Sequence[Any],
     ) -> int:
         hlen, opcode, unique, nodeid, uid, gid, pid, extlen, _ = hdr
+        if self._trace:
+            log.debug(
+                "FUSE %s unique=%d nodeid=%d uid=%d gid=%d pid=%d len=%d",
+                abi.opcode_name(opcode), unique, nodeid, uid, gid, pid, hlen,
+            )  # fmt: skip
         avail = iov.total_len(readable)
         if hlen > avail:
             raise Malformed(f"len {hlen} exceeds the {avail} readable bytes")

@@ -567,9 +567,7 @@ class VhostUserFrontend:
     # -- migration (vhost-user.rst, "Migrating back-end state") -------------------------
     def set_device_state_fd(self, direction: int, fd: int, phase: int = 0) -> int:
         """SET_DEVICE_STATE_FD with our end ``fd``; the raw u64 result."""
-        self.send(
-            Request.SET_DEVICE_STATE_FD, DEVICE_STATE_PARAMS.pack(direction, phase), fds=[fd]
-        )
+        self.send(Request.SET_DEVICE_STATE_FD, DEVICE_STATE_PARAMS.pack(direction, phase), fds=[fd])
         return self.recv_reply(Request.SET_DEVICE_STATE_FD).u64()
 
     def check_device_state(self) -> int:

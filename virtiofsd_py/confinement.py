@@ -1,0 +1,120 @@
+"""Start-up confinement, in order: sandbox (may fork), capabilities, seccomp.
+
+``daemon.run`` calls :func:`confine` after opening the listening socket and
+before the event loop exists.  The order matters: the sandbox needs
+CAP_SYS_ADMIN for its mounts, so capabilities are dropped after it; the
+seccomp filter comes last, and every thread created afterwards (the event
+loop's, the worker pool) inherits both.
+
+The confinement is process-wide, so the paths the file system must use
+inside it are kept here (:func:`fs_paths`) rather than threaded through
+every caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from virtiofsd_py import capabilities, sandbox, seccomp
+from virtiofsd_py.sandbox import Confinement, IdMapping
+
+log = logging.getLogger("virtiofsd_py")
+
+
+class ConfinementError(Exception):
+    """The confinement asked for cannot be set up; the message is for the operator."""
+
+
+class _Opts(Protocol):
+    shared_dir: str | None
+    sandbox: str
+    seccomp: str
+    modcaps: str | None
+    uid_map: tuple[str, ...]
+    gid_map: tuple[str, ...]
+
+
+class _Socket(Protocol):
+    def close(self) -> None: ...
+
+
+class _Listener(Protocol):
+    created: list[str]
+    sock: _Socket
+
+    def close(self) -> None: ...
+
+
+_current: Confinement | None = None
+
+
+def parse_id_maps(values: Sequence[str], what: str) -> list[IdMapping]:
+    try:
+        return [IdMapping.parse(v) for v in values]
+    except ValueError as e:
+        raise ConfinementError(f"{what}: {e}") from None
+
+
+def check_options(opts: _Opts) -> None:
+    """Option-time checks (syntax and combinations), before anything is changed."""
+    capabilities.parse_modcaps(opts.modcaps)
+    uid_map = parse_id_maps(opts.uid_map, "--uid-map")
+    gid_map = parse_id_maps(opts.gid_map, "--gid-map")
+    if opts.seccomp not in seccomp.ACTIONS:
+        raise ConfinementError(f"--seccomp {opts.seccomp}: expected one of {seccomp.ACTIONS}")
+    try:
+        sandbox.check_request(opts.sandbox, uid_map, gid_map)
+    except sandbox.SandboxError as e:
+        raise ConfinementError(str(e)) from None
+
+
+def fs_paths(shared_dir: str) -> tuple[str, str]:
+    """(shared directory, /proc/self/fd) as the serving process sees them now."""
+    if _current is None or _current.mode == "none":
+        return shared_dir, "/proc/self/fd"
+    return _current.shared_dir, _current.proc_self_fd
+
+
+def confine(opts: _Opts, listener: _Listener) -> Confinement | int:
+    """Enter the sandbox and restrict the process.
+
+    Returns the :class:`Confinement` in the process that goes on to serve.
+    In the supervising parent of a namespace sandbox it returns the exit
+    code to exit with once the sandboxed child has ended (``-N``: killed by
+    signal N, see :func:`sandbox.exit_like`).
+    """
+    global _current
+    try:
+        check_options(opts)
+        where = sandbox.enter(
+            opts.sandbox,
+            opts.shared_dir or "/",
+            parse_id_maps(opts.uid_map, "--uid-map"),
+            parse_id_maps(opts.gid_map, "--gid-map"),
+        )
+    except (sandbox.SandboxError, capabilities.CapabilityError) as e:
+        raise ConfinementError(str(e)) from None
+    if where.child_pid is not None:
+        log.debug("sandboxed daemon is pid %d", where.child_pid)
+        # Only the child accepts: a second front-end must not queue on our copy.
+        listener.sock.close()
+        return sandbox.supervise(where.child_pid, listener.close)
+    listener.created.clear()  # not reachable from inside; the parent removes them
+    _current = where
+    if where.mode == "none":
+        log.warning("running without a sandbox (--sandbox none): confinement is by *at() only")
+    else:
+        log.info("sandbox %s: serving %s as %s", where.mode, opts.shared_dir, where.shared_dir)
+    try:
+        _, permitted = capabilities.get()
+        if permitted:
+            kept = capabilities.restrict(capabilities.parse_modcaps(opts.modcaps))
+            log.debug("capabilities kept: %s", ", ".join(capabilities.names(kept)) or "none")
+        seccomp.install(opts.seccomp)
+    except (OSError, capabilities.CapabilityError, seccomp.SeccompError) as e:
+        raise ConfinementError(str(e)) from None
+    if opts.seccomp != "none":
+        log.debug("seccomp filter installed (action %s)", opts.seccomp)
+    return where

@@ -1,0 +1,330 @@
+"""Request counters, error counts, latency histograms and gauges, for operators.
+
+``Metrics.instrument`` wraps the queue runner's request handler (the FUSE
+dispatcher's ``handle``): per request it peeks the opcode in the request
+header, times the call with ``time.perf_counter_ns`` and reads the error
+field of the reply header, then bumps plain lists indexed by opcode.  The
+counters live in one shard per thread (worker threads included), so no
+increment is ever lost and none takes a lock; readers sum the shards.
+
+Gauges (queue depths, open inodes, handles, fds) are not counted on the hot
+path: sources registered with ``add_gauges`` are asked when someone reads.
+
+Two renderings: ``prometheus()`` (text exposition format 0.0.4, served by
+``metrics_server``) and ``summary_lines()`` (what SIGUSR1 writes to the log).
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from virtiofsd_py.fuse.abi import opcode_name
+
+Handler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
+
+#: Counter slots: every FUSE opcode the kernel sends is below 64; the rest
+#: (CUSE_INIT, garbage) share slot 0, which no real request uses.
+SLOTS = 64
+#: Latency buckets are powers of two in ns: bucket i holds requests with
+#: 2**(MIN_BIT+i-1) <= ns < 2**(MIN_BIT+i); the first also holds faster ones,
+#: the last slower ones (2**10 ns ~ 1 us ... 2**30 ns ~ 1.07 s, then +Inf).
+MIN_BIT = 10
+MAX_BIT = 30
+BUCKETS = MAX_BIT - MIN_BIT + 2
+PREFIX = "virtiofsd_py"
+
+_I32 = struct.Struct("<i")
+
+
+class _Shard:
+    """One thread's counters; only that thread writes them."""
+
+    __slots__ = ("errnos", "errors", "hist", "requests", "sum_ns")
+
+    def __init__(self) -> None:
+        self.requests = [0] * SLOTS
+        self.errors = [0] * SLOTS
+        self.sum_ns = [0] * SLOTS
+        #: Latency buckets of opcode ``op`` are ``hist[op * BUCKETS : (op + 1) * BUCKETS]``.
+        self.hist = [0] * (SLOTS * BUCKETS)
+        self.errnos: dict[int, int] = {}
+
+    def count_error(self, op: int, err: int) -> None:
+        self.errors[op] += 1
+        self.errnos[err] = self.errnos.get(err, 0) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class OpStats:
+    """Totals for one opcode at one moment."""
+
+    opcode: int
+    requests: int
+    errors: int
+    sum_ns: int
+    #: Per-bucket (not cumulative) counts, see ``bucket_bounds_ns``.
+    buckets: tuple[int, ...]
+
+    def quantile_ns(self, q: float) -> int:
+        """Upper bound of the bucket holding the ``q`` quantile (0 if no requests)."""
+        if not self.requests:
+            return 0
+        want = q * self.requests
+        seen = 0
+        for i, n in enumerate(self.buckets):
+            seen += n
+            if seen >= want:
+                return 1 << (MIN_BIT + i) if i < BUCKETS - 1 else 1 << (MAX_BIT + 1)
+        return 1 << (MAX_BIT + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Gauge:
+    """One gauge sample: ``name`` without the prefix, labels, value."""
+
+    name: str
+    help: str
+    value: float
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+GaugeSource = Callable[[], Iterable[Gauge]]
+
+
+def bucket_bounds_ns() -> list[int]:
+    """Upper bounds (exclusive) of the finite buckets, in nanoseconds."""
+    return [1 << b for b in range(MIN_BIT, MAX_BIT + 1)]
+
+
+class Metrics:
+    """Per-opcode request, error and latency statistics plus gauge sources."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._shards: list[_Shard] = []
+        self._shards_lock = threading.Lock()
+        self._gauges: list[GaugeSource] = []
+        self.started = time.time()
+
+    # -- hot path -------------------------------------------------------------
+    def _shard(self) -> _Shard:
+        shard = _Shard()
+        with self._shards_lock:
+            self._shards.append(shard)
+        self._local.shard = shard
+        return shard
+
+    def instrument(self, handler: Handler) -> Handler:
+        """``handler`` counted and timed; same signature and result.
+
+        Written for speed (measured by bench/metrics_overhead.py): single-byte
+        peeks instead of struct unpacking (real opcodes fit in the low byte;
+        a negative error has its top byte set), one flat histogram list.
+        """
+        local = self._local
+        new_shard = self._shard
+        clock = time.perf_counter_ns
+        last = BUCKETS - 1
+
+        def counted(readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
+            try:
+                shard: _Shard = local.shard
+            except AttributeError:
+                shard = new_shard()
+            first = readable[0] if readable else b""
+            op = first[4] if len(first) >= 8 and not (first[5] or first[6] or first[7]) else 0
+            if op >= SLOTS:
+                op = 0
+            t0 = clock()
+            n = handler(readable, writable)
+            dt = clock() - t0
+            shard.requests[op] += 1
+            shard.sum_ns[op] += dt
+            b = dt.bit_length() - MIN_BIT
+            shard.hist[op * BUCKETS + (0 if b < 0 else last if b > last else b)] += 1
+            if n >= 16:
+                out = writable[0]
+                if len(out) >= 8 and out[7]:
+                    shard.count_error(op, -_I32.unpack_from(out, 4)[0])
+            return n
+
+        return counted
+
+    # -- reading -------------------------------------------------------------
+    def add_gauges(self, source: GaugeSource) -> None:
+        """Register a callable asked for its gauges at every read."""
+        self._gauges.append(source)
+
+    def op_stats(self) -> list[OpStats]:
+        """Totals per opcode seen so far, by opcode number."""
+        with self._shards_lock:
+            shards = list(self._shards)
+        out = []
+        for op in range(SLOTS):
+            requests = sum(s.requests[op] for s in shards)
+            if not requests:
+                continue
+            base = op * BUCKETS
+            buckets = tuple(sum(s.hist[base + i] for s in shards) for i in range(BUCKETS))
+            out.append(
+                OpStats(
+                    op,
+                    requests,
+                    sum(s.errors[op] for s in shards),
+                    sum(s.sum_ns[op] for s in shards),
+                    buckets,
+                )
+            )
+        return out
+
+    def errnos(self) -> dict[int, int]:
+        """Error replies by errno."""
+        with self._shards_lock:
+            shards = list(self._shards)
+        total: dict[int, int] = {}
+        for s in shards:
+            for e, n in list(s.errnos.items()):
+                total[e] = total.get(e, 0) + n
+        return total
+
+    def uptime(self) -> float:
+        return time.time() - self.started
+
+    def gauges(self) -> list[Gauge]:
+        out = [
+            Gauge("open_fds", "File descriptors the daemon has open.", _count_fds()),
+            Gauge("uptime_seconds", "Seconds since the daemon started.", self.uptime()),
+        ]
+        for source in self._gauges:
+            out.extend(source())
+        return out
+
+    # -- renderings ------------------------------------------------------------
+    def prometheus(self) -> str:
+        """Prometheus text exposition format (version 0.0.4)."""
+        lines: list[str] = []
+        stats = self.op_stats()
+        _family(lines, "fuse_requests_total", "counter", "FUSE requests handled, by opcode.")
+        for s in stats:
+            lines.append(f'{PREFIX}_fuse_requests_total{{opcode="{_op(s)}"}} {s.requests}')
+        _family(lines, "fuse_errors_total", "counter", "FUSE error replies, by opcode.")
+        for s in stats:
+            lines.append(f'{PREFIX}_fuse_errors_total{{opcode="{_op(s)}"}} {s.errors}')
+        _family(lines, "fuse_errno_total", "counter", "FUSE error replies, by errno.")
+        for e, n in sorted(self.errnos().items()):
+            lines.append(f'{PREFIX}_fuse_errno_total{{errno="{_errno_name(e)}"}} {n}')
+        name = f"{PREFIX}_fuse_request_duration_seconds"
+        _family(
+            lines,
+            "fuse_request_duration_seconds",
+            "histogram",
+            "Time to execute a FUSE request and write its reply, by opcode.",
+        )
+        bounds = bucket_bounds_ns()
+        for s in stats:
+            op = _op(s)
+            acc = 0
+            for bound, n in zip(bounds, s.buckets, strict=False):
+                acc += n
+                lines.append(f'{name}_bucket{{opcode="{op}",le="{bound / 1e9:.9g}"}} {acc}')
+            lines.append(f'{name}_bucket{{opcode="{op}",le="+Inf"}} {s.requests}')
+            lines.append(f'{name}_sum{{opcode="{op}"}} {s.sum_ns / 1e9:.9g}')
+            lines.append(f'{name}_count{{opcode="{op}"}} {s.requests}')
+        seen: set[str] = set()
+        for g in self.gauges():
+            if g.name not in seen:
+                seen.add(g.name)
+                _family(lines, g.name, "gauge", g.help)
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in g.labels)
+            sel = f"{{{labels}}}" if labels else ""
+            lines.append(f"{PREFIX}_{g.name}{sel} {g.value:.9g}")
+        return "\n".join(lines) + "\n"
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable one-line records (for the log on SIGUSR1)."""
+        out = []
+        for s in self.op_stats():
+            mean_us = s.sum_ns / s.requests / 1000
+            out.append(
+                f"metrics: {_op(s)} requests={s.requests} errors={s.errors} "
+                f"mean={mean_us:.1f}us p50<{s.quantile_ns(0.5) / 1000:.0f}us "
+                f"p99<{s.quantile_ns(0.99) / 1000:.0f}us"
+            )
+        errs = self.errnos()
+        if errs:
+            out.append(
+                "metrics: errors by errno "
+                + " ".join(f"{_errno_name(e)}={n}" for e, n in sorted(errs.items()))
+            )
+        gauges = " ".join(f"{g.name}{_label_suffix(g.labels)}={g.value:.6g}" for g in self.gauges())
+        out.append(f"metrics: {gauges}")
+        return out
+
+
+def _op(s: OpStats) -> str:
+    return opcode_name(s.opcode) if s.opcode else "OTHER"
+
+
+def _errno_name(e: int) -> str:
+    return errno_mod.errorcode.get(e, str(e))
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _label_suffix(labels: tuple[tuple[str, str], ...]) -> str:
+    return "".join(f"[{v}]" for _, v in labels)
+
+
+def _family(lines: list[str], name: str, kind: str, help_text: str) -> None:
+    lines.append(f"# HELP {PREFIX}_{name} {help_text}")
+    lines.append(f"# TYPE {PREFIX}_{name} {kind}")
+
+
+def _count_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+def ring_gauges(rings: Callable[[], Sequence[Any]]) -> GaugeSource:
+    """Gauges for the virtqueues ``rings()`` returns (``Vring`` objects).
+
+    ``pending``: chains the driver made available that the daemon has not
+    popped yet (avail idx - last avail idx, mod 2^16: virtio 1.x 2.7.6);
+    ``inflight``: popped, running in a worker thread, not yet on the used ring.
+    """
+
+    def read() -> Iterator[Gauge]:
+        for ring in rings():
+            q = ring.queue
+            if q is None:
+                continue
+            labels = (("queue", str(ring.index)),)
+            try:
+                pending = (q.avail_idx() - q.last_avail_idx) & 0xFFFF
+            except (OSError, ValueError):
+                pending = 0  # memory unmapped under us: the ring is going away
+            yield Gauge("queue_pending", "Available chains not yet taken.", pending, labels)
+            yield Gauge("queue_inflight", "Taken, reply not yet used.", ring.inflight, labels)
+
+    return read
+
+
+def table_gauges(inodes: Callable[[], int], handles: Callable[[], int]) -> GaugeSource:
+    """Gauges for the filesystem's inode and handle tables."""
+
+    def read() -> Iterator[Gauge]:
+        yield Gauge("open_inodes", "Inodes the guest holds references to.", inodes())
+        yield Gauge("open_handles", "Open file and directory handles.", handles())
+
+    return read
