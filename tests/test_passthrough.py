@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import resource
 import stat
@@ -183,6 +184,7 @@ def test_concurrent_lookup_and_forget_keep_the_table_exact(fs: PassthroughFS, tr
     names = [f"f{i}".encode() for i in range(8)]
     for n in names:
         (tree / n.decode()).write_bytes(n)
+    gc.collect()  # fds of objects earlier tests left behind close now, not mid-test
     before = open_fds()
     errors: list[BaseException] = []
 
