@@ -98,7 +98,7 @@ def test_feature_values(frontend: VhostUserFrontend) -> None:
     assert frontend.get_max_mem_slots() >= 8
 
 
-@pytest.mark.skip(reason="migration features (LOG_ALL, LOG_SHMFD, DEVICE_STATE): issue 4")
+@pytest.mark.ours_only
 def test_migration_feature_values(frontend: VhostUserFrontend) -> None:
     """QEMU blocks migration without LOG_ALL + LOG_SHMFD; vhost-user-fs needs DEVICE_STATE."""
     assert frontend.get_features() & bit(VHOST_F_LOG_ALL)
@@ -214,7 +214,6 @@ def test_without_protocol_features_rings_are_enabled(
     assert frontend.stop() == [0, 1 + host_tree.check_requests]
 
 
-@pytest.mark.skip(reason="LOG_ALL / dirty logging comes with issue 4")
 def test_toggling_log_all_does_not_halt(frontend: VhostUserFrontend, host_tree: HostTree) -> None:
     frontend.connect_and_start(queues=2)
     FuseClient(frontend).init()
