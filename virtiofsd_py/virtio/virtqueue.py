@@ -150,6 +150,8 @@ class SplitQueue:
 
     def _walk(self, head: int) -> Chain:
         memory = self._memory
+        regions = memory.regions
+        unpack = DESC.unpack_from
         table = self._desc
         limit = self.size
         readable: list[memoryview] = []
@@ -164,7 +166,7 @@ class SplitQueue:
             seen += 1
             if seen > limit:
                 raise ChainError(head, "descriptor loop")
-            addr, length, flags, nxt = DESC.unpack_from(table, 16 * idx)
+            addr, length, flags, nxt = unpack(table, idx << 4)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect:
                     raise ChainError(head, "indirect descriptor inside an indirect table")
@@ -176,7 +178,7 @@ class SplitQueue:
                     table = memory.gpa(addr, length)
                 except GuestMemoryError as e:
                     raise ChainError(head, str(e)) from e
-                limit = length // 16
+                limit = length >> 4
                 if limit > MAX_QUEUE_SIZE:
                     raise ChainError(head, f"indirect table of {limit} entries")
                 indirect = True
@@ -184,17 +186,24 @@ class SplitQueue:
                 seen = 0
                 continue
             if length:
-                try:
-                    bufs = memory.gpa_iov(addr, length)
-                except GuestMemoryError as e:
-                    raise ChainError(head, str(e)) from e
+                # Inline fast path of GuestMemory.gpa_iov: the buffer in one region.
+                for r in regions:
+                    off = addr - r.gpa
+                    if off >= 0 and off + length <= r.size:
+                        bufs = [r.view[off : off + length]]
+                        break
+                else:
+                    try:
+                        bufs = memory.gpa_iov(addr, length)
+                    except GuestMemoryError as e:
+                        raise ChainError(head, str(e)) from e
                 if flags & VIRTQ_DESC_F_WRITE:
-                    writable.extend(bufs)
+                    writable += bufs
                     gpas.append((addr, length))
                 elif writable:
                     raise ChainError(head, "readable descriptor after a writable one")
                 else:
-                    readable.extend(bufs)
+                    readable += bufs
             if not flags & VIRTQ_DESC_F_NEXT:
                 return Chain(head, readable, writable, gpas)
             idx = nxt
