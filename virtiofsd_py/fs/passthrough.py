@@ -292,7 +292,22 @@ class PassthroughFS(Filesystem):
         if parent == ROOT_ID and name == b"..":
             name = b"."
         fd = os.open(name, _O_PATH_FLAGS, dir_fd=p.fd)
+        if name == b".." and not self._inside_share(fd):
+            # A directory a host process moved out of the share: its ".." is
+            # outside.  (The guest kernel resolves ".." itself; only NFS-style
+            # exports ask, and they must not climb out.)
+            os.close(fd)
+            raise _err(errno.EACCES, "'..' leads outside the shared directory")
         return self._add_entry(p, name, fd)
+
+    def _inside_share(self, fd: int) -> bool:
+        """Whether ``fd`` is the shared directory or lies below it (its current path)."""
+        try:
+            root = os.readlink(f"{self._proc_prefix}{self.inodes.root.fd}".encode())
+            where = os.readlink(f"{self._proc_prefix}{fd}".encode())
+        except OSError:
+            return False
+        return where == root or where.startswith(root.rstrip(b"/") + b"/")
 
     def _add_entry(self, p: InodeData, name: bytes, fd: int) -> Entry:
         """Count one lookup of the O_PATH ``fd`` found as ``name`` in ``p``; takes ``fd``."""
