@@ -1,7 +1,7 @@
 """Which daemons a benchmark compares: ours and, when installed, the Rust virtiofsd.
 
-Both get the same cache mode (``--cache auto`` unless told otherwise) and no
-sandbox, so they differ only in the implementation. Ours logs errors only:
+Both get the same cache mode (``--cache auto`` unless told otherwise), no
+sandbox and no seccomp filter, so they differ only in the implementation. Ours logs errors only:
 debug logging costs more than the request itself.
 """
 
@@ -42,7 +42,8 @@ def reference_command() -> str | None:
 def ours(cache: str = "auto", extra: str = "") -> DaemonSpec:
     cmd = (
         f"{shlex.quote(sys.executable)} -m virtiofsd_py --socket-path {{socket}}"
-        f" --shared-dir {{shared_dir}} --sandbox none --log-level error --cache {cache} {extra}"
+        f" --shared-dir {{shared_dir}} --sandbox none --seccomp none --log-level error"
+        f" --cache {cache} {extra}"
     )
     return DaemonSpec(OURS, cmd.strip())
 

@@ -20,10 +20,14 @@ guest's caches are dropped before every read-side measurement.
 from __future__ import annotations
 
 import json
+import os
+import select
 import shlex
 import shutil
+import signal
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,7 +58,7 @@ class Params:
 
     @classmethod
     def full(cls) -> Params:
-        return cls(fio_size_mib=128, fio_seconds=8, meta_files=10_000, tree_files=3000)
+        return cls(fio_size_mib=128, fio_seconds=5, meta_files=10_000, tree_files=1500)
 
     @classmethod
     def quick(cls) -> Params:
@@ -92,10 +96,11 @@ ROWS = tuple(j.name for j in FIO_JOBS) + META_ROWS + REAL_ROWS
 
 @dataclass
 class Cell:
-    """One row on one target: the value (higher is better) and the daemon's usage."""
+    """One row on one target: the value and the serving daemon's CPU and peak RSS."""
 
     value: float
     unit: str
+    higher_better: bool = True
     cpu_s: float | None = None
     peak_rss_kib: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -159,6 +164,10 @@ class Rig:
                     share, workdir / f"daemon-{tgt}", template=by_name[dname].template
                 )
         self.disk = workdir / "disk.img"
+        self._watcher: threading.Thread | None = None
+        self._stop_r = self._stop_w = -1
+        #: Targets whose daemon exited while the guest ran.
+        self.dead: list[str] = []
 
     def start(self, log: Callable[[str], None]) -> None:
         for d in self.daemons.values():
@@ -166,7 +175,6 @@ class Rig:
         with open(self.disk, "wb") as f:
             f.truncate(4 << 30)
         subprocess.run(["mkfs.ext4", "-q", "-F", str(self.disk)], check=True)
-        tar = self.workdir / "share-py" / "src.tar" if "py" in self.daemons else None
         make_source_tar(self.workdir / "src.tar", self.p.tree_files)
         extra = [
             "-initrd", str(load_bench_initramfs()),
@@ -175,9 +183,12 @@ class Rig:
         sockets = {tgt: str(d.socket_path) for tgt, d in self.daemons.items()}
         log(f"  booting the guest (targets: {', '.join([*sockets, 'blk', 'tmpfs'])})")
         self.guest = g = Guest.boot(vhost_sockets=sockets, mem_mib=2048, extra_args=extra)
+        self.watch()
         g.run(load_modules_cmd()).check()
         for tgt in sockets:
             g.run(f"mkdir -p {MNT}/{tgt} && mount -t virtiofs {tgt} {MNT}/{tgt}").check()
+        # devtmpfs adds the node once the disk is probed, after insmod returns.
+        g.run("for i in $(seq 200); do [ -b /dev/vda ] && break; sleep 0.05; done").check()
         g.run(f"mkdir -p {MNT}/blk && mount -t ext4 /dev/vda {MNT}/blk").check()
         g.run(f"mkdir -p {MNT}/tmpfs && mount -t tmpfs -o size=1200m tmpfs {MNT}/tmpfs").check()
         self.targets = [*sockets, "blk", "tmpfs"]
@@ -189,8 +200,30 @@ class Rig:
             (first.shared_dir / "src.tar").unlink()
         else:
             raise RuntimeError("no daemon to benchmark")
-        del tar
         g.run(f"cat > /tmp/meta.py <<'EOF'\n{(SCRIPTS / 'meta.py').read_text()}EOF").check()
+
+    def watch(self) -> None:
+        """If a daemon dies, kill QEMU: the guest would otherwise hang on its mount.
+
+        Guest.run waits on QEMU's pidfd, so the benchmark then fails at once
+        with a GuestError instead of waiting for its timeout.
+        """
+        fds = {os.pidfd_open(d.pid): tgt for tgt, d in self.daemons.items()}
+        self._stop_r, self._stop_w = os.pipe()
+
+        def run() -> None:
+            try:
+                ready, _, _ = select.select([*fds, self._stop_r], [], [])
+                dead = [fds[fd] for fd in ready if fd in fds]
+                if dead and self.guest is not None and self.guest.proc.poll() is None:
+                    self.dead = dead
+                    self.guest.proc.send_signal(signal.SIGKILL)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+        self._watcher = threading.Thread(target=run, name="daemon-watch", daemon=True)
+        self._watcher.start()
 
     def usage(self, tgt: str) -> procstat.Usage | None:
         d = self.daemons.get(tgt)
@@ -198,6 +231,11 @@ class Rig:
 
     def stop(self) -> dict[str, int]:
         """Guest off, then every daemon must exit by itself; exit statuses."""
+        if self._watcher is not None:
+            os.write(self._stop_w, b"x")
+            self._watcher.join()
+            os.close(self._stop_r)
+            os.close(self._stop_w)
         if self.guest is not None:
             self.guest.shutdown()
         return {tgt: d.stop(timeout=10) for tgt, d in self.daemons.items() if d.proc is not None}
@@ -242,27 +280,27 @@ def _run_row(rig: Rig, row: str, tgt: str) -> Cell | dict[str, Cell]:
             _drop(g)
             res = g.run(fio_cmd(job, path, p), timeout=p.fio_seconds * 10 + 300).check()
             return parse_fio(res.out, job)
-        if row in META_ROWS:
-            res = g.run(f"python3 /tmp/meta.py {base} {p.meta_files}", timeout=3600).check()
-            times = json.loads(res.out.strip().splitlines()[-1])
+        if row == "meta":
+            res = g.run(f"python3 /tmp/meta.py {base} {p.meta_files}", timeout=1200).check()
+            times = {k: float(v) for k, v in (ln.split() for ln in res.out.splitlines())}
             return {
                 f"meta-{k}": Cell(p.meta_files / v, "ops/s", extra={"seconds": v})
                 for k, v in times.items()
             }
         if row == "real":
             out: dict[str, Cell] = {}
-            t = _timed(g, f"tar -xf {SRC_TAR} -C {base} && sync", 3600)
-            out["real-untar"] = Cell(1 / t, "1/s", extra={"seconds": t})
+            t = _timed(g, f"tar -xf {SRC_TAR} -C {base} && sync", 1200)
+            out["real-untar"] = Cell(t, "s", higher_better=False)
             _drop(g)
-            t = _timed(g, f"cd {base}/src && git status --porcelain >/dev/null", 3600)
-            out["real-git-status"] = Cell(1 / t, "1/s", extra={"seconds": t})
+            t = _timed(g, f"cd {base}/src && git status --porcelain >/dev/null", 1200)
+            out["real-git-status"] = Cell(t, "s", higher_better=False)
             _drop(g)
-            t = _timed(g, f"cd {base}/src && find . | xargs stat >/dev/null", 3600)
-            out["real-find-stat"] = Cell(1 / t, "1/s", extra={"seconds": t})
+            t = _timed(g, f"cd {base}/src && find . | xargs stat >/dev/null", 1200)
+            out["real-find-stat"] = Cell(t, "s", higher_better=False)
             return out
         raise ValueError(f"unknown row {row!r}")
     finally:
-        g.run(f"rm -rf {base}", timeout=3600)
+        g.run(f"rm -rf {base}", timeout=1200)
 
 
 def run_guest(
@@ -297,6 +335,10 @@ def run_guest(
                     if row in rows:
                         results.setdefault(row, {})[tgt] = cell
                 log(f"  {grp} on {tgt}: {time.monotonic() - t0:.1f}s")
+    except Exception as e:
+        if rig.dead:
+            raise RuntimeError(f"daemon of {', '.join(rig.dead)} died during the run") from e
+        raise
     finally:
         statuses = rig.stop()
     bad = {t: s for t, s in statuses.items() if s != 0}
@@ -309,7 +351,7 @@ def run_guest(
 def guest_table(
     results: dict[str, dict[str, Cell]],
 ) -> tuple[list[str], list[list[object]]]:
-    """Rows with values per target, ratios py/rs, py/blk, py/tmpfs (>1: py faster), usage."""
+    """Rows with values per target, speed ratios of py to each (> 1: py faster), usage."""
     from bench.report import ratio
 
     headers = [
@@ -331,9 +373,16 @@ def guest_table(
             x = getattr(c, attr) if c is not None else None
             return None if x is None else (x / 1024 if attr == "peak_rss_kib" else x)
 
+        def speed(t: str, r: dict[str, Cell] = r) -> float | None:
+            """py's speed relative to target t: > 1 means py is faster."""
+            if "py" not in r or t not in r:
+                return None
+            fast = r["py"].higher_better
+            return ratio(v("py"), v(t)) if fast else ratio(v(t), v("py"))
+
         rows.append([
             name, unit, v("py"), v("rs"), v("blk"), v("tmpfs"),
-            ratio(v("py"), v("rs")), ratio(v("py"), v("blk")), ratio(v("py"), v("tmpfs")),
+            speed("rs"), speed("blk"), speed("tmpfs"),
             u("py", "cpu_s"), u("rs", "cpu_s"), u("py", "peak_rss_kib"), u("rs", "peak_rss_kib"),
         ])  # fmt: skip
     return headers, rows

@@ -34,7 +34,8 @@ from virtiofsd_py.testing.progimage import (
 )
 
 BENCH_PROGRAMS = ("usr/bin/fio",)
-BENCH_MODULES = ("virtio_blk", "ext4")
+#: ext4 needs a crc32c implementation at mount time (loaded by name, not a dependency).
+BENCH_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
 GUEST_MODULE_DIR = "lib/modules/bench"
 
 
@@ -69,10 +70,15 @@ def prepare_modules(kernel_root: Path, release: str, out: Path) -> list[str]:
     for name, elf in mods:
         (tmp / f"{name}.ko").write_bytes(elf)
     (tmp / "load-order").write_text("".join(f"{n}\n" for n, _ in mods))
-    (tmp / ".release").write_text(release)
+    (tmp / ".stamp").write_text(stamp(release))
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return [n for n, _ in mods]
+
+
+def stamp(release: str) -> str:
+    """What a prepared module directory was made from: release and module list."""
+    return f"{release} {' '.join(BENCH_MODULES)}"
 
 
 def bench_entries(root: Path, mods: Path) -> list[Entry]:
@@ -90,7 +96,9 @@ def bench_entries(root: Path, mods: Path) -> list[Entry]:
     for name, path in sorted(libs.items()):
         files.append(Entry(f"{GUEST_LIB_DIR}/{name}", stat.S_IFREG | 0o755, path.read_bytes()))
     order = (mods / "load-order").read_text().split()
-    files.append(Entry(f"{GUEST_MODULE_DIR}/load-order", stat.S_IFREG | 0o644, "\n".join(order).encode()))
+    files.append(
+        Entry(f"{GUEST_MODULE_DIR}/load-order", stat.S_IFREG | 0o644, "\n".join(order).encode())
+    )
     for name in order:
         data = (mods / f"{name}.ko").read_bytes()
         files.append(Entry(f"{GUEST_MODULE_DIR}/{name}.ko", stat.S_IFREG | 0o644, data))
@@ -102,7 +110,7 @@ def load_modules_cmd() -> str:
     """Guest shell command that loads the benchmark modules (already loaded: fine)."""
     return (
         f"for m in $(cat /{GUEST_MODULE_DIR}/load-order); do "
-        f"grep -q \"^$m \" /proc/modules || insmod /{GUEST_MODULE_DIR}/$m.ko || exit 1; done"
+        f'grep -q "^$m " /proc/modules || insmod /{GUEST_MODULE_DIR}/$m.ko || exit 1; done'
     )
 
 
@@ -128,9 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel-root", type=Path, required=True)
     p.add_argument("--release", required=True)
     sub.add_parser("build", help="build the benchmark initramfs and print its path")
+    p = sub.add_parser("stamp", help="print the stamp of a prepared module directory")
+    p.add_argument("--release", required=True)
     args = parser.parse_args(argv)
     if args.cmd == "prepare-modules":
         print(" ".join(prepare_modules(args.kernel_root, args.release, modules_dir())))
+        return 0
+    if args.cmd == "stamp":
+        print(stamp(args.release))
         return 0
     print(load_bench_initramfs())
     return 0

@@ -173,10 +173,9 @@ def _factory(s: Session, workload: str) -> Callable[[], Request]:
         pos = iter(range(1 << 62))
 
         def read() -> Request:
-            if size == KIB4:
-                off = s.rng.randrange(blocks) * size
-            else:
-                off = (next(pos) % blocks) * size
+            # 4 KiB: random blocks; 1 MiB: sequential, wrapping at the end.
+            block = s.rng.randrange(blocks) if size == KIB4 else next(pos) % blocks
+            off = block * size
             return Request(abi.FUSE_READ, node, fc.read_args(fh, off, size), size, size)
 
         return read
@@ -217,7 +216,12 @@ def _batch(s: Session, make: Callable[[], Request], qd: int) -> None:
 
 
 def run_workload(
-    s: Session, workload: str, *, qd: int = 1, seconds: float = 2.0, count: int | None = None,
+    s: Session,
+    workload: str,
+    *,
+    qd: int = 1,
+    seconds: float = 2.0,
+    count: int | None = None,
     warmup: float = 0.3,
 ) -> MicroResult:
     """Warm up, then run for ``seconds`` (or ``count`` requests) and account the daemon's CPU."""
@@ -254,7 +258,20 @@ def profile_workload(
     spy = pyspy_binary()
     if spy is None:
         raise FileNotFoundError("py-spy is not installed")
-    cmd = [spy, "record", "-p", str(s.pid), "-r", str(rate), "-f", "raw", "-o", str(out)]
+    # --native shows the C frames too: syscalls, and epoll (idle) told apart from work.
+    cmd = [
+        spy,
+        "record",
+        "-p",
+        str(s.pid),
+        "-r",
+        str(rate),
+        "-f",
+        "raw",
+        "-o",
+        str(out),
+        "--native",
+    ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -341,9 +358,14 @@ def run_profiles(
     *,
     seconds: float = 5.0,
     qd: int = 1,
+    cpu_per_req: dict[str, tuple[float, float]] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, str]:
-    """Profile our daemon per workload (py-spy, else cProfile); the text reports."""
+    """Profile our daemon per workload (py-spy, else cProfile); the text reports.
+
+    ``cpu_per_req`` (workload -> daemon CPU µs per request, total and user,
+    from unprofiled runs) turns the stage percentages into µs.
+    """
     from bench.daemons import ours
     from bench.profile_report import parse_cprofile, parse_pyspy_raw
 
@@ -374,8 +396,22 @@ def run_profiles(
                     s.close()
                 prof = parse_cprofile(stats)
                 tool = "cProfile"
-            reports[w] = f"== profile of virtiofsd-py, {w} qd{qd} ({tool}) ==\n" + prof.top()
+            us = (cpu_per_req or {}).get(w)
+            reports[w] = (
+                f"== profile of virtiofsd-py, {w} qd{qd} ({tool}) ==\n"
+                + prof.stages(us)
+                + prof.top()
+            )
             log(reports[w])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return reports
+
+
+def new_workdir_in(parent: Path, prefix: str) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

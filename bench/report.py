@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -60,8 +61,10 @@ def environment() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        # Other work on the host skews everything: note how busy it was.
+        "loadavg_at_start": os.getloadavg(),
     }
-    try:
+    with contextlib.suppress(OSError):
         env["git"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True,
@@ -69,8 +72,6 @@ def environment() -> dict[str, Any]:
             check=False,
             cwd=Path(__file__).resolve().parents[1],
         ).stdout.strip()
-    except OSError:
-        pass
     return env
 
 

@@ -47,8 +47,9 @@ if [ "$(cat "$GUEST_DIR/benchroot/.packages" 2>/dev/null)" != "$bench_pkgs" ] ||
     mv "$GUEST_DIR/benchroot.new" "$GUEST_DIR/benchroot"
 fi
 
-if [ "$(cat "$GUEST_DIR/bench-modules/.release" 2>/dev/null)" != "$release" ] || [ -n "${VIRTIOFSD_PY_GUEST_REFRESH:-}" ]; then
-    log "fetching linux-image-$release for virtio_blk and ext4"
+want=$(python3 -m bench.guestimage stamp --release "$release")
+if [ "$(cat "$GUEST_DIR/bench-modules/.stamp" 2>/dev/null)" != "$want" ] || [ -n "${VIRTIOFSD_PY_GUEST_REFRESH:-}" ]; then
+    log "fetching linux-image-$release for virtio_blk, crc32c and ext4"
     mkdir "$tmp/kernel"
     (cd "$tmp/kernel" && "${APT[@]}" -o APT::Sandbox::User=root download "linux-image-$release")
     dpkg-deb -x "$tmp"/kernel/*.deb "$tmp/kernel/root"

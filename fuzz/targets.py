@@ -25,7 +25,7 @@ from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
 from virtiofsd_py.testing import driver as drv
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
-from virtiofsd_py.virtio.memory import GuestMemory, GuestMemoryError, map_region
+from virtiofsd_py.virtio.memory import GuestMemory, map_region
 from virtiofsd_py.virtio.queue_runner import QueueRunner
 from virtiofsd_py.virtio.virtqueue import ChainError, QueueError, SplitQueue
 
@@ -164,7 +164,9 @@ def virtqueue(data: bytes) -> None:
     for i in range(VQ_SIZE):
         raw_addr = b.int(4)
         addr = (
-            VQ_GPA + raw_addr % (VQ_MEM + 64) - 32 if raw_addr & 0x8000_0000 == 0 else raw_addr << 32
+            VQ_GPA + raw_addr % (VQ_MEM + 64) - 32
+            if raw_addr & 0x8000_0000 == 0
+            else raw_addr << 32
         )
         length = b.int(2) if mode & 1 else b.int(4)
         flags = b.int(1) & 7
@@ -471,4 +473,3 @@ def cleanup() -> Iterator[None]:
     if _share is not None:
         shutil.rmtree(_share.base, ignore_errors=True)
         _share = None
-

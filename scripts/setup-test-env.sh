@@ -76,6 +76,17 @@ if [ "$installed" != "$PWD" ] || ! (cd / && python3 -c 'import pytest, pytest_as
     log "pip install -e .[test] ruff mypy"
     PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore -e '.[test]' ruff mypy
 fi
+# tests/test_packaging.py builds the sdist and wheel without build isolation.
+if ! (cd / && python3 -c 'import build, wheel') 2>/dev/null; then
+    log "pip install build wheel setuptools>=68"
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore build wheel 'setuptools>=68'
+fi
+# Coverage-guided fuzzing (tests/test_fuzz.py skips without it; a wheel for CPython 3.11).
+if ! (cd / && python3 -c 'import atheris') 2>/dev/null; then
+    log "pip install atheris"
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore atheris \
+        || log "atheris did not install: the atheris fuzz tests will be skipped"
+fi
 
 # The guest kernel: download and unpack the package, never install it.
 if [ ! -f "$GUEST_DIR/kernel.json" ] || [ -n "${VIRTIOFSD_PY_GUEST_REFRESH:-}" ]; then
@@ -119,6 +130,10 @@ if [ "$(cat "$GUEST_DIR/progroot/.packages" 2>/dev/null)" != "$prog_pkgs" ] || [
     echo "$prog_pkgs" > "$GUEST_DIR/progroot/.packages"
     rm -rf "$ptmp"
 fi
+
+# fio and block-device modules for the in-guest benchmarks (docs/benchmarks.md);
+# the tests do not need them, so a failure here only warns.
+bash bench/setup-bench-env.sh || log "warning: benchmark guest programs not prepared"
 
 # Builds the initramfs if needed and says whether guests can run.
 python3 -m virtiofsd_py.testing.image check

@@ -6,10 +6,15 @@ FuseClient has the read side; these build the write-side argument structs
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import stat
+import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from virtiofsd_py.fuse import abi
@@ -18,6 +23,97 @@ from virtiofsd_py.testing.frontend import VhostUserFrontend
 from virtiofsd_py.testing.fuse_client import Fields, FuseClient, Opened
 
 ROOT = abi.FUSE_ROOT_ID
+
+# -- canaries outside the share --------------------------------------------------
+SECRET = b"outside the share: never read this\n"
+
+# -- inotify, for "never read" --------------------------------------------------------------
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+IN_ACCESS, IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x1, 0x2, 0x4, 0x8
+IN_OPEN, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x20, 0x40, 0x80, 0x100, 0x200
+IN_ALL = (IN_ACCESS | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_OPEN | IN_MOVED_FROM
+          | IN_MOVED_TO | IN_CREATE | IN_DELETE)  # fmt: skip
+IN_NONBLOCK = os.O_NONBLOCK
+EVENT = struct.Struct("iIII")
+
+
+class Watch:
+    """inotify on a directory (itself and its entries)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = _libc.inotify_init1(IN_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        if _libc.inotify_add_watch(self.fd, os.fsencode(path), IN_ALL) < 0:
+            raise OSError(ctypes.get_errno(), "inotify_add_watch")
+
+    def events(self) -> list[tuple[int, bytes]]:
+        out = []
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return out
+            pos = 0
+            while pos < len(data):
+                _wd, mask, _cookie, length = EVENT.unpack_from(data, pos)
+                name = data[pos + EVENT.size : pos + EVENT.size + length].rstrip(b"\0")
+                out.append((mask, name))
+                pos += EVENT.size + length
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class Outside:
+    """A directory beside the share full of canaries, watched."""
+
+    dir: Path
+    watch: Watch
+    before: dict[str, tuple[int, int, int, int, int]]
+
+    def snapshot(self) -> dict[str, tuple[int, int, int, int, int]]:
+        out = {}
+        for p in sorted(self.dir.iterdir()):
+            st = p.lstat()
+            out[p.name] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, st.st_nlink)
+        return out
+
+    def check(self) -> None:
+        events = self.watch.events()
+        assert events == [], f"something touched the outside: {events}"
+        assert self.snapshot() == self.before, "the outside changed"
+        assert (self.dir / "secret").read_bytes() == SECRET
+        # Reading it just now made events; start from a clean slate.
+        self.watch.events()
+
+
+class Swapper(threading.Thread):
+    """Keeps swapping ``share/swap`` between a real directory and a symlink out."""
+
+    def __init__(self, share: Path, outside_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.share = share
+        self.stop = threading.Event()
+        self.swaps = 0
+        (share / "swap").mkdir()
+        (share / "swap" / "secret").write_bytes(b"the inside one\n")
+        os.symlink(str(outside_dir), share / "swap_link")
+
+    def run(self) -> None:
+        s = self.share
+        while not self.stop.is_set():
+            os.rename(s / "swap", s / "swap_dir")
+            os.rename(s / "swap_link", s / "swap")
+            os.rename(s / "swap", s / "swap_link")
+            os.rename(s / "swap_dir", s / "swap")
+            self.swaps += 1
+
+
+#: The allow-list is tested with the sandbox (test_sandbox*); these tests
+#: look at the file system rules, so a missing syscall must not mask them.
+SECCOMP = ("--seccomp", "none")
 
 
 def entry(data: bytes) -> Fields:
@@ -98,7 +194,7 @@ def daemon_session(
     After the block the daemon must exit by itself with status 0 and no
     traceback (the front-end's disconnect ends it).
     """
-    d = DaemonProcess(root, workdir, extra_args=list(args)).start()
+    d = DaemonProcess(root, workdir, extra_args=[*SECCOMP, *args]).start()
     fe = VhostUserFrontend.connect(d.socket_path)
     try:
         fe.connect_and_start(queues=queues, queue_size=256)

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from escape_ops import ROOT, create, daemon_session, mkdir, mknod, setattr, setxattr
+
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.testing.daemon_proc import DaemonProcess, daemon_command_template
 from virtiofsd_py.testing.fuse_client import FuseClient, FuseError
@@ -49,7 +49,7 @@ def test_cve_2020_10717_fd_exhaustion_fails_requests_not_the_daemon(
     """Open until the daemon's fd limit: requests get EMFILE, the daemon keeps serving."""
     for i in range(300):
         (share / f"f{i}").write_bytes(b"data")
-    with daemon_session(share, tmp_path / "run", "--rlimit-nofile", "256") as (d, fe, c):
+    with daemon_session(share, tmp_path / "run", "--rlimit-nofile", "256") as (d, _fe, c):
         handles = []
         err = None
         for i in range(300):
@@ -90,7 +90,7 @@ def _opened_for_io(pid: int, target: Path) -> list[str]:
 @needs_root
 def test_cve_2020_35517_special_files_are_never_opened(share: Path, tmp_path: Path) -> None:
     """A guest-made fifo and device node: OPEN/CREATE/SETATTR never open them."""
-    with daemon_session(share, tmp_path / "run") as (d, fe, c):
+    with daemon_session(share, tmp_path / "run") as (d, _fe, c):
         fifo = mknod(c, ROOT, b"fifo", stat.S_IFIFO | 0o666)
         # /dev/null's numbers: harmless if the guard ever failed.
         dev = mknod(c, ROOT, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
@@ -136,7 +136,7 @@ def test_cve_2021_20263_remapped_capability_dropped_on_change(
         pytest.skip("no user xattrs on this file system")
     with daemon_session(
         share, tmp_path / "run", "--xattr", "--xattrmap", ":map::user.virtiofs.:"
-    ) as (d, fe, c):
+    ) as (_d, _fe, c):
         e, opened = create(c, ROOT, b"prog", 0o755)
         setxattr(c, e.nodeid, CAP, CAP_VALUE)
         setxattr(c, e.nodeid, b"user.other", b"kept")
@@ -166,7 +166,7 @@ def test_cve_2021_20263_reads_keep_the_capability(share: Path, tmp_path: Path) -
         pytest.skip("no user xattrs on this file system")
     with daemon_session(
         share, tmp_path / "run", "--xattr", "--xattrmap", ":map::user.virtiofs.:"
-    ) as (d, fe, c):
+    ) as (_d, _fe, c):
         e, opened = create(c, ROOT, b"prog", 0o755)
         setxattr(c, e.nodeid, CAP, CAP_VALUE)
         c.read(e.nodeid, opened.fh, 0, 10)

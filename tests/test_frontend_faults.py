@@ -18,12 +18,12 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-
 from conftest import TRACEBACK, HostTree
+
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.testing.daemon_proc import DaemonProcess
 from virtiofsd_py.testing.driver import GuestMemory
-from virtiofsd_py.testing.frontend import VhostUserFrontend
+from virtiofsd_py.testing.frontend import Nack, VhostUserFrontend
 from virtiofsd_py.testing.fuse_client import FuseClient
 from virtiofsd_py.vhost.protocol import (
     DEVICE_STATE_LOAD,
@@ -31,9 +31,9 @@ from virtiofsd_py.vhost.protocol import (
     FLAG_NEED_REPLY,
     HEADER,
     MEM_REGION,
-    MemoryRegion,
     MEM_TABLE_HEAD,
     VERSION,
+    MemoryRegion,
     Request,
 )
 
@@ -68,9 +68,7 @@ class Usage:
 
     def check(self) -> None:
         fds = self.d.fd_count()
-        assert fds == self.fds, f"fd leak: {self.fds} -> {fds}\n" + "\n".join(
-            self.d.fd_targets()
-        )
+        assert fds == self.fds, f"fd leak: {self.fds} -> {fds}\n" + "\n".join(self.d.fd_targets())
         maps = mappings_of(self.d.pid, self.mem_name)
         assert maps == self.maps, f"guest memory mapped {maps} times, was {self.maps}"
         grown = rss(self.d.pid) - self.rss
@@ -251,3 +249,22 @@ def test_aborted_transfers_leak_nothing(
     assert TRACEBACK not in daemon.log()
     assert fe.is_open()
 
+
+# -- a memory table that lies about its fd ---------------------------------------------------
+def test_region_larger_than_its_fd_is_refused(
+    running: FuseClient, daemon: DaemonProcess, host_tree: HostTree
+) -> None:
+    """Mapping past the end of the file would SIGBUS on first touch: NAK it instead."""
+    fe = running.fe
+    small = os.memfd_create("small-ram")
+    os.ftruncate(small, 1 << 20)
+    try:
+        region = MemoryRegion(0x1_0000_0000, 64 << 20, 0x7F66_0000_0000, 0)
+        with pytest.raises(Nack):
+            fe.add_mem_reg(region, small)
+        # A region that fits is fine, and the device serves on.
+        fe.add_mem_reg(MemoryRegion(0x1_0000_0000, 1 << 20, 0x7F66_0000_0000, 0), small)
+    finally:
+        os.close(small)
+    host_tree.check_serving(fe)
+    assert "ends past its file" in daemon.log()

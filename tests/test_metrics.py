@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import re
 import signal
@@ -61,7 +62,9 @@ def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     return out
 
 
-def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **lb: str) -> float:
+def sample(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **lb: str
+) -> float:
     return samples[(f"virtiofsd_py_{name}", frozenset(lb.items()))]
 
 
@@ -321,3 +324,45 @@ def test_daemon_refuses_a_public_metrics_address(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "non-loopback" in res.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_untimed_counts_without_latency() -> None:
+    m = Metrics()
+    h = m.instrument(fake_handler(errno.EIO), timed=False)  # type: ignore[arg-type]
+    h(request(abi.FUSE_FSYNC), [memoryview(bytearray(16))])
+    (s,) = m.op_stats()
+    assert (s.requests, s.errors, s.sum_ns, sum(s.buckets)) == (1, 1, 0, 0)
+    page = m.prometheus()
+    assert "duration_seconds_bucket" not in page
+    assert sample(parse(page), "fuse_errors_total", opcode="FSYNC") == 1
+    assert m.summary_lines()[0] == "metrics: FSYNC requests=1 errors=1"
+
+
+# -- request tracing ---------------------------------------------------------------
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO])
+def test_requests_are_traced_by_name_only_at_debug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, level: int
+) -> None:
+    from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
+    from virtiofsd_py.fuse.dispatcher import OUR_MAX_MINOR, Dispatcher
+
+    caplog.set_level(level, logger="virtiofsd_py.fuse.dispatcher")
+    fs = PassthroughFS(PassthroughConfig(shared_dir=tmp_path))
+    try:
+        d = Dispatcher(fs)  # decides whether to trace, once
+        out = [memoryview(bytearray(16)), memoryview(bytearray(4096))]
+        init = abi.INIT_IN.pack(7, OUR_MAX_MINOR, 65536, 0, 0, *([0] * 11))
+        hdr = abi.IN_HEADER.pack(40 + len(init), abi.FUSE_INIT, 2, 0, 0, 0, 1, 0, 0)
+        d.handle([memoryview(hdr + init)], out)
+        name = b"missing\0"
+        hdr = abi.IN_HEADER.pack(40 + len(name), abi.FUSE_LOOKUP, 4, 1, 0, 0, 7, 0, 0)
+        d.handle([memoryview(hdr + name)], out)
+    finally:
+        fs.close()
+    traced = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    if level == logging.DEBUG:
+        assert "FUSE LOOKUP unique=4 nodeid=1 uid=0 gid=0 pid=7 len=48" in traced
+        # The error names the request too.
+        assert any(m.startswith("FUSE LOOKUP unique=4 nodeid=1: ") for m in traced)
+    else:
+        assert traced == []

@@ -113,8 +113,13 @@ def mounted(args: list[str], mountpoint: Path) -> Iterator[MountProcess]:
 
 def test_mount_paths_and_backends() -> None:
     opts = parse_args(["/srv/share", "/mnt/x", "--cache", "never"], mount=True)
-    assert (opts.shared_dir, opts.mountpoint, opts.backend) == ("/srv/share", "/mnt/x", "passthrough")
+    assert (opts.shared_dir, opts.mountpoint, opts.backend) == (
+        "/srv/share",
+        "/mnt/x",
+        "passthrough",
+    )
     assert opts.cache == "never" and opts.socket_path is None and opts.fd is None
+    assert opts.sandbox == "none"  # not applied to host mounts (see options.parse_args)
     opts = parse_args(["--backend", "memory", "/mnt/x"], mount=True)
     assert (opts.shared_dir, opts.mountpoint) == (None, "/mnt/x")
     assert not opts.posix_locks and not opts.flock_locks
@@ -124,6 +129,7 @@ def test_mount_paths_and_backends() -> None:
         ["--backend", "memory", "/a", "/b"],
         ["--backend", "memory", "--shared-dir", "/a", "/b"],
         ["/a", "/b", "--socket-path", "/tmp/s"],
+        ["/a", "/b", "--sandbox", "namespace"],
     ):
         with pytest.raises(OptionError):
             parse_args(bad, mount=True)
@@ -326,11 +332,7 @@ def test_passthrough_scenario(
 
 #: Scenarios whose results legitimately differ between a memory backend and a disk.
 MEMORY_DIFFERS = {
-    # st_blocks and SEEK_HOLE: the memory backend stores no holes.
-    "holes": "the in-memory backend allocates every byte (no sparse files)",
-    # trusted./security. xattrs and their listing order follow the host file system.
-    "xattrs": "xattr namespaces and listing order follow the host file system",
-    "tmpfile": "O_TMPFILE linkat through /proc is not offered by the memory backend",
+    "fallocate": "st_blocks and SEEK_HOLE: the in-memory backend stores no holes",
 }
 
 

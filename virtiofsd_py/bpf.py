@@ -103,7 +103,7 @@ class Program:
 
 def run(program: bytes, nr: int, arch: int) -> int:
     """Interpret ``program`` on a syscall ``nr`` of ``arch`` (for tests): the return value."""
-    data = struct.pack("=iIQ6Q", nr, arch, 0, *([0] * 6))
+    data = struct.pack("=IIQ6Q", nr, arch, 0, *([0] * 6))
     insns = [SOCK_FILTER.unpack_from(program, o) for o in range(0, len(program), SOCK_FILTER.size)]
     pc, acc = 0, 0
     while pc < len(insns):
@@ -115,7 +115,7 @@ def run(program: bytes, nr: int, arch: int) -> int:
         elif code == BPF_JMP | BPF_JGE | BPF_K:
             pc += jt if acc >= k else jf
         elif code == BPF_RET | BPF_K:
-            return k
+            return int(k)
         else:
             raise BpfError(f"unknown opcode {code:#x} at {pc}")
         pc += 1

@@ -176,7 +176,9 @@ def restrict(keep: frozenset[int]) -> frozenset[int]:
             try:
                 libc.prctl(libc.PR_CAPBSET_DROP, cap)
             except OSError as e:
-                raise CapabilityError(f"cannot drop {names([cap])[0]} from the bounding set: {e}")
+                raise CapabilityError(
+                    f"cannot drop {names([cap])[0]} from the bounding set: {e}"
+                ) from None
     libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
     remaining = permitted & keep
     lo, hi = _mask(remaining)

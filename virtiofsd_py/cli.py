@@ -67,12 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(opts)
     for note in opts.deprecations:
         logging.getLogger("virtiofsd_py").warning("%s", note)
-    import uvloop
-
-    from virtiofsd_py.daemon import StartupError, serve
+    from virtiofsd_py.daemon import StartupError, run
 
     try:
-        return uvloop.run(serve(opts))
+        return run(opts)
     except StartupError as e:
         logging.getLogger("virtiofsd_py").error("%s", e)
         return 1

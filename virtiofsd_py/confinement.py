@@ -14,6 +14,8 @@ every caller.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -36,13 +38,9 @@ class _Opts(Protocol):
     gid_map: tuple[str, ...]
 
 
-class _Socket(Protocol):
-    def close(self) -> None: ...
-
-
 class _Listener(Protocol):
     created: list[str]
-    sock: _Socket
+    sock: socket.socket
 
     def close(self) -> None: ...
 
@@ -101,7 +99,8 @@ def confine(opts: _Opts, listener: _Listener) -> Confinement | int:
         # Only the child accepts: a second front-end must not queue on our copy.
         listener.sock.close()
         return sandbox.supervise(where.child_pid, listener.close)
-    listener.created.clear()  # not reachable from inside; the parent removes them
+    if where.mode != "none":
+        listener.created.clear()  # not reachable from inside; the parent removes them
     _current = where
     if where.mode == "none":
         log.warning("running without a sandbox (--sandbox none): confinement is by *at() only")
@@ -112,6 +111,10 @@ def confine(opts: _Opts, listener: _Listener) -> Confinement | int:
         if permitted:
             kept = capabilities.restrict(capabilities.parse_modcaps(opts.modcaps))
             log.debug("capabilities kept: %s", ", ".join(capabilities.names(kept)) or "none")
+        if opts.seccomp != "none":
+            # libuv would set up an io_uring (a large kernel surface) for its
+            # epoll batching; plain epoll is what the allow-list covers.
+            os.environ["UV_USE_IO_URING"] = "0"
         seccomp.install(opts.seccomp)
     except (OSError, capabilities.CapabilityError, seccomp.SeccompError) as e:
         raise ConfinementError(str(e)) from None

@@ -22,6 +22,8 @@ import stat
 import tempfile
 from dataclasses import dataclass
 
+from virtiofsd_py import service
+from virtiofsd_py.confinement import ConfinementError, confine, fs_paths
 from virtiofsd_py.fs.creds import drop_supplementary_groups
 from virtiofsd_py.fs.idmap import IdMap
 from virtiofsd_py.fs.memory import MemoryFS, memory_fs_from_options
@@ -31,6 +33,7 @@ from virtiofsd_py.fs.xattrmap import XattrMap
 from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
 from virtiofsd_py.migration.state import DaemonState
 from virtiofsd_py.options import Options
+from virtiofsd_py.sandbox import FORWARDED_SIGNALS, exit_like
 from virtiofsd_py.service import ServiceHooks
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
 from virtiofsd_py.vhost.connection import VhostUserConnection
@@ -166,10 +169,12 @@ def build_filesystem(opts: Options) -> PassthroughFS | MemoryFS:
     if opts.backend == "memory":
         return memory_fs_from_options(opts)
     assert opts.shared_dir is not None
+    shared_dir, proc_self_fd = fs_paths(opts.shared_dir)  # moved by the sandbox
     try:
         return PassthroughFS(
             PassthroughConfig(
-                shared_dir=opts.shared_dir,
+                shared_dir=shared_dir,
+                proc_self_fd=proc_self_fd,
                 cache=opts.cache,  # type: ignore[arg-type]
                 readonly=opts.readonly,
                 xattr=opts.xattr,
@@ -193,20 +198,55 @@ def build_filesystem(opts: Options) -> PassthroughFS | MemoryFS:
         raise StartupError(str(e)) from None
 
 
-async def serve(opts: Options) -> int:
-    loop = asyncio.get_running_loop()
+def run(opts: Options) -> int:
+    """Start-up that must come before the event loop and its threads, then serve.
+
+    The socket is opened on the host; ``confine`` then enters the sandbox
+    (for ``namespace`` this process becomes the supervising parent and the
+    child serves), drops capabilities and installs the seccomp filter.
+    """
+    import uvloop
+
     raise_nofile_limit(opts.rlimit_nofile)
     drop_supplementary_groups()  # CVE-2022-0358: never act with the operator's groups
-    fs = build_filesystem(opts)
+    service.prepare(opts)  # sockets the sandbox would not let us open later
+    # Held pending until serve() has its handlers: a SIGTERM as soon as the
+    # socket exists must stop us cleanly (and pid 1 of a namespace would drop it).
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     listener = open_listener(opts)
+    try:
+        where = confine(opts, listener)
+    except ConfinementError as e:
+        listener.close()
+        raise StartupError(str(e)) from None
+    if isinstance(where, int):  # the supervising parent: the child has ended
+        return exit_like(where)
+    try:
+        return uvloop.run(serve(opts, listener))
+    finally:
+        listener.close()
+
+
+async def serve(opts: Options, listener: Listener | None = None) -> int:
+    loop = asyncio.get_running_loop()
+    if listener is None:  # not through run(): no confinement
+        raise_nofile_limit(opts.rlimit_nofile)
+        drop_supplementary_groups()  # CVE-2022-0358: never act with the operator's groups
+    try:
+        fs = build_filesystem(opts)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
+    if listener is None:
+        listener = open_listener(opts)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if opts.sandbox == "none":
-        log.warning("running without a sandbox (--sandbox none): confinement is by *at() only")
     hooks = ServiceHooks(opts, loop)
     try:
         await hooks.start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # see run()
         log.info("waiting for a vhost-user front-end on %s", opts.socket_path or f"fd {opts.fd}")
         hooks.listening(opts.socket_path or f"fd {opts.fd}")
         accept = asyncio.ensure_future(loop.sock_accept(listener.sock))

@@ -112,6 +112,8 @@ class Metrics:
         self._shards_lock = threading.Lock()
         self._gauges: list[GaugeSource] = []
         self.started = time.time()
+        #: Whether latencies are measured (``instrument(timed=...)``).
+        self.timed = True
 
     # -- hot path -------------------------------------------------------------
     def _shard(self) -> _Shard:
@@ -121,17 +123,25 @@ class Metrics:
         self._local.shard = shard
         return shard
 
-    def instrument(self, handler: Handler) -> Handler:
-        """``handler`` counted and timed; same signature and result.
+    def instrument(self, handler: Handler, *, timed: bool = True) -> Handler:
+        """``handler`` counted (and timed if ``timed``); same signature and result.
 
-        Written for speed (measured by bench/metrics_overhead.py): single-byte
-        peeks instead of struct unpacking (real opcodes fit in the low byte;
-        a negative error has its top byte set), one flat histogram list.
+        Written for speed (measured by bench/metrics_overhead.py): byte peeks
+        instead of struct unpacking (real opcodes fit in the low byte; a
+        negative error has its top byte set), one flat histogram list.  The
+        two clock reads are most of the cost, hence ``timed``.
         """
         local = self._local
         new_shard = self._shard
         clock = time.perf_counter_ns
         last = BUCKETS - 1
+        self.timed = timed
+
+        def opcode(readable: Sequence[memoryview]) -> int:
+            first = readable[0] if readable else b""
+            if len(first) < 8 or first[5] or first[6] or first[7] or first[4] >= SLOTS:
+                return 0
+            return first[4]
 
         def counted(readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
             try:
@@ -139,9 +149,23 @@ class Metrics:
             except AttributeError:
                 shard = new_shard()
             first = readable[0] if readable else b""
-            op = first[4] if len(first) >= 8 and not (first[5] or first[6] or first[7]) else 0
-            if op >= SLOTS:
+            op = first[4] if len(first) >= 8 and first[4] < SLOTS else 0
+            if op and (first[5] or first[6] or first[7]):
                 op = 0
+            n = handler(readable, writable)
+            shard.requests[op] += 1
+            if n >= 16:
+                out = writable[0]
+                if len(out) >= 8 and out[7]:
+                    shard.count_error(op, -_I32.unpack_from(out, 4)[0])
+            return n
+
+        def counted_timed(readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
+            try:
+                shard: _Shard = local.shard
+            except AttributeError:
+                shard = new_shard()
+            op = opcode(readable)
             t0 = clock()
             n = handler(readable, writable)
             dt = clock() - t0
@@ -155,7 +179,7 @@ class Metrics:
                     shard.count_error(op, -_I32.unpack_from(out, 4)[0])
             return n
 
-        return counted
+        return counted_timed if timed else counted
 
     # -- reading -------------------------------------------------------------
     def add_gauges(self, source: GaugeSource) -> None:
@@ -228,7 +252,7 @@ class Metrics:
             "Time to execute a FUSE request and write its reply, by opcode.",
         )
         bounds = bucket_bounds_ns()
-        for s in stats:
+        for s in stats if self.timed else ():
             op = _op(s)
             acc = 0
             for bound, n in zip(bounds, s.buckets, strict=False):
@@ -251,12 +275,13 @@ class Metrics:
         """Human-readable one-line records (for the log on SIGUSR1)."""
         out = []
         for s in self.op_stats():
-            mean_us = s.sum_ns / s.requests / 1000
-            out.append(
-                f"metrics: {_op(s)} requests={s.requests} errors={s.errors} "
-                f"mean={mean_us:.1f}us p50<{s.quantile_ns(0.5) / 1000:.0f}us "
-                f"p99<{s.quantile_ns(0.99) / 1000:.0f}us"
-            )
+            line = f"metrics: {_op(s)} requests={s.requests} errors={s.errors}"
+            if self.timed:
+                line += (
+                    f" mean={s.sum_ns / s.requests / 1000:.1f}us"
+                    f" p50<{s.quantile_ns(0.5) / 1000:.0f}us p99<{s.quantile_ns(0.99) / 1000:.0f}us"
+                )
+            out.append(line)
         errs = self.errnos()
         if errs:
             out.append(

@@ -7,7 +7,8 @@ guest does, and the daemon has no business listening on a network.
 
 The server speaks just enough HTTP/1.x for Prometheus and curl: it reads
 the request head, answers ``GET /metrics`` (or ``/``) with the text format
-and closes the connection.
+and closes the connection.  A head without the blank line that ends it
+(the client half-closed) is answered as far as it goes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import stat
 from dataclasses import dataclass
 
@@ -88,62 +90,129 @@ class MetricsServer:
     def __init__(self, metrics: Metrics, address: MetricsAddress) -> None:
         self.metrics = metrics
         self.address = address
-        self._server: asyncio.Server | None = None
+        self._accepting: asyncio.Future[None] | None = None
+        self._conns: set[asyncio.Future[None]] = set()
+        self._sock: socket.socket | None = None
+        self._dir_fd: int | None = None
 
-    async def start(self) -> None:
+    def open(self) -> None:
+        """Bind and listen, synchronously: the daemon does this before it enters
+        its sandbox (where the path may be unreachable and seccomp has no bind)."""
+        if self._sock is not None:
+            return
         a = self.address
         if a.path is not None:
             with contextlib.suppress(FileNotFoundError):
-                if os.path.exists(a.path) and not _is_socket(a.path):
+                if not _is_socket(a.path):
                     raise OSError(f"{a.path} exists and is not a socket")
-                os.unlink(a.path)
+                os.unlink(a.path)  # a stale one: the pid lock on the vhost socket is ours
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             old = os.umask(0o077)  # 0600: only the daemon's user reads the metrics
             try:
-                self._server = await asyncio.start_unix_server(self._serve, a.path)
+                sock.bind(a.path)
+                # Removed at exit through this fd: the path may be out of reach
+                # by then (sandbox), and seccomp allows unlinkat, not unlink.
+                self._dir_fd = os.open(
+                    os.path.dirname(os.path.abspath(a.path)),
+                    os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                )
+            except OSError:
+                sock.close()
+                raise
             finally:
                 os.umask(old)
         else:
-            self._server = await asyncio.start_server(self._serve, a.host, a.port)
+            family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((a.host, a.port))
+            except OSError:
+                sock.close()
+                raise
+        sock.listen(16)
+        sock.setblocking(False)
+        self._sock = sock
+
+    async def start(self) -> None:
+        """Serve on the loop (opening the socket first if ``open`` was not called).
+
+        Connections are taken with ``sock_accept`` on the socket ``open``
+        made listen: asyncio's servers would call listen() again, which the
+        seccomp filter forbids.
+        """
+        self.open()
+        assert self._sock is not None
+        self._accepting = asyncio.ensure_future(self._accept_loop(self._sock))
         log.info("serving metrics on %s", self.bound())
 
     def bound(self) -> str:
         """The address actually bound (the real port when 0 was not asked for)."""
-        if self.address.path is not None or self._server is None:
+        if self.address.path is not None or self._sock is None:
             return str(self.address)
-        host, port = self._server.sockets[0].getsockname()[:2]
+        host, port = self._sock.getsockname()[:2]
         return str(MetricsAddress(host=host, port=port))
 
     async def close(self) -> None:
-        if self._server is None:
+        tasks = [t for t in (self._accepting, *self._conns) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._accepting = None
+        if self._sock is None:
             return
-        self._server.close()
-        await self._server.wait_closed()
-        self._server = None
-        if self.address.path is not None:
+        self._sock.close()
+        self._sock = None
+        if self._dir_fd is not None:
+            assert self.address.path is not None
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.address.path)
+                os.unlink(os.path.basename(self.address.path), dir_fd=self._dir_fd)
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:
+                log.warning("metrics: accept failed: %s", e)
+                continue
+            task = asyncio.ensure_future(self._serve(conn))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+            conn.setblocking(False)
+            head = await asyncio.wait_for(self._read_head(loop, conn), HEAD_TIMEOUT)
             status, body = self._respond(head)
             payload = body.encode()
-            writer.write(
+            await loop.sock_sendall(
+                conn,
                 f"HTTP/1.0 {status}\r\nContent-Type: {CONTENT_TYPE}\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-                + payload
+                + payload,
             )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass
-        except ConnectionError:
+        except (TimeoutError, ConnectionError):
             pass
         except Exception:
             log.exception("metrics request failed")
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            conn.close()
+
+    @staticmethod
+    async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) <= MAX_HEAD:
+            chunk = await loop.sock_recv(conn, 4096)
+            if not chunk:
+                break
+            head += chunk
+        return head
 
     def _respond(self, head: bytes) -> tuple[str, str]:
         if len(head) > MAX_HEAD:

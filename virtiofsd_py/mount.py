@@ -285,6 +285,7 @@ def run(argv: Sequence[str]) -> int:
         fm.start()
         fm.wait_ready()
         print(f"virtiofsd-py: serving {source} on {fm.mountpoint}", flush=True)
+
         def watch() -> None:  # unmounted from outside: stop too
             fm.wait()
             stop.set()

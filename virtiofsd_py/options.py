@@ -189,7 +189,7 @@ def build_parser(*, mount: bool = False) -> argparse.ArgumentParser:
     add(
         "--seccomp",
         choices=("none", "kill", "log", "trap"),
-        default="kill",
+        default=os.environ.get("VIRTIOFSD_PY_SECCOMP_DEFAULT", "kill"),
         help="Action on a system call outside the allow-list (default kill)",
     )
     add(
@@ -413,6 +413,13 @@ def parse_args(argv: list[str] | None = None, *, mount: bool = False) -> Options
         opts.flock_locks = opts.posix_locks = False  # fs/memory.py takes no locks
     if mount:
         _mount_paths(opts, ns.paths)
+        # The mount must be made in the host's mount namespace; the namespace and
+        # chroot sandboxes are not applied to host mounts (yet): say so, never weaken
+        # isolation silently.  Without an explicit --sandbox the default is none here.
+        explicit = any(a == "--sandbox" or a.startswith("--sandbox=") for a in argv or ())
+        if explicit and opts.sandbox != "none":
+            raise OptionError(f"mount: --sandbox {opts.sandbox} is not built for host mounts")
+        opts.sandbox = "none"
     elif opts.backend == "passthrough" and not opts.shared_dir:
         raise OptionError("--shared-dir is required")
     elif opts.backend != "passthrough" and opts.shared_dir:

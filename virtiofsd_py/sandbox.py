@@ -45,9 +45,11 @@ import errno
 import importlib
 import os
 import pkgutil
+import select
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -165,6 +167,7 @@ def preload() -> None:
         if info.name.startswith(("virtiofsd_py.testing", "virtiofsd_py.__main__")):
             continue
         importlib.import_module(info.name)
+    tempfile.gettempdir()  # probes the host's temp directories once, and caches the answer
 
 
 def enter(
@@ -178,8 +181,10 @@ def enter(
     shared_dir = os.path.abspath(shared_dir)
     if mode == "none":
         return Confinement(mode, shared_dir)
-    if not os.path.isdir(shared_dir):
-        raise SandboxError(f"shared directory {shared_dir}: not a directory")
+    try:
+        os.close(os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    except OSError as e:
+        raise SandboxError(f"shared directory {shared_dir}: {e.strerror}") from None
     preload()
     try:
         if os.geteuid() != 0:
@@ -190,14 +195,23 @@ def enter(
             f"--sandbox namespace: cannot create namespaces ({e.strerror}); "
             "run as root, allow unprivileged user namespaces, or choose --sandbox none"
         ) from None
-    parent = os.getpid()
+    # The parent holds the write end until it exits: the child sees it gone
+    # (POLLHUP) if the parent died before PR_SET_PDEATHSIG was in place.
+    lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
+    # Held back until supervise() forwards them: a SIGTERM right after the
+    # fork must reach the child, not end the parent alone.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     child = os.fork()
     if child:
+        os.close(lifeline_r)
         return Confinement(mode, shared_dir, child_pid=child)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     try:
+        os.close(lifeline_w)
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if not _alive(parent):
+        if not _parent_alive(lifeline_r):
             os._exit(1)
+        os.close(lifeline_r)
         _build_jail(shared_dir)
     except BaseException as e:  # the parent reports our exit status
         _report_child_failure(e)
@@ -205,12 +219,10 @@ def enter(
     return Confinement(mode, JAIL_SHARED, JAIL_PROC + "/self/fd")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _parent_alive(lifeline: int) -> bool:
+    poller = select.poll()
+    poller.register(lifeline, select.POLLIN)
+    return not poller.poll(0)
 
 
 def _report_child_failure(e: BaseException) -> None:
@@ -281,9 +293,10 @@ def _jail_base() -> str:
 
 def _build_jail(shared_dir: str) -> None:
     """In the child: new mount+net namespaces, the tmpfs root, pivot_root into it."""
+    libc.unshare(libc.CLONE_NEWNS | libc.CLONE_NEWNET)
+    # Opened in the new namespace (a bind source must be one of its mounts).
     share_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        libc.unshare(libc.CLONE_NEWNS | libc.CLONE_NEWNET)
         libc.mount(None, "/", None, libc.MS_SLAVE | libc.MS_REC)
         base = _jail_base()
         hardening = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
@@ -322,6 +335,7 @@ def supervise(child: int, cleanup: Callable[[], None]) -> int:
 
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     while True:
         try:
             _, status = os.waitpid(child, 0)
@@ -348,7 +362,9 @@ def exit_like(code: int) -> int:
     import resource
 
     with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal.signal(sig, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the child dumped its own core
+    with contextlib.suppress(ValueError, OSError):  # SIGKILL has no disposition to reset
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
     os.kill(os.getpid(), sig)
     return 128 + sig

@@ -29,22 +29,45 @@ def notify_address() -> str | bytes | None:
     return None
 
 
+_connected: socket.socket | None = None
+
+
+def prepare() -> None:
+    """Connect to ``$NOTIFY_SOCKET`` now, so later notifications work from
+    inside a sandbox (no path lookup, only ``send``)."""
+    global _connected
+    addr = notify_address()
+    if addr is None or _connected is not None:
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(addr)
+    except OSError as e:
+        s.close()
+        log.warning("sd_notify: cannot connect to %s: %s", os.environ.get("NOTIFY_SOCKET"), e)
+        return
+    _connected = s
+
+
 def notify(*assignments: str) -> bool:
     """Send ``assignments`` (e.g. ``"READY=1"``, ``"STATUS=..."``) in one datagram.
 
     Returns whether a datagram was sent.  A failure is logged, never raised:
     the service manager being gone must not take the daemon down.
     """
-    addr = notify_address()
-    if addr is None:
-        return False
     for a in assignments:
         if "=" not in a or "\n" in a:
             raise ValueError(f"not a KEY=VALUE line: {a!r}")
+    addr = notify_address()
+    if addr is None:
+        return False
     data = "\n".join(assignments).encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.sendto(data, addr)
+        if _connected is not None:
+            _connected.send(data)
+        else:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.sendto(data, addr)
     except OSError as e:
         log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), e)
         return False

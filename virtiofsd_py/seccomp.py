@@ -82,6 +82,9 @@ ALLOWED: Final = frozenset(
         "getsockname",
         "getpeername",
         "socket",
+        "socketpair",
+        "bind",
+        "listen",
         "connect",
         # event loop
         "epoll_create",
@@ -158,6 +161,11 @@ ALLOWED: Final = frozenset(
         "fremovexattr",
         "name_to_handle_at",
         "open_by_handle_at",
+        "unlink",
+        "rmdir",
+        "mkdir",
+        "rename",
+        "chmod",
         "fchdir",
         "getcwd",
         "umask",
@@ -224,6 +232,12 @@ ALLOWED: Final = frozenset(
 )
 
 
+#: Calls refused with an errno instead of the action: callers fall back.
+#: libuv probes io_uring at loop start whatever UV_USE_IO_URING says, and
+#: uses epoll when it is refused; io_uring is a large kernel surface.
+REFUSED: Final[dict[str, int]] = {"io_uring_setup": errno.ENOSYS}
+
+
 class SeccompError(Exception):
     """The filter cannot be installed; the message is for the operator."""
 
@@ -236,6 +250,7 @@ def build_filter(
     action: str,
     machine: str | None = None,
     allowed: frozenset[str] = ALLOWED,
+    refused: dict[str, int] | None = None,
 ) -> bytes:
     """The filter program for ``action`` on ``machine`` (default: this one)."""
     machine = machine or platform.machine()
@@ -249,6 +264,11 @@ def build_filter(
     p.load_word(OFFSET_NR)
     if machine == "x86_64":
         p.jump_ge(X32_SYSCALL_BIT, "deny")
+    for name, err in sorted((REFUSED if refused is None else refused).items()):
+        if name in table:
+            p.jump_eq(table[name], None, f"not_{name}")
+            p.ret(RET_ERRNO | err)
+            p.label(f"not_{name}")
     # Compare-and-jump in runs: a jump reaches at most 255 instructions ahead.
     for start in range(0, len(numbers), 200):
         chunk = numbers[start : start + 200]

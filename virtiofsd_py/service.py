@@ -20,17 +20,41 @@ from virtiofsd_py.options import Options
 log = logging.getLogger("virtiofsd_py")
 
 
+#: The metrics server opened by ``prepare``, waiting for ``ServiceHooks``.
+_prepared: MetricsServer | None = None
+
+
+def _startup_error(server: MetricsServer, e: OSError) -> Exception:
+    from virtiofsd_py.daemon import StartupError
+
+    return StartupError(f"--metrics {server.address}: {e.strerror or e}")
+
+
+def prepare(opts: Options) -> None:
+    """Before the sandbox: connect to systemd's notify socket and bind the
+    metrics socket, which the sandbox (mount namespace, seccomp without
+    ``bind``) would no longer allow."""
+    global _prepared
+    sdnotify.prepare()
+    if opts.metrics is not None and _prepared is None:
+        server = MetricsServer(Metrics(), parse_address(opts.metrics))
+        try:
+            server.open()
+        except OSError as e:
+            raise _startup_error(server, e) from None
+        _prepared = server
+
+
 class ServiceHooks:
     """Created once per daemon; ``start`` before listening, ``close`` at exit."""
 
     def __init__(self, opts: Options, loop: asyncio.AbstractEventLoop) -> None:
+        global _prepared
         self._loop = loop
-        self.metrics = Metrics()
-        self.server = (
-            MetricsServer(self.metrics, parse_address(opts.metrics))
-            if opts.metrics is not None
-            else None
-        )
+        self.server, _prepared = _prepared, None
+        if self.server is None and opts.metrics is not None:
+            self.server = MetricsServer(Metrics(), parse_address(opts.metrics))
+        self.metrics = self.server.metrics if self.server is not None else Metrics()
 
     async def start(self) -> None:
         """Serve ``--metrics`` (if asked) and dump the metrics on SIGUSR1."""
@@ -38,9 +62,7 @@ class ServiceHooks:
             try:
                 await self.server.start()
             except OSError as e:
-                from virtiofsd_py.daemon import StartupError
-
-                raise StartupError(f"--metrics {self.server.address}: {e}") from None
+                raise _startup_error(self.server, e) from None
         self._loop.add_signal_handler(signal.SIGUSR1, self.dump)
 
     def dump(self) -> None:
@@ -52,8 +74,9 @@ class ServiceHooks:
         sdnotify.ready(f"waiting for a vhost-user front-end on {where}")
 
     def instrument(self, handler: Handler) -> Handler:
-        """The request handler the queue runner should call (counted and timed)."""
-        return self.metrics.instrument(handler)
+        """The request handler the queue runner should call: counted always (for
+        SIGUSR1), timed only with ``--metrics`` (the clock reads are the cost)."""
+        return self.metrics.instrument(handler, timed=self.server is not None)
 
     def serving(self, rings: Callable[[], Sequence[Any]], fs: Any) -> None:
         """A front-end is connected: expose its queues and the filesystem's tables."""

@@ -477,6 +477,8 @@ class MemoryFS(Filesystem):
             if h.flags & os.O_APPEND:
                 offset = len(node.data)
             total = sum(len(b) for b in bufs)
+            if total == 0:
+                return 0  # write(2) of nothing changes nothing, not even the size
             end = offset + total
             if end > len(node.data):
                 self._charge(end - len(node.data))

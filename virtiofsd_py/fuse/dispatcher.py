@@ -314,31 +314,33 @@ class Dispatcher:
                 "FUSE %s unique=%d nodeid=%d: malformed: %s",
                 abi.opcode_name(opcode), unique, nodeid, e,
             )  # fmt: skip
-            return 0 if no_reply else self._error(writable, unique, errno.EINVAL, opcode)
+            return 0 if no_reply else self._error(writable, unique, errno.EINVAL, opcode, nodeid)
         except OSError as e:
             err = e.errno if e.errno is not None and 0 < e.errno < 4096 else errno.EIO
             log.debug("FUSE %s unique=%d nodeid=%d: %s", abi.opcode_name(opcode), unique, nodeid, e)
-            return 0 if no_reply else self._error(writable, unique, err, opcode)
+            return 0 if no_reply else self._error(writable, unique, err, opcode, nodeid)
         except ReplyTooLarge as e:
             log.warning(
                 "FUSE %s unique=%d nodeid=%d: writable buffers too small: %s",
                 abi.opcode_name(opcode), unique, nodeid, e,
             )  # fmt: skip
-            return self._error(writable, unique, errno.EIO, opcode)
+            return self._error(writable, unique, errno.EIO, opcode, nodeid)
         except Exception:
             log.exception(
                 "FUSE %s unique=%d nodeid=%d: internal error",
                 abi.opcode_name(opcode), unique, nodeid,
             )  # fmt: skip
-            return 0 if no_reply else self._error(writable, unique, errno.EIO, opcode)
+            return 0 if no_reply else self._error(writable, unique, errno.EIO, opcode, nodeid)
 
-    def _error(self, writable: Sequence[Any], unique: int, err: int, opcode: int) -> int:
+    def _error(
+        self, writable: Sequence[Any], unique: int, err: int, opcode: int, nodeid: int
+    ) -> int:
         try:
             return codec.write_error(writable, unique, err)
         except ReplyTooLarge:
             log.warning(
-                "FUSE %s unique=%d: no room for a reply (error %d)",
-                abi.opcode_name(opcode), unique, err,
+                "FUSE %s unique=%d nodeid=%d: no room for a reply (error %d)",
+                abi.opcode_name(opcode), unique, nodeid, err,
             )  # fmt: skip
             return 0
 

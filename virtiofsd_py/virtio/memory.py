@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass
 
@@ -60,6 +61,13 @@ def map_region(region: MemoryRegion, fd: int) -> MappedRegion:
         raise GuestMemoryError("memory region of size 0")
     if max(region.guest_phys_addr, region.userspace_addr) + region.size > 1 << 64:
         raise GuestMemoryError(f"memory region {region} wraps around the address space")
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise GuestMemoryError(f"memory region {region}: {e}") from e
+    # A mapping past the end of the file faults (SIGBUS) on first touch.
+    if stat.S_ISREG(st.st_mode) and region.mmap_offset + region.size > st.st_size:
+        raise GuestMemoryError(f"memory region {region} ends past its file ({st.st_size} bytes)")
     gran = mmap.ALLOCATIONGRANULARITY
     base = region.mmap_offset - region.mmap_offset % gran
     lead = region.mmap_offset - base

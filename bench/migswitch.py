@@ -1,0 +1,103 @@
+"""Switch-over time of a live migration seen from QEMU, with a guest holding many inodes.
+
+A real guest (``virtiofsd_py.testing.migration.MigrationPair``: two QEMUs,
+each with its own daemon on the same host directory) mounts the share and
+is migrated twice: first while it holds only the root, then after ``find``
+has looked up every file of an N-file tree (the daemon's inode table then
+holds N + N/100 nodes, which the device state carries). The source's
+``query-migrate`` reports ``downtime`` (guest stopped until running on the
+destination: the device state is saved and loaded inside it) and
+``total-time``; the difference between the two migrations is what the
+inodes cost.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.daemons import DaemonSpec
+from bench.migstate import PER_DIR, make_tree
+from virtiofsd_py.testing.migration import MigrationPair
+
+TAG = "share"
+
+
+@dataclass
+class SwitchResult:
+    daemon: str
+    inodes: int
+    downtime_ms: int
+    total_ms: int
+    downtime_empty_ms: int
+    total_empty_ms: int
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure(spec: DaemonSpec, files: int, workdir: Path) -> SwitchResult:
+    share = workdir / f"share-{spec.name}"
+    share.mkdir()
+    make_tree(share, files)
+    pair = MigrationPair(
+        share, workdir / f"pair-{spec.name}", tag=TAG, daemon_template=spec.template
+    )
+    try:
+        pair.start()
+        pair.guest.run(f"mount -t virtiofs {TAG} /mnt").check()
+        empty = pair.migrate(timeout=600)
+        n = pair.guest.run("find /mnt -type f | wc -l", timeout=1200).check().out.strip()
+        if int(n) != files:
+            raise RuntimeError(f"guest found {n} files, expected {files}")
+        full = pair.migrate(timeout=600)
+        # The lookups are still held: the guest's dentries keep the inodes referenced.
+        pair.guest.run("ls /mnt >/dev/null").check()
+    finally:
+        pair.close()
+        shutil.rmtree(share, ignore_errors=True)
+    problems = pair.problems()
+    if problems:
+        raise RuntimeError(f"{spec.name}: " + "; ".join(problems))
+    return SwitchResult(
+        spec.name,
+        files + files // PER_DIR,
+        full.downtime_ms,
+        full.total_time_ms,
+        empty.downtime_ms,
+        empty.total_time_ms,
+    )
+
+
+def run_switch(
+    specs: list[DaemonSpec],
+    files: int,
+    workdir: Path,
+    *,
+    log: Callable[[str], None] = print,
+) -> list[SwitchResult | str]:
+    """One result per daemon, or a string saying why it could not be measured."""
+    out: list[SwitchResult | str] = []
+    for spec in specs:
+        try:
+            r = measure(spec, files, workdir)
+        except Exception as e:  # a daemon that cannot migrate is a result, not a crash
+            msg = f"{spec.name}: migration failed: {str(e).splitlines()[0][:300]}"
+            log(f"  {msg}")
+            out.append(msg)
+            continue
+        log(f"  switch-over {spec.name} {r.inodes} inodes: downtime {r.downtime_ms} ms")
+        out.append(r)
+    return out
+
+
+def switch_table(results: list[SwitchResult]) -> tuple[list[str], list[list[object]]]:
+    headers = ["daemon", "inodes", "downtime ms", "total ms", "empty: downtime", "empty: total"]
+    rows: list[list[object]] = [
+        [r.daemon, r.inodes, r.downtime_ms, r.total_ms, r.downtime_empty_ms, r.total_empty_ms]
+        for r in results
+    ]
+    return headers, rows
