@@ -44,7 +44,7 @@ from virtiofsd_py.vhost.protocol import (
 )
 
 if TYPE_CHECKING:
-    from conftest import HostTree
+    from daemon_support import HostTree
 
 
 #: virtiofsd 1.13 does not survive these (its queue thread panics, or the ring

@@ -34,7 +34,7 @@ from virtiofsd_py.vhost.protocol import (
 )
 
 if TYPE_CHECKING:
-    from conftest import HostTree
+    from daemon_support import HostTree
 
 #: How long a test waits for something that must *not* happen (a ring that
 #: must stay idle).  Not a timing assertion: a daemon that wrongly processes

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from conftest import TRACEBACK, HostTree
+from daemon_support import TRACEBACK, HostTree
 
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.testing.daemon_proc import DaemonProcess

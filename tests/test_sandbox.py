@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL, HostTree, finish_daemon, make_host_tree
+from daemon_support import SMALL, HostTree, finish_daemon, make_host_tree
 from virtiofsd_py.fuse.abi import FUSE_ROOT_ID as ROOT
 from virtiofsd_py.options import OptionError, parse_args
 from virtiofsd_py.sandbox import CHROOT_BLOCKER, IdMapping
