@@ -37,8 +37,8 @@ pytestmark = pytest.mark.ours_only
 
 
 class Side:
-    def __init__(self, share: Path, run: Path) -> None:
-        self.daemon = DaemonProcess(share, run).start()
+    def __init__(self, share: Path, run: Path, *extra: str) -> None:
+        self.daemon = DaemonProcess(share, run, extra_args=list(extra)).start()
         self.fe = VhostUserFrontend.connect(self.daemon.socket_path)
 
     def close(self) -> int | None:
@@ -122,6 +122,20 @@ def test_broken_state_fails_the_check_and_the_daemon_lives_on(
     client.init()
     assert client.lookup(abi.FUSE_ROOT_ID, "notes").nodeid > 1
     assert "cannot load the device state" in b.daemon.log()
+
+
+def test_rejected_state_is_kept_beside_the_socket_even_in_the_sandbox(
+    share: Path, tmp_path: Path
+) -> None:
+    side = Side(share, tmp_path / "sb", "--sandbox", "namespace")
+    try:
+        side.fe.connect_and_start(queues=2, queue_size=256, start_rings=False)
+        assert side.fe.load_state(b"\x81\xa6format\xa3bad") != 0
+        kept = list((tmp_path / "sb").glob("virtiofsd-py-rejected-state-*"))
+        assert len(kept) == 1 and kept[0].read_bytes() == b"\x81\xa6format\xa3bad"
+        assert "inspect-state" in side.daemon.log()
+    finally:
+        assert side.close() == 0, side.daemon.log()
 
 
 def test_transfer_refused_while_running(sides: tuple[Side, Side]) -> None:

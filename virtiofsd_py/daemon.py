@@ -137,6 +137,17 @@ def rejected_state_dir(opts: Options) -> str:
     return tempfile.gettempdir()
 
 
+def open_rejected_state_dir(opts: Options) -> tuple[str, int] | None:
+    """``rejected_state_dir`` and an fd of it, opened while the host's tree is
+    visible (the sandbox hides it later)."""
+    try:
+        path = rejected_state_dir(opts)
+        return path, os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        log.warning("rejected migration states will not be kept: %s", e)
+        return None
+
+
 def raise_nofile_limit(wanted: int | None) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if wanted is None else wanted
@@ -214,6 +225,7 @@ def run(opts: Options) -> int:
     # socket exists must stop us cleanly (and pid 1 of a namespace would drop it).
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     listener = open_listener(opts)
+    state_dir = open_rejected_state_dir(opts)  # reachable from inside the sandbox
     try:
         where = confine(opts, listener)
     except ConfinementError as e:
@@ -222,14 +234,17 @@ def run(opts: Options) -> int:
     if isinstance(where, int):  # the supervising parent: the child has ended
         return exit_like(where)
     try:
-        return uvloop.run(serve(opts, listener))
+        return uvloop.run(serve(opts, listener, state_dir))
     finally:
         listener.close()
 
 
-async def serve(opts: Options, listener: Listener | None = None) -> int:
+async def serve(
+    opts: Options, listener: Listener | None = None, state_dir: tuple[str, int] | None = None
+) -> int:
     loop = asyncio.get_running_loop()
     if listener is None:  # not through run(): no confinement
+        state_dir = open_rejected_state_dir(opts)
         raise_nofile_limit(opts.rlimit_nofile)
         drop_supplementary_groups()  # CVE-2022-0358: never act with the operator's groups
     try:
@@ -272,7 +287,12 @@ async def serve(opts: Options, listener: Listener | None = None) -> int:
             runner,
             BackendConfig(tag=opts.tag),
             on_reset=dispatcher.reset,
-            state=DaemonState(dispatcher, fs, opts.shared_dir or "", rejected_state_dir(opts)),
+            state=DaemonState(
+                dispatcher,
+                fs,
+                opts.shared_dir or "",
+                *(state_dir or (None, None)),
+            ),
         )
         hooks.serving(lambda: backend.rings, fs)
         conn = VhostUserConnection(conn_sock, backend)

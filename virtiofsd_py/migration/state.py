@@ -83,12 +83,16 @@ class DaemonState:
         fs: Filesystem,
         shared_dir: str,
         dump_dir: str | None = None,
+        dump_dir_fd: int | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.fs = fs
         self.shared_dir = shared_dir
-        #: Where a state that could not be loaded is kept for inspection.
+        #: Where a state that could not be loaded is kept for inspection (the
+        #: fd, opened before the sandbox, reaches it from inside; the path is
+        #: what the log tells the operator).
         self.dump_dir = dump_dir
+        self.dump_dir_fd = dump_dir_fd
 
     def save(self) -> bytes:
         t0 = time.monotonic()
@@ -114,7 +118,7 @@ class DaemonState:
             doc = decode(data)
             self.fs.import_state(doc["fs"])
         except (StateError, OSError, ValueError, TypeError, KeyError) as e:
-            path = dump_rejected(data, self.dump_dir)
+            path = dump_rejected(data, self.dump_dir, self.dump_dir_fd)
             raise StateError(
                 f"cannot load the device state: {e}"
                 + (
@@ -134,13 +138,18 @@ class DaemonState:
         self.fs.prepare_migration(enabled)
 
 
-def dump_rejected(data: bytes, directory: str | None) -> str | None:
+def dump_rejected(data: bytes, directory: str | None, dir_fd: int | None = None) -> str | None:
     """Keep a rejected state for debugging; its path, or None."""
     if directory is None:
         return None
-    path = os.path.join(directory, f"virtiofsd-py-rejected-state-{os.getpid()}-{int(time.time())}")
+    name = f"virtiofsd-py-rejected-state-{os.getpid()}-{int(time.time())}"
+    path = os.path.join(directory, name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        if dir_fd is not None:
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        else:
+            fd = os.open(path, flags, 0o600)
     except OSError:
         return None
     with os.fdopen(fd, "wb") as f:
