@@ -661,3 +661,18 @@ def test_submounts_are_announced_on_request(tree: Path, submount: Path, announce
         assert fs.lookup(CTX, m.nodeid, b"f").attr_flags == 0
     finally:
         fs.close()
+
+
+def test_guest_fd_budget_gives_enfile_and_recovers(fs: PassthroughFS, tree: Path) -> None:
+    for i in range(6):
+        (tree / f"b{i}").write_bytes(b"b")
+    fs.fd_limit = len(fs.inodes) + 3  # room for three more guest fds
+    got = [fs.lookup(CTX, ROOT_ID, f"b{i}".encode()) for i in range(3)]
+    assert errno_of(fs.lookup, CTX, ROOT_ID, b"b3") == errno.ENFILE
+    assert errno_of(fs.open, CTX, got[0].nodeid, os.O_RDONLY) == errno.ENFILE
+    assert errno_of(fs.mkdir, CTX, ROOT_ID, b"newdir", 0o755, 0) == errno.ENFILE
+    assert not (tree / "newdir").exists()  # refused before anything was created
+    # What needs no new fd still works; a FORGET makes room again.
+    assert fs.getattr(CTX, got[1].nodeid, None).attr.st_size == 1
+    fs.forget(got[0].nodeid, 1)
+    assert fs.lookup(CTX, ROOT_ID, b"b3").nodeid > ROOT_ID

@@ -27,12 +27,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from ..fdbudget import FdBudget
 from ..fuse import abi
 from . import linux
 from . import passthrough_migration as migration
@@ -90,6 +92,9 @@ InodeFileHandles = Literal["never", "prefer", "mandatory"]
 _SEEK_WHENCE: Final = frozenset((os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE))
 _DIRENT_BUF: Final = 8192
 _DOTS: Final = (b".", b"..")
+
+
+log = logging.getLogger("virtiofsd_py.passthrough")
 
 
 def _err(code: int, what: str) -> OSError:
@@ -186,6 +191,11 @@ class PassthroughFS(Filesystem):
         self._uid_map = config.uid_map if config.uid_map else None
         self._gid_map = config.gid_map if config.gid_map else None
         self.migration = config.migration
+        #: Guest fd budget (CVE-2020-10717): nodes + handles + lock OFDs the
+        #: guest may make us hold; past it requests get ENFILE and the daemon
+        #: keeps the rest of RLIMIT_NOFILE for itself.
+        self.fd_limit = FdBudget.from_rlimit().limit
+        self._fd_warned = False
         #: Host name of the guest's security.capability when --xattrmap renames it.
         self._remapped_cap = (
             config.xattrmap.remapped_capability()
@@ -267,8 +277,24 @@ class PassthroughFS(Filesystem):
             if e.errno not in (errno.ENODATA, errno.ENOTSUP):
                 raise
 
+    def _fd_guard(self) -> None:
+        """ENFILE once the guest holds its whole fd budget (``fd_limit``)."""
+        held = len(self.inodes) + len(self.handles) + len(self.locks)
+        if held < self.fd_limit:
+            self._fd_warned = False
+            return
+        if not self._fd_warned:
+            self._fd_warned = True
+            log.error(
+                "the guest holds %d file descriptors, its whole budget: requests get ENFILE "
+                "until it forgets some (raise --rlimit-nofile for more)",
+                held,
+            )
+        raise _err(errno.ENFILE, "the guest's file descriptor budget is used up")
+
     def _reopen(self, node: InodeData, flags: int) -> int:
         """A real fd for ``node`` (regular file or directory only) via /proc/self/fd."""
+        self._fd_guard()
         if not (stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode)):
             raise _err(errno.EBADF, "not a regular file or directory")
         return os.open(str(node.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
@@ -288,6 +314,7 @@ class PassthroughFS(Filesystem):
     # -- names -----------------------------------------------------------
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         check_name(name)
+        self._fd_guard()
         p = self._node(parent)
         if parent == ROOT_ID and name == b"..":
             name = b"."
@@ -630,6 +657,7 @@ class PassthroughFS(Filesystem):
         (CVE-2020-35517).
         """
         self._check_write()
+        self._fd_guard()
         check_name(name)
         p = self._node(parent)
         host = self._host_flags(flags) & ~os.O_TRUNC
@@ -675,6 +703,7 @@ class PassthroughFS(Filesystem):
     ) -> Entry:
         """Regular files, fifos, sockets; device nodes where the host lets the caller."""
         self._check_write()
+        self._fd_guard()
         check_name(name)
         fmt = stat.S_IFMT(mode) or stat.S_IFREG
         if fmt not in _CREATE_TYPES:
@@ -686,6 +715,7 @@ class PassthroughFS(Filesystem):
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         self._check_write()
+        self._fd_guard()
         check_name(name)
         p = self._node(parent)
         with self._creds(ctx), Umask(umask) as um:
@@ -694,6 +724,7 @@ class PassthroughFS(Filesystem):
 
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
         self._check_write()
+        self._fd_guard()
         check_name(name)
         if not target or b"\0" in target:
             raise _err(errno.ENOENT if not target else errno.EINVAL, "symlink target")
@@ -705,6 +736,7 @@ class PassthroughFS(Filesystem):
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         """A hard link to the node (any type) through its /proc/self/fd magic link."""
         self._check_write()
+        self._fd_guard()
         check_name(newname)
         node = self._node(nodeid)
         np = self._node(newparent)
@@ -748,6 +780,7 @@ class PassthroughFS(Filesystem):
     ) -> tuple[Entry, Opened]:
         """TMPFILE: an unnamed regular file in ``parent`` (O_TMPFILE), opened."""
         self._check_write()
+        self._fd_guard()
         p = self._node(parent)
         host = self._host_flags(flags) & ~(os.O_TRUNC | os.O_APPEND)
         if host & os.O_ACCMODE == os.O_RDONLY:
