@@ -28,10 +28,11 @@ PROFILE_DEFAULT = ("getattr", "read4k", "read1m")
 
 
 def _selected(names: Sequence[str], only: list[str] | None) -> list[str]:
-    """Rows named by ``--only`` (exact names or prefixes), else all of them."""
+    """Rows named by ``--only`` (a row's exact name, else a prefix), else all of them."""
     if not only:
         return list(names)
-    return [n for n in names if any(n == o or n.startswith(o) for o in only)]
+    known = set(names)
+    return [n for n in names if any(n == o or (o not in known and n.startswith(o)) for o in only)]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -46,6 +47,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--daemons", help=f"comma-separated subset of {OURS},{REF}")
     p.add_argument("--cache", default="auto", help="cache mode for both daemons (default auto)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="guest: run every row N times (targets interleaved), report the median",
+    )
     p.add_argument("--seconds", type=float, help="micro: seconds per run")
     p.add_argument("--count", type=int, help="micro: requests per run instead of a duration")
     p.add_argument("--qd", default=None, help="micro: queue depths, e.g. 1,16")
@@ -144,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 params = guest_mod.Params.quick() if args.quick else guest_mod.Params.full()
                 work = micro.new_workdir_in(args.workdir, "vfb-guest-")
                 try:
-                    res_g = guest_mod.run_guest(specs, work, params, rows, log=log)
+                    res_g = guest_mod.run_guest(
+                        specs, work, params, rows, repeat=args.repeat, log=log
+                    )
                 finally:
                     micro.remove_tree(work)
                 out["guest"] = {"params": params.__dict__, "rows": guest_mod.cells_json(res_g)}

@@ -83,6 +83,8 @@ class Profile:
     self_by_layer: Counter[str]
     by_stage: Counter[str] = field(default_factory=Counter)
     syscalls: Counter[str] = field(default_factory=Counter)
+    #: What the counts are: py-spy samples, or µs of cProfile tottime.
+    unit: str = "busy samples"
 
     def stages(self, cpu: tuple[float, float] | None = None) -> str:
         """User-space cost by stage; with ``cpu`` = (total, user) µs per request, in µs.
@@ -117,7 +119,7 @@ class Profile:
         if not self.total:
             return "(no samples)\n"
         idle = self.self_by_layer.get("(idle)", 0)
-        lines = [f"busy samples: {self.total} (idle, left out: {idle})", "self time by layer:"]
+        lines = [f"{self.unit}: {self.total} (idle, left out: {idle})", "self time by layer:"]
         for name, c in self.self_by_layer.most_common():
             if name != "(idle)":
                 lines.append(f"  {name:12s} {100 * c / self.total:5.1f} %")
@@ -212,4 +214,6 @@ def parse_cprofile(path: Path) -> Profile:
         incl[name] += int(ct * 1e6)
         self_layer[layer_of(file)] += int(tt * 1e6)
     total = sum(self_func.values())
-    return Profile(total, self_func, incl, Counter(), self_layer)
+    # cProfile cannot tell waiting in epoll from work: it is in the loop's share.
+    unit = "cProfile us (loop idle time included)"
+    return Profile(total, self_func, incl, Counter(), self_layer, unit=unit)

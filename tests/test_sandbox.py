@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from daemon_support import SMALL, HostTree, finish_daemon, make_host_tree
+
 from virtiofsd_py.fuse.abi import FUSE_ROOT_ID as ROOT
 from virtiofsd_py.options import OptionError, parse_args
 from virtiofsd_py.sandbox import CHROOT_BLOCKER, IdMapping

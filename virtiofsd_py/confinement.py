@@ -31,6 +31,7 @@ class ConfinementError(Exception):
 
 class _Opts(Protocol):
     shared_dir: str | None
+    backend: str
     sandbox: str
     seccomp: str
     modcaps: str | None
@@ -88,7 +89,7 @@ def confine(opts: _Opts, listener: _Listener) -> Confinement | int:
         check_options(opts)
         where = sandbox.enter(
             opts.sandbox,
-            opts.shared_dir or "/",
+            opts.shared_dir if opts.backend == "passthrough" else None,
             parse_id_maps(opts.uid_map, "--uid-map"),
             parse_id_maps(opts.gid_map, "--gid-map"),
         )
@@ -105,7 +106,8 @@ def confine(opts: _Opts, listener: _Listener) -> Confinement | int:
     if where.mode == "none":
         log.warning("running without a sandbox (--sandbox none): confinement is by *at() only")
     else:
-        log.info("sandbox %s: serving %s as %s", where.mode, opts.shared_dir, where.shared_dir)
+        shown = opts.shared_dir if opts.backend == "passthrough" else "no host directory"
+        log.info("sandbox %s: serving %s as %s", where.mode, shown, where.shared_dir)
     try:
         _, permitted = capabilities.get()
         if permitted:

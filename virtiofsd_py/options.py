@@ -189,7 +189,7 @@ def build_parser(*, mount: bool = False) -> argparse.ArgumentParser:
     add(
         "--seccomp",
         choices=("none", "kill", "log", "trap"),
-        default=os.environ.get("VIRTIOFSD_PY_SECCOMP_DEFAULT", "kill"),
+        default="kill",
         help="Action on a system call outside the allow-list (default kill)",
     )
     add(

@@ -172,19 +172,24 @@ def preload() -> None:
 
 def enter(
     mode: str,
-    shared_dir: str,
+    shared_dir: str | None,
     uid_map: Sequence[IdMapping] = (),
     gid_map: Sequence[IdMapping] = (),
 ) -> Confinement:
-    """Set up the sandbox; for ``namespace`` this forks (see :class:`Confinement`)."""
+    """Set up the sandbox; for ``namespace`` this forks (see :class:`Confinement`).
+
+    ``shared_dir`` None (a back-end without a host directory): nothing of
+    the host is bound into the sandbox.
+    """
     check_request(mode, uid_map, gid_map)
-    shared_dir = os.path.abspath(shared_dir)
+    shared_dir = None if shared_dir is None else os.path.abspath(shared_dir)
     if mode == "none":
-        return Confinement(mode, shared_dir)
-    try:
-        os.close(os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-    except OSError as e:
-        raise SandboxError(f"shared directory {shared_dir}: {e.strerror}") from None
+        return Confinement(mode, shared_dir or "")
+    if shared_dir is not None:
+        try:
+            os.close(os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        except OSError as e:
+            raise SandboxError(f"shared directory {shared_dir}: {e.strerror}") from None
     preload()
     try:
         if os.geteuid() != 0:
@@ -204,7 +209,7 @@ def enter(
     child = os.fork()
     if child:
         os.close(lifeline_r)
-        return Confinement(mode, shared_dir, child_pid=child)
+        return Confinement(mode, shared_dir or "", child_pid=child)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     try:
         os.close(lifeline_w)
@@ -291,11 +296,13 @@ def _jail_base() -> str:
     raise SandboxError("no directory to mount the sandbox's root on (/tmp, /mnt, /run)")
 
 
-def _build_jail(shared_dir: str) -> None:
+def _build_jail(shared_dir: str | None) -> None:
     """In the child: new mount+net namespaces, the tmpfs root, pivot_root into it."""
     libc.unshare(libc.CLONE_NEWNS | libc.CLONE_NEWNET)
     # Opened in the new namespace (a bind source must be one of its mounts).
-    share_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    share_fd = -1
+    if shared_dir is not None:
+        share_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         libc.mount(None, "/", None, libc.MS_SLAVE | libc.MS_REC)
         base = _jail_base()
@@ -307,7 +314,8 @@ def _build_jail(shared_dir: str) -> None:
         os.mkdir(share, 0o555)
         libc.mount("proc", proc, "proc", hardening | libc.MS_RELATIME)
         # The share by its fd: a mount on an ancestor (the tmpfs on /tmp) may hide its path.
-        libc.mount(f"/proc/self/fd/{share_fd}", share, None, libc.MS_BIND | libc.MS_REC)
+        if share_fd >= 0:
+            libc.mount(f"/proc/self/fd/{share_fd}", share, None, libc.MS_BIND | libc.MS_REC)
         libc.mount(None, base, None, libc.MS_REMOUNT | libc.MS_RDONLY | hardening)
         old_root = os.open("/", os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -320,7 +328,8 @@ def _build_jail(shared_dir: str) -> None:
             os.close(old_root)
         os.chdir("/")
     finally:
-        os.close(share_fd)
+        if share_fd >= 0:
+            os.close(share_fd)
 
 
 def supervise(child: int, cleanup: Callable[[], None]) -> int:

@@ -166,6 +166,14 @@ ALLOWED: Final = frozenset(
         "mkdir",
         "rename",
         "chmod",
+        # path forms CPython's os module uses when no dir_fd is given (the
+        # passthrough passes /proc/self/fd paths): truncate(path), chown(path)...
+        "chown",
+        "lchown",
+        "truncate",
+        "link",
+        "symlink",
+        "mknod",
         "fchdir",
         "getcwd",
         "umask",
