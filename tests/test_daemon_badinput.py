@@ -356,11 +356,14 @@ def test_desc_address_outside_memory(started: VhostUserFrontend, host_tree: Host
     assert mem is not None
     out = reply_buf(started)
     for bad in (mem.gpa_end, mem.gpa_base - 4096, 0, 0xFFFF_FFFF_FFFF_FFF0):
+        # ``next`` names the second slot of this chain: a chain must never run
+        # into a slot the driver hands to its next request.
+        a, b = started.queues[1].reserve(2)
         submit_raw_and_check(
             started,
             host_tree,
-            [RawDesc(bad, 56, VIRTQ_DESC_F_NEXT, 0), RawDesc(out, 4096, VIRTQ_DESC_F_WRITE)],
-            ids=None,
+            [RawDesc(bad, 56, VIRTQ_DESC_F_NEXT, b), RawDesc(out, 4096, VIRTQ_DESC_F_WRITE)],
+            ids=[a, b],
             writable=4096,
         )
 
@@ -371,10 +374,12 @@ def test_writable_desc_outside_memory(started: VhostUserFrontend, host_tree: Hos
     assert mem is not None
     req = put(started, header(abi.FUSE_GETATTR, 1, 16) + GETATTR_ARGS)
     for bad in (mem.gpa_end - 8, mem.gpa_end + 4096):
+        a, b = started.queues[1].reserve(2)
         submit_raw_and_check(
             started,
             host_tree,
-            [RawDesc(req, 56, VIRTQ_DESC_F_NEXT, 0), RawDesc(bad, 4096, VIRTQ_DESC_F_WRITE)],
+            [RawDesc(req, 56, VIRTQ_DESC_F_NEXT, b), RawDesc(bad, 4096, VIRTQ_DESC_F_WRITE)],
+            ids=[a, b],
             writable=4096,
         )
 
