@@ -80,10 +80,15 @@ def slices(bufs: Buffers, off: int, n: int) -> list[memoryview]:
         if i >= nbufs:
             raise IovError("range beyond the end of the buffers")
         b = bufs[i]
-        take = min(len(b) - o, n)
-        if take > 0:
-            out.append(memoryview(b)[o : o + take])
-            n -= take
+        size = len(b)
+        if o == 0 and size <= n and type(b) is memoryview:
+            out.append(b)  # a whole buffer, as most are: no new view (1 MiB READ: 256 of them)
+            n -= size
+        else:
+            take = min(size - o, n)
+            if take > 0:
+                out.append(memoryview(b)[o : o + take])
+                n -= take
         i += 1
         o = 0
     return out
