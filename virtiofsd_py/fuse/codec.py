@@ -11,6 +11,7 @@ temporary and scattered only when they straddle a buffer boundary.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Sequence
@@ -170,6 +171,7 @@ def parse_xattr_name(args: memoryview, off: int = 0) -> tuple[bytes, int]:
 # -- reply values --------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)  # a backend uses a handful of timeouts, on every reply
 def timeout_split(seconds: float) -> tuple[int, int]:
     """Float seconds -> (sec, nsec) for entry_valid/attr_valid; clamped to >= 0."""
     if not seconds > 0.0:  # also catches NaN
