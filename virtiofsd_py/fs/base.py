@@ -33,9 +33,13 @@ from typing import Any, ClassVar
 ROOT_ID = 1
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Context:
-    """Credentials of the guest process that made the request (fuse_in_header)."""
+    """Credentials of the guest process that made the request (fuse_in_header).
+
+    Built for every request: a plain (not frozen) dataclass costs a third of a
+    frozen one to create.  Treat it as read-only.
+    """
 
     uid: int
     gid: int
