@@ -9,38 +9,24 @@ bigger than the pipe buffer would otherwise deadlock the daemon.
 
 from __future__ import annotations
 
-import asyncio
 import os
+
+from virtiofsd_py.fdwait import wait_fd
 
 
 class TransferError(Exception):
     pass
 
 
-async def _wait(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    (loop.add_writer if writable else loop.add_reader)(fd, ready)
-    try:
-        await fut
-    finally:
-        (loop.remove_writer if writable else loop.remove_reader)(fd)
-
-
 async def write_all(fd: int, data: bytes) -> None:
     """Write ``data`` to the non-blocking-capable ``fd`` (closed by the caller)."""
-    loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     view = memoryview(data)
     while view:
         try:
             n = os.write(fd, view[: 1 << 20])
         except (BlockingIOError, InterruptedError):
-            await _wait(loop, fd, writable=True)
+            await wait_fd(fd, writable=True)
             continue
         except OSError as e:
             done = len(data) - len(view)
@@ -50,7 +36,6 @@ async def write_all(fd: int, data: bytes) -> None:
 
 async def read_all(fd: int, limit: int) -> bytes:
     """Read until EOF; refuse more than ``limit`` bytes (a hostile or broken peer)."""
-    loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     chunks: list[bytes] = []
     total = 0
@@ -58,7 +43,7 @@ async def read_all(fd: int, limit: int) -> bytes:
         try:
             chunk = os.read(fd, 1 << 20)
         except (BlockingIOError, InterruptedError):
-            await _wait(loop, fd, writable=False)
+            await wait_fd(fd, writable=False)
             continue
         except OSError as e:
             raise TransferError(f"reading the state failed after {total} bytes: {e}") from e

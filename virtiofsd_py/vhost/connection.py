@@ -10,10 +10,10 @@ header the stream cannot be resynchronised (vhost-user.rst, "Message format").
 from __future__ import annotations
 
 import array
-import asyncio
 import logging
 import socket
 
+from virtiofsd_py.fdwait import wait_fd
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.backend import VhostUserBackend
 from virtiofsd_py.virtio.memory import close_fds
@@ -45,27 +45,6 @@ class VhostUserConnection:
         self._sock.setblocking(False)
         self._backend = backend
         self._parser = p.FrameParser()
-        self._loop = asyncio.get_running_loop()
-
-    async def _wait(self, writable: bool) -> None:
-        fut: asyncio.Future[None] = self._loop.create_future()
-        fd = self._sock.fileno()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        if writable:
-            self._loop.add_writer(fd, ready)
-        else:
-            self._loop.add_reader(fd, ready)
-        try:
-            await fut
-        finally:
-            if writable:
-                self._loop.remove_writer(fd)
-            else:
-                self._loop.remove_reader(fd)
 
     async def receive(self) -> p.Message:
         """The next whole message; raises ConnectionClosed or ProtocolError."""
@@ -74,7 +53,7 @@ class VhostUserConnection:
             try:
                 data, ancdata, flags, _ = self._sock.recvmsg(need, _ANC_SPACE)
             except (BlockingIOError, InterruptedError):
-                await self._wait(writable=False)
+                await wait_fd(self._sock.fileno(), writable=False)
                 continue
             except ConnectionResetError as e:
                 close_fds(self._parser.pending_fds())
@@ -98,7 +77,7 @@ class VhostUserConnection:
             try:
                 n = self._sock.sendmsg([view], anc)
             except (BlockingIOError, InterruptedError):
-                await self._wait(writable=True)
+                await wait_fd(self._sock.fileno(), writable=True)
                 continue
             except (BrokenPipeError, ConnectionResetError) as e:
                 raise ConnectionClosed(str(e)) from e
