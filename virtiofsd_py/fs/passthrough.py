@@ -259,6 +259,18 @@ class PassthroughFS(Filesystem):
     def _proc_path(self, node: InodeData) -> str:
         return self._proc_prefix + str(node.fd)
 
+    def proc_path(self, fd: int) -> str:
+        """The /proc/self/fd magic link of ``fd`` as this process can name it.
+
+        Under a sandbox the prefix may be relative (the daemon's working
+        directory is its fd directory), so callers never spell ``/proc``.
+        """
+        return self._proc_prefix + str(fd)
+
+    def fdinfo_path(self, fd: int) -> str:
+        """``/proc/self/fdinfo/N`` of ``fd``, reached from the fd directory."""
+        return f"{self._proc_prefix}../fdinfo/{fd}"
+
     def _drop_capability(self, target: int | str) -> None:
         """Remove the remapped security.capability before a write, truncate or chown.
 

@@ -102,7 +102,7 @@ class Preparer:
             if self._stop.is_set():
                 return
             if node.nodeid != ROOT_ID:
-                cache[node.nodeid] = _path_of(node, root, self.fs.inodes.root.fd)
+                cache[node.nodeid] = _path_of(self.fs, node, root)
         self.cache, self.generation = cache, generation
         log.info("migration: %d paths prepared in %.3f s", len(cache), time.monotonic() - t0)
 
@@ -110,24 +110,24 @@ class Preparer:
         fresh = not confirm and self.generation == self.fs.namespace_changes
         if fresh and node.nodeid in self.cache:
             return self.cache[node.nodeid]
-        return _path_of(node, root, self.fs.inodes.root.fd)
+        return _path_of(self.fs, node, root)
 
 
 def _root_path(fs: PassthroughFS) -> bytes:
-    return os.readlink(f"/proc/self/fd/{fs.inodes.root.fd}".encode())
+    return os.readlink(fs.proc_path(fs.inodes.root.fd).encode())
 
 
-def _path_of(node: InodeData, root: bytes, root_fd: int) -> bytes | None:
+def _path_of(fs: PassthroughFS, node: InodeData, root: bytes) -> bytes | None:
     """The node's current path relative to the share, confirmed by identity."""
     try:
-        where = os.readlink(f"/proc/self/fd/{node.fd}".encode())
+        where = os.readlink(fs.proc_path(node.fd).encode())
     except OSError:
         return None
     if not where.startswith(root + b"/"):
         return None
     rel = where[len(root) + 1 :]
     try:
-        st = os.stat(rel, dir_fd=root_fd, follow_symlinks=False)
+        st = os.stat(rel, dir_fd=fs.inodes.root.fd, follow_symlinks=False)
     except OSError:
         return None  # unlinked (the link reads "... (deleted)") or moved meanwhile
     return rel if (st.st_dev, st.st_ino) == node.key[:2] else None
@@ -140,11 +140,11 @@ def _handle_of(node: InodeData) -> bytes | None:
         return None
 
 
-def _fd_locks(fd: int) -> list[tuple[str, int, int, int]]:
+def _fd_locks(fs: PassthroughFS, fd: int) -> list[tuple[str, int, int, int]]:
     """(class, type, start, end) of each lock held through ``fd``'s open file."""
     out: list[tuple[str, int, int, int]] = []
     try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
+        with open(fs.fdinfo_path(fd)) as f:
             lines = [line for line in f if line.startswith("lock:")]
     except OSError:
         return out
@@ -170,7 +170,7 @@ def export_state(fs: PassthroughFS, prep: Preparer | None) -> dict[str, Any]:
         if prep is not None:
             path = prep.path(node, root, cfg.confirm_paths)
         else:
-            path = _path_of(node, root, root_node.fd)
+            path = _path_of(fs, node, root)
         try:
             unlinked = os.fstat(node.fd).st_nlink == 0
         except OSError:
@@ -193,11 +193,11 @@ def export_state(fs: PassthroughFS, prep: Preparer | None) -> dict[str, Any]:
     handles = [{"fh": h.fh, "inode": h.nodeid, "flags": h.flags} for h in fs.handles]
     locks: list[dict[str, Any]] = []
     for (nodeid, owner), ofd in fs.locks.owners():
-        for kind, ltype, start, end in _fd_locks(ofd.fd):
+        for kind, ltype, start, end in _fd_locks(fs, ofd.fd):
             if kind == "OFDLCK":
                 locks.append(_lock(nodeid, owner, ltype, start, end, flock=False))
     for h in fs.handles:
-        for kind, ltype, start, end in _fd_locks(h.fd):
+        for kind, ltype, start, end in _fd_locks(fs, h.fd):
             if kind == "FLOCK":
                 locks.append(_lock(h.nodeid, h.fh, ltype, start, end, flock=True))
     return {
@@ -282,7 +282,7 @@ class _Loader:
         # inside the share (or is unlinked, reachable only through open fds).
         try:
             st = os.fstat(fd)
-            where = os.readlink(f"/proc/self/fd/{fd}".encode())
+            where = os.readlink(self.fs.proc_path(fd).encode())
             root = _root_path(self.fs)
             if st.st_nlink != 0 and not (where == root or where.startswith(root + b"/")):
                 raise OSError(errno.EACCES, "file handle names a file outside the shared directory")
@@ -441,7 +441,7 @@ def _reopen(
     elif not stat.S_ISREG(node.mode):
         raise MigrationError(f"handle {fh} is open on a node that is not a file or directory")
     try:
-        fd = os.open(f"/proc/self/fd/{node.fd}", host)
+        fd = os.open(fs.proc_path(node.fd), host)
     except OSError as e:
         reason = f"handle {fh} of inode {nodeid}: reopen failed: {e.strerror}"
         if loader.cfg.on_error == "abort":
