@@ -6,6 +6,11 @@ N + N/100 nodes; ``DaemonState.save`` serialises it and a second
 PassthroughFS on the same directory (the destination) ``load``\\ s it, finding
 every inode again (virtiofsd_py/migration/state.py, docs/migration-format.md).
 
+Each size runs twice: nodes held as O_PATH fds (the default; skipped when
+RLIMIT_NOFILE cannot hold one fd per inode -- the 100k row on a machine whose
+hard limit is 20000) and nodes held as file handles
+(``--inode-file-handles=prefer``, no fd per inode: every size fits).
+
 Measured: the state's size; ``prepare`` (the paths worked out when LOG_ALL
 is turned on, while the guest still runs); ``save`` after preparation (the
 switch-over part on the source) and ``save`` cold (nothing prepared); and
@@ -24,6 +29,7 @@ from typing import Any
 
 from bench.micro import new_workdir
 from virtiofsd_py.fs.base import Context
+from virtiofsd_py.fs.mountfds import InodeFileHandles
 from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.migration.state import DaemonState
@@ -39,6 +45,8 @@ class TooManyFiles(Exception):
 @dataclass
 class MigResult:
     inodes: int
+    #: "fds" or "handles" (--inode-file-handles=prefer on source and destination).
+    nodes: str
     state_bytes: int
     lookup_s: float
     prepare_s: float
@@ -79,14 +87,20 @@ def _wait_prepared(fs: PassthroughFS) -> None:
         thread.join()
 
 
-def measure(files: int, workdir: Path) -> MigResult:
-    share = workdir / f"tree-{files}"
-    # Source and destination each hold one O_PATH fd per inode; they live one
-    # after the other so that the fd limit needs to cover only one of them.
-    _raise_nofile(files + files // PER_DIR + 1000)
+def measure(files: int, workdir: Path, handles: bool = False) -> MigResult:
+    share = workdir / f"tree-{files}-{'handles' if handles else 'fds'}"
+    mode: InodeFileHandles = "prefer" if handles else "never"
+    if not handles:
+        # Source and destination each hold one O_PATH fd per inode; they live one
+        # after the other so that the fd limit needs to cover only one of them.
+        _raise_nofile(files + files // PER_DIR + 1000)
     share.mkdir()
     make_tree(share, files)
-    src = PassthroughFS(PassthroughConfig(share))
+    src = PassthroughFS(PassthroughConfig(share, inode_file_handles=mode))
+    if handles and not src.file_handles.enabled:
+        src.close()
+        shutil.rmtree(share, ignore_errors=True)
+        raise TooManyFiles("this file system or process cannot use file handles")
     try:
         t = time.monotonic()
         for dname in sorted(p.name for p in share.iterdir()):
@@ -108,7 +122,7 @@ def measure(files: int, workdir: Path) -> MigResult:
         src.prepare_migration(False)
     finally:
         src.close()
-    dst = PassthroughFS(PassthroughConfig(share))
+    dst = PassthroughFS(PassthroughConfig(share, inode_file_handles=mode))
     try:
         dst_state = DaemonState(Dispatcher(dst), dst, str(share))
         t = time.monotonic()
@@ -118,7 +132,8 @@ def measure(files: int, workdir: Path) -> MigResult:
         dst.close()
         shutil.rmtree(share, ignore_errors=True)
     inodes = files + files // PER_DIR
-    return MigResult(inodes, len(data), lookup_s, prepare_s, save_s, save_cold_s, load_s)
+    nodes = "handles" if handles else "fds"
+    return MigResult(inodes, nodes, len(data), lookup_s, prepare_s, save_s, save_cold_s, load_s)
 
 
 def run_migstate(
@@ -128,13 +143,15 @@ def run_migstate(
     workdir = new_workdir("vfb-mig-")
     try:
         for n in sizes:
-            try:
-                r = measure(n, workdir)
-            except TooManyFiles as e:
-                log(f"  migration state {n} files: skipped: {e}")
-                continue
-            log(f"  migration state {n} files: {r.state_bytes} bytes")
-            out.append(r)
+            for handles in (False, True):
+                what = f"{n} files, nodes as {'handles' if handles else 'fds'}"
+                try:
+                    r = measure(n, workdir, handles)
+                except TooManyFiles as e:
+                    log(f"  migration state {what}: skipped: {e}")
+                    continue
+                log(f"  migration state {what}: {r.state_bytes} bytes")
+                out.append(r)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return out
@@ -142,12 +159,13 @@ def run_migstate(
 
 def mig_table(results: list[MigResult]) -> tuple[list[str], list[list[object]]]:
     headers = [
-        "inodes", "state KiB", "B/inode", "lookup s", "prepare s", "save s", "save cold s",
+        "inodes", "nodes", "state KiB", "B/inode", "lookup s", "prepare s", "save s", "save cold s",
         "load s", "load us/inode",
     ]  # fmt: skip
     rows: list[list[object]] = [
         [
             r.inodes,
+            r.nodes,
             r.state_bytes / 1024,
             r.state_bytes / r.inodes,
             r.lookup_s,

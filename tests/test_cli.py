@@ -49,7 +49,6 @@ def test_print_capabilities() -> None:
         (["--sandbox", "chroot"], "--sandbox chroot"),
         (["--modcaps", "+no_such_cap"], "--modcaps"),
         (["--seccomp", "sometimes"], "invalid choice"),
-        (["--inode-file-handles", "mandatory"], "mandatory: not implemented"),
         (["--cache", "sometimes"], "invalid choice"),
     ],
 )

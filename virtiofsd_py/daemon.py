@@ -203,6 +203,7 @@ def build_filesystem(opts: Options) -> PassthroughFS | MemoryFS:
                     verify_handles=opts.migration_verify_handles,
                     confirm_paths=opts.migration_confirm_paths,
                 ),
+                inode_file_handles=opts.inode_file_handles,  # type: ignore[arg-type]
             )
         )
     except OSError as e:

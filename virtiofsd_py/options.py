@@ -215,7 +215,8 @@ def build_parser(*, mount: bool = False) -> argparse.ArgumentParser:
         "--inode-file-handles",
         choices=("never", "prefer", "mandatory", "fallback"),
         default="never",
-        help="Use file handles for inodes; 'prefer' falls back to fds (default never); "
+        help="Keep inodes as file handles instead of fds; 'prefer' falls back to fds, "
+        "'mandatory' refuses to start without them (default never); "
         "'fallback' is a deprecated name of 'prefer'",
     )
     add(
@@ -349,8 +350,6 @@ def parse_args(argv: list[str] | None = None, *, mount: bool = False) -> Options
             f"{', '.join(used)}: not implemented yet in virtiofsd-py; refusing to start "
             "rather than ignore it"
         )
-    if ns.inode_file_handles == "mandatory":
-        raise OptionError("--inode-file-handles mandatory: not implemented yet")
     opts = Options(
         shared_dir=ns.shared_dir,
         socket_path=ns.socket_path,

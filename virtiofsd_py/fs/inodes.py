@@ -1,4 +1,4 @@
-"""The inode table: FUSE node ids -> host inodes held open as O_PATH fds.
+"""The inode table: FUSE node ids -> host inodes, held as O_PATH fds or file handles.
 
 A node is one host inode, identified by ``(st_dev, st_ino, mount id)``; two
 names for one file (hard links) are one node.  Node ids count up from 2 and
@@ -9,6 +9,11 @@ id 1 is the shared directory and is never dropped.
 Every node records how to find it again -- the parent node and the name it
 was last looked up by -- for migration, and holds one reference on that
 parent so that the chain up to the root stays valid while the node lives.
+
+A node holds either an O_PATH fd or, with ``--inode-file-handles``
+(mountfds.py), a file handle plus a reference on its mount's fd and no fd
+at all.  Every user of a node's fd goes through ``InodeData.opened``, which
+lends the O_PATH fd or opens one by handle for the length of the ``with``.
 
 Closing: an ``InodeData`` owns its fd and closes it when the object dies.
 An operation keeps the ``InodeData`` it got from ``get`` in a local
@@ -22,11 +27,14 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from collections.abc import Iterable, Iterator
+from types import TracebackType
 from typing import Final
 
 from .base import ROOT_ID
+from .mountfds import NODE_FD_FLAGS, MountFd
 
 #: (st_dev, st_ino, mount id)
 InodeKey = tuple[int, int, int]
@@ -35,13 +43,53 @@ InodeKey = tuple[int, int, int]
 _ROOT_PIN: Final = 1 << 62
 
 
+class NodeFd:
+    """``with node.opened() as fd``: the node's O_PATH fd for one operation.
+
+    Lent (not closed afterwards) for an fd node; opened by handle and closed
+    on exit for a handle node.
+    """
+
+    __slots__ = ("fd", "owned")
+
+    def __init__(self, fd: int, owned: bool) -> None:
+        self.fd = fd
+        self.owned = owned
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(
+        self,
+        et: type[BaseException] | None,
+        ev: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.owned:
+            self.owned = False
+            os.close(self.fd)
+
+
 class InodeData:
     """One node: plain fields only, so that migration can serialize it."""
 
-    __slots__ = ("children", "fd", "key", "lookups", "mode", "name", "nodeid", "parent")
+    __slots__ = (
+        "children",
+        "fd",
+        "handle",
+        "key",
+        "lookups",
+        "mode",
+        "mount",
+        "name",
+        "nodeid",
+        "parent",
+    )
 
     nodeid: int
-    fd: int  # O_PATH | O_NOFOLLOW, or -1 once closed
+    fd: int  # O_PATH | O_NOFOLLOW; -1 for a handle node, once closed, or unusable
+    handle: bytes | None  # struct file_handle (--inode-file-handles), else None
+    mount: MountFd | None  # where ``handle`` opens (held while the node lives)
     key: InodeKey
     mode: int  # st_mode at lookup; the file type never changes
     lookups: int  # the guest's lookup count (FUSE nlookup)
@@ -50,10 +98,18 @@ class InodeData:
     name: bytes  # name it was last looked up by (b"" for the root)
 
     def __init__(
-        self, nodeid: int, fd: int, key: InodeKey, mode: int, parent: int, name: bytes
+        self,
+        nodeid: int,
+        fd: int,
+        key: InodeKey,
+        mode: int,
+        parent: int,
+        name: bytes,
+        handle: tuple[bytes, MountFd] | None = None,
     ) -> None:
         self.nodeid = nodeid
         self.fd = fd
+        self.handle, self.mount = handle if handle is not None else (None, None)
         self.key = key
         self.mode = mode
         self.lookups = 0
@@ -61,8 +117,27 @@ class InodeData:
         self.parent = parent
         self.name = name
 
+    @property
+    def usable(self) -> bool:
+        """False for a node migration could not find again (its requests fail)."""
+        return self.fd >= 0 or self.handle is not None
+
+    def opened(self, flags: int = NODE_FD_FLAGS) -> NodeFd:
+        """The node's fd for one operation (``with node.opened() as fd``).
+
+        A handle node is opened by handle (``flags``; O_PATH by default) and
+        closed when the block ends: ESTALE once the inode is gone from the
+        host (unlinked and no longer open anywhere).  An unusable node lends
+        -1, so the operation fails with EBADF as it did with a closed fd.
+        """
+        mount = self.mount
+        if self.handle is None or mount is None:
+            return NodeFd(self.fd, False)
+        return NodeFd(mount.open(self.handle, flags), True)
+
     def close(self) -> None:
         fd, self.fd = self.fd, -1
+        self.mount = None
         if fd >= 0:
             os.close(fd)
 
@@ -70,8 +145,9 @@ class InodeData:
         self.close()
 
     def __repr__(self) -> str:
+        kind = f"fd={self.fd}" if self.handle is None else f"handle={self.handle.hex()}"
         return (
-            f"InodeData(nodeid={self.nodeid}, fd={self.fd}, key={self.key}, "
+            f"InodeData(nodeid={self.nodeid}, {kind}, key={self.key}, "
             f"mode={self.mode:o}, lookups={self.lookups}, children={self.children}, "
             f"parent={self.parent}, name={self.name!r})"
         )
@@ -89,6 +165,12 @@ class InodeTable:
         self._nodes: dict[int, InodeData] = {ROOT_ID: root}
         self._by_key: dict[InodeKey, InodeData] = {root.key: root}
         self._next_id = ROOT_ID + 1
+        self._fd_nodes = 1
+
+    @property
+    def fd_nodes(self) -> int:
+        """Nodes holding an fd (the root included): what counts against the fd budget."""
+        return self._fd_nodes
 
     def get(self, nodeid: int) -> InodeData | None:
         """The live node, or None.  (A dict read is atomic: no lock needed.)"""
@@ -107,18 +189,36 @@ class InodeTable:
             return iter(list(self._nodes.values()))
 
     def add_lookup(
-        self, fd: int, key: InodeKey, mode: int, parent: int, name: bytes
+        self,
+        fd: int,
+        key: InodeKey,
+        mode: int,
+        parent: int,
+        name: bytes,
+        handle: tuple[bytes, MountFd] | None = None,
     ) -> tuple[InodeData, bool]:
         """Count one lookup of the inode ``key`` just opened as ``fd``.
 
         Returns the node and whether ``fd`` was taken over.  When the inode
-        already has a node, ``fd`` is not used: the caller closes it.
+        already has a node, or ``handle`` is given (a new node then keeps the
+        handle, no fd), ``fd`` is not used: the caller closes it.
+
+        A node that holds only a file handle does not keep its inode alive:
+        once the file is deleted the host may give its inode number to a new
+        file.  Such a key match (other handle, or other file type) is a new
+        inode: it gets a new node, and the stale one stays reachable only by
+        its node id (its requests get ESTALE) until the guest forgets it.
+        Reusing it would show the guest one node id with two identities,
+        which Linux answers by marking the inode bad (EIO).
         """
         with self._lock:
             p = self._nodes.get(parent)
             if p is None:  # parent forgotten while we looked up in it
                 raise OSError(errno.ESTALE, "parent node was forgotten")
             node = self._by_key.get(key)
+            if node is not None and _reused(node, mode, handle):
+                del self._by_key[key]
+                node = None
             if node is not None:
                 node.lookups += 1
                 dropped = []
@@ -131,14 +231,16 @@ class InodeTable:
                     dropped = self._unref_locked(old)
                 taken = False
             else:
-                node = InodeData(self._next_id, fd, key, mode, parent, name)
+                taken = handle is None
+                own_fd = fd if taken else -1
+                node = InodeData(self._next_id, own_fd, key, mode, parent, name, handle)
                 self._next_id += 1
                 node.lookups = 1
                 p.children += 1
                 self._nodes[node.nodeid] = node
                 self._by_key[key] = node
+                self._fd_nodes += taken
                 dropped = []
-                taken = True
         del dropped  # closes fds of dropped nodes, outside the lock
         return node, taken
 
@@ -166,6 +268,7 @@ class InodeTable:
             root.children = 0
             self._nodes = {ROOT_ID: root}
             self._by_key = {root.key: root}
+            self._fd_nodes = 1
         del dropped
 
     def restore(self, nodes: list[InodeData], next_id: int) -> None:
@@ -181,7 +284,8 @@ class InodeTable:
             root = self._nodes[ROOT_ID]
             for node in nodes:
                 self._nodes[node.nodeid] = node
-                if node.fd >= 0:
+                self._fd_nodes += node.fd >= 0
+                if node.usable:
                     self._by_key.setdefault(node.key, node)
             for node in nodes:
                 self._nodes[node.parent].children += 1
@@ -218,6 +322,7 @@ class InodeTable:
         cur: InodeData | None = node
         while cur is not None and cur.nodeid != ROOT_ID:
             del self._nodes[cur.nodeid]
+            self._fd_nodes -= cur.fd >= 0
             if self._by_key.get(cur.key) is cur:
                 del self._by_key[cur.key]
             out.append(cur)
@@ -228,3 +333,10 @@ class InodeTable:
                 if parent.lookups == 0 and parent.children == 0:
                     cur = parent
         return out
+
+
+def _reused(node: InodeData, mode: int, handle: tuple[bytes, MountFd] | None) -> bool:
+    """Whether the inode number of ``node`` now names another file (see ``add_lookup``)."""
+    if stat.S_IFMT(node.mode) != stat.S_IFMT(mode):
+        return True
+    return node.handle is not None and handle is not None and node.handle != handle[0]

@@ -304,6 +304,18 @@ _name_to_handle_at = getattr(_libc, "name_to_handle_at", None)
 _open_by_handle_at = getattr(_libc, "open_by_handle_at", None)
 
 
+class _HandleLocal(threading.local):
+    """Per-thread buffers of name_to_handle (allocating them costs more than the call)."""
+
+    def __init__(self) -> None:
+        self.buf = ctypes.create_string_buffer(_FH_HDR.size + MAX_HANDLE_SZ)
+        self.mnt = ctypes.c_int()
+        self.mnt_ref = ctypes.byref(self.mnt)
+
+
+_handle_local = _HandleLocal()
+
+
 def name_to_handle(fd: int) -> tuple[bytes, int]:
     """(file handle, mount id) of the object ``fd`` refers to (AT_EMPTY_PATH).
 
@@ -312,21 +324,21 @@ def name_to_handle(fd: int) -> tuple[bytes, int]:
     """
     if _name_to_handle_at is None:
         raise OSError(errno.ENOSYS, "name_to_handle_at is not available")
-    buf = ctypes.create_string_buffer(_FH_HDR.size + MAX_HANDLE_SZ)
+    local = _handle_local
+    buf = local.buf
     _FH_HDR.pack_into(buf, 0, MAX_HANDLE_SZ, 0)
-    mnt = ctypes.c_int()
-    if _name_to_handle_at(fd, b"", buf, ctypes.byref(mnt), AT_EMPTY_PATH) != 0:
+    if _name_to_handle_at(fd, b"", buf, local.mnt_ref, AT_EMPTY_PATH) != 0:
         raise _oserror("name_to_handle_at")
     nbytes, _type = _FH_HDR.unpack_from(buf)
-    return bytes(buf.raw[: _FH_HDR.size + nbytes]), mnt.value
+    return buf.raw[: _FH_HDR.size + nbytes], local.mnt.value
 
 
 def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
     """open_by_handle_at(2): needs CAP_DAC_READ_SEARCH and a real (not O_PATH) ``mount_fd``."""
     if _open_by_handle_at is None:
         raise OSError(errno.ENOSYS, "open_by_handle_at is not available")
-    buf = ctypes.create_string_buffer(handle, len(handle))
-    fd = _open_by_handle_at(mount_fd, buf, flags)
+    # The kernel only reads the handle: the bytes object's own buffer will do.
+    fd = _open_by_handle_at(mount_fd, handle, flags)
     if fd < 0:
         raise _oserror("open_by_handle_at")
     return int(fd)

@@ -20,6 +20,16 @@ Confinement rules (the guest is not trusted):
 
 Hot path: LOOKUP is openat + statx (attributes and mount id in one call);
 GETATTR is one fstat; READ is one preadv straight into the guest buffers.
+
+``--inode-file-handles`` (mountfds.py): nodes keep a file handle instead of
+their O_PATH fd.  Every use of a node's fd goes through ``node.opened()``
+(an O_PATH fd opened by handle for the one operation); OPEN opens the handle
+with the guest's flags directly.  Handle nodes do not count against the
+guest's fd budget.  Outside the ``with`` nothing is held: an inode unlinked
+on the host and no longer open anywhere gives ESTALE, as in the Rust
+virtiofsd.  Node fds are always opened before switching to the guest's
+credentials (open_by_handle_at needs CAP_DAC_READ_SEARCH in the effective
+set, which a non-zero effective uid clears).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from ..fdbudget import FdBudget
 from ..fuse import abi
@@ -55,9 +65,10 @@ from .cache import CacheMode, CachePolicy
 from .creds import CAP_FSETID, Credentials, DropCap, Umask
 from .handles import HandleData, HandleTable
 from .idmap import IdMap
-from .inodes import InodeData, InodeTable
+from .inodes import InodeData, InodeTable, NodeFd
 from .linux import getdents64, stat_fd
 from .locks import LockTable
+from .mountfds import InodeFileHandles, InodeHandles
 from .passthrough_migration import MigrationConfig, Preparer
 from .xattrmap import XattrMap
 
@@ -88,7 +99,6 @@ _ACL_NAMES: Final = (b"system.posix_acl_access", b"system.posix_acl_default")
 _FS_IOC_GETFLAGS: Final = frozenset((0x80086601, 0x80046601))
 _FS_IOC_SETFLAGS: Final = frozenset((0x40086602, 0x40046602))
 _TIME_BITS: Final = abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW
-InodeFileHandles = Literal["never", "prefer", "mandatory"]
 _SEEK_WHENCE: Final = frozenset((os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE))
 _DIRENT_BUF: Final = 8192
 _DOTS: Final = (b".", b"..")
@@ -149,6 +159,8 @@ class PassthroughConfig:
     gid_map: IdMap | None = None
     #: ``--migration-*``.
     migration: MigrationConfig = field(default_factory=MigrationConfig)
+    #: ``--inode-file-handles``: nodes as file handles instead of O_PATH fds.
+    inode_file_handles: InodeFileHandles = "never"
 
 
 class PassthroughFS(Filesystem):
@@ -180,6 +192,13 @@ class PassthroughFS(Filesystem):
             self._proc_fd = os.open(config.proc_self_fd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             os.close(root_fd)
+            raise
+        try:
+            #: Makes the file handles of new nodes (--inode-file-handles).
+            self.file_handles = InodeHandles(config.inode_file_handles, root_fd, self._proc_prefix)
+        except OSError:
+            os.close(root_fd)
+            os.close(self._proc_fd)
             raise
         st, mnt_id = stat_fd(root_fd)
         root = InodeData(ROOT_ID, root_fd, (st.st_dev, st.st_ino, mnt_id), st.st_mode, 0, b"")
@@ -256,8 +275,11 @@ class PassthroughFS(Filesystem):
             keep_dac_override=not self._supp_group_ext,
         )
 
-    def _proc_path(self, node: InodeData) -> str:
-        return self._proc_prefix + str(node.fd)
+    @contextlib.contextmanager
+    def _node_path(self, node: InodeData) -> Iterator[str]:
+        """The /proc/self/fd path of ``node``'s fd, valid inside the ``with``."""
+        with node.opened() as fd:
+            yield self._proc_prefix + str(fd)
 
     def proc_path(self, fd: int) -> str:
         """The /proc/self/fd magic link of ``fd`` as this process can name it.
@@ -289,9 +311,18 @@ class PassthroughFS(Filesystem):
             if e.errno not in (errno.ENODATA, errno.ENOTSUP):
                 raise
 
+    def _drop_node_capability(self, node: InodeData) -> None:
+        """``_drop_capability`` through the node (opened only when there is work)."""
+        if self._remapped_cap is not None:
+            with self._node_path(node) as path:
+                self._drop_capability(path)
+
     def _fd_guard(self) -> None:
-        """ENFILE once the guest holds its whole fd budget (``fd_limit``)."""
-        held = len(self.inodes) + len(self.handles) + len(self.locks)
+        """ENFILE once the guest holds its whole fd budget (``fd_limit``).
+
+        Nodes kept as file handles hold no fd and do not count.
+        """
+        held = self.inodes.fd_nodes + len(self.handles) + len(self.locks)
         if held < self.fd_limit:
             self._fd_warned = False
             return
@@ -305,10 +336,20 @@ class PassthroughFS(Filesystem):
         raise _err(errno.ENFILE, "the guest's file descriptor budget is used up")
 
     def _reopen(self, node: InodeData, flags: int) -> int:
-        """A real fd for ``node`` (regular file or directory only) via /proc/self/fd."""
+        """A real fd for ``node`` (regular file or directory only)."""
         self._fd_guard()
         if not (stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode)):
             raise _err(errno.EBADF, "not a regular file or directory")
+        return self.reopen_node(node, flags)
+
+    def reopen_node(self, node: InodeData, flags: int) -> int:
+        """A new open file of ``node`` with ``flags``: by handle, or via /proc/self/fd.
+
+        The caller has made sure that ``node`` is a regular file or directory.
+        """
+        mount = node.mount
+        if node.handle is not None and mount is not None:
+            return mount.open(node.handle, flags)
         return os.open(str(node.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
 
     # -- session ---------------------------------------------------------
@@ -330,7 +371,8 @@ class PassthroughFS(Filesystem):
         p = self._node(parent)
         if parent == ROOT_ID and name == b"..":
             name = b"."
-        fd = os.open(name, _O_PATH_FLAGS, dir_fd=p.fd)
+        with p.opened() as pfd:
+            fd = os.open(name, _O_PATH_FLAGS, dir_fd=pfd)
         if name == b".." and not self._inside_share(fd):
             # A directory a host process moved out of the share: its ".." is
             # outside.  (The guest kernel resolves ".." itself; only NFS-style
@@ -353,9 +395,12 @@ class PassthroughFS(Filesystem):
         parent = p.nodeid
         try:
             st, mnt_id = stat_fd(fd)
-            node, taken = self.inodes.add_lookup(
-                fd, (st.st_dev, st.st_ino, mnt_id), st.st_mode, parent, name
-            )
+            key = (st.st_dev, st.st_ino, mnt_id)
+            handles = self.file_handles
+            # Made for known nodes too: a handle node does not pin its inode,
+            # so the same (dev, ino) may now be another file (see add_lookup).
+            handle = handles.make(fd, st.st_mode) if handles.enabled else None
+            node, taken = self.inodes.add_lookup(fd, key, st.st_mode, parent, name, handle)
         except BaseException:
             os.close(fd)
             raise
@@ -382,17 +427,21 @@ class PassthroughFS(Filesystem):
             h = self.handles.get(fh, nodeid)
             return AttrReply(self._guest_stat(os.stat(h.fd)), self._attr_timeout)
         node = self._node(nodeid)
-        return AttrReply(self._guest_stat(os.stat(node.fd)), self._attr_timeout)
+        with node.opened() as fd:
+            st = os.stat(fd)
+        return AttrReply(self._guest_stat(st), self._attr_timeout)
 
     def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
         node = self._node(nodeid)
-        return os.fstatvfs(node.fd)
+        with node.opened() as fd:
+            return os.fstatvfs(fd)
 
     def readlink(self, ctx: Context, nodeid: int) -> bytes:
         node = self._node(nodeid)
         if not stat.S_ISLNK(node.mode):
             raise _err(errno.EINVAL, "not a symlink")
-        return os.readlink(b"", dir_fd=node.fd)
+        with node.opened() as fd:
+            return os.readlink(b"", dir_fd=fd)
 
     def access(self, ctx: Context, nodeid: int, mask: int) -> None:
         """Permission check of the mode bits for ``ctx`` as the host kernel does it.
@@ -403,7 +452,8 @@ class PassthroughFS(Filesystem):
         run the check under the request's effective ids instead.)
         """
         node = self._node(nodeid)
-        st = os.stat(node.fd)
+        with node.opened() as fd:
+            st = os.stat(fd)
         want = mask & (os.R_OK | os.W_OK | os.X_OK)
         if want & os.W_OK and self.readonly:
             raise _err(errno.EROFS, "read-only share")
@@ -473,7 +523,7 @@ class PassthroughFS(Filesystem):
         self._check_open_flags(flags)
         node = self._node(nodeid)
         if flags & os.O_TRUNC and stat.S_ISREG(node.mode):
-            self._drop_capability(self._proc_path(node))
+            self._drop_node_capability(node)
         with self._kill_priv(kill_suidgid and bool(flags & os.O_TRUNC)):
             fd = self._reopen_flags(node, flags)
         h = self.handles.add(nodeid, fd, flags)
@@ -553,14 +603,15 @@ class PassthroughFS(Filesystem):
         self.handles.remove(fh, nodeid)
 
     # -- extended attributes --------------------------------------------
-    def _xattr_path(self, nodeid: int) -> tuple[str, InodeData]:
+    def _xattr_path(self, nodeid: int) -> contextlib.AbstractContextManager[str]:
+        """``with``: the path xattr calls use for ``nodeid``, valid inside the block."""
         if not self.config.xattr:
             raise _err(errno.ENOSYS, "xattr support is off")
         node = self._node(nodeid)
         # f*xattr() refuse O_PATH fds; the /proc/self/fd/N magic link names
         # the inode itself (a symlink's own xattrs, a device node's without
         # opening it), so one path call serves every file type.
-        return self._proc_path(node), node
+        return self._node_path(node)
 
     def _host_xattr_name(self, name: bytes) -> bytes:
         """The host name of a guest xattr name (--xattrmap; ACLs need --posix-acl)."""
@@ -572,19 +623,16 @@ class PassthroughFS(Filesystem):
         return xmap.to_host(name) if xmap is not None else name
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
-        path, node = self._xattr_path(nodeid)
-        try:
-            host_name = self._host_xattr_name(name)
-        except PermissionError:  # a "bad" name reads as absent (Rust virtiofsd)
-            raise _err(errno.ENODATA, f"xattr {name!r}") from None
-        value = os.getxattr(path, host_name)
-        del node
-        return value
+        with self._xattr_path(nodeid) as path:
+            try:
+                host_name = self._host_xattr_name(name)
+            except PermissionError:  # a "bad" name reads as absent (Rust virtiofsd)
+                raise _err(errno.ENODATA, f"xattr {name!r}") from None
+            return os.getxattr(path, host_name)
 
     def listxattr(self, ctx: Context, nodeid: int) -> bytes:
-        path, node = self._xattr_path(nodeid)
-        names = [os.fsencode(n) for n in os.listxattr(path)]
-        del node
+        with self._xattr_path(nodeid) as path:
+            names = [os.fsencode(n) for n in os.listxattr(path)]
         if not self.config.posix_acl:
             names = [n for n in names if n not in _ACL_NAMES]
         xmap = self.config.xattrmap
@@ -595,25 +643,24 @@ class PassthroughFS(Filesystem):
     def setxattr(
         self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
     ) -> None:
-        path, node = self._xattr_path(nodeid)
-        self._check_write()
-        host_name = self._host_xattr_name(name)
-        os.setxattr(path, host_name, value, flags)
-        if (
-            setxattr_flags & abi.FUSE_SETXATTR_ACL_KILL_SGID
-            and host_name == b"system.posix_acl_access"
-        ):
-            # The guest decided the caller may not keep S_ISGID (not in the
-            # group, no CAP_FSETID); as root the host kernel would keep it.
-            mode = os.stat(node.fd).st_mode
-            if mode & stat.S_ISGID:
-                os.chmod(path, stat.S_IMODE(mode) & ~stat.S_ISGID)
+        with self._xattr_path(nodeid) as path:
+            self._check_write()
+            host_name = self._host_xattr_name(name)
+            os.setxattr(path, host_name, value, flags)
+            if (
+                setxattr_flags & abi.FUSE_SETXATTR_ACL_KILL_SGID
+                and host_name == b"system.posix_acl_access"
+            ):
+                # The guest decided the caller may not keep S_ISGID (not in the
+                # group, no CAP_FSETID); as root the host kernel would keep it.
+                mode = os.stat(path, follow_symlinks=False).st_mode
+                if mode & stat.S_ISGID:
+                    os.chmod(path, stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
-        path, node = self._xattr_path(nodeid)
-        self._check_write()
-        os.removexattr(path, self._host_xattr_name(name))
-        del node
+        with self._xattr_path(nodeid) as path:
+            self._check_write()
+            os.removexattr(path, self._host_xattr_name(name))
 
     # -- changing the tree ------------------------------------------------------------
     def _set_security_ctx(self, ctx: Context, path: str) -> None:
@@ -624,18 +671,21 @@ class PassthroughFS(Filesystem):
         xmap = self.config.xattrmap
         os.setxattr(path, xmap.to_host(name) if xmap is not None else name, value)
 
-    def _new_node(self, ctx: Context, p: InodeData, name: bytes, rmflags: int = 0) -> Entry:
-        """Label and look up the node just created as ``name`` in ``p`` (as the daemon).
+    def _new_node(
+        self, ctx: Context, p: InodeData, pfd: int, name: bytes, rmflags: int = 0
+    ) -> Entry:
+        """Label and look up the node just created as ``name`` in ``p`` (fd ``pfd``).
 
-        If labelling fails the node is removed again (``rmflags`` for unlinkat)
-        and the request fails, as the Rust virtiofsd does.
+        Runs as the daemon.  If labelling fails the node is removed again
+        (``rmflags`` for unlinkat) and the request fails, as the Rust
+        virtiofsd does.
         """
-        fd = os.open(name, _O_PATH_FLAGS, dir_fd=p.fd)
+        fd = os.open(name, _O_PATH_FLAGS, dir_fd=pfd)
         try:
             self._set_security_ctx(ctx, self._proc_prefix + str(fd))
         except BaseException:
             os.close(fd)
-            _unlink_quietly(p.fd, name, rmflags)
+            _unlink_quietly(pfd, name, rmflags)
             raise
         return self._add_entry(p, name, fd)
 
@@ -673,30 +723,31 @@ class PassthroughFS(Filesystem):
         check_name(name)
         p = self._node(parent)
         host = self._host_flags(flags) & ~os.O_TRUNC
-        with self._creds(ctx), Umask(umask) as um:
+        with p.opened() as pfd:
+            with self._creds(ctx), Umask(umask) as um:
+                try:
+                    fd = os.open(
+                        name,
+                        host | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        um.mode(stat.S_IMODE(mode)),
+                        dir_fd=pfd,
+                    )
+                except FileExistsError:
+                    if flags & os.O_EXCL:
+                        raise
+                    with self._kill_priv(kill_suidgid and bool(flags & os.O_TRUNC)):
+                        fd = self._open_existing(pfd, name, flags)
+                    return self._handle_entry(p, name, fd, flags)
             try:
-                fd = os.open(
-                    name,
-                    host | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    um.mode(stat.S_IMODE(mode)),
-                    dir_fd=p.fd,
-                )
-            except FileExistsError:
-                if flags & os.O_EXCL:
-                    raise
-                with self._kill_priv(kill_suidgid and bool(flags & os.O_TRUNC)):
-                    fd = self._open_existing(p, name, flags)
-                return self._handle_entry(p, name, fd, flags)
-        try:
-            self._set_security_ctx(ctx, self._proc_prefix + str(fd))
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(p.fd, name, 0)
-            raise
+                self._set_security_ctx(ctx, self._proc_prefix + str(fd))
+            except BaseException:
+                os.close(fd)
+                _unlink_quietly(pfd, name, 0)
+                raise
         return self._handle_entry(p, name, fd, flags)
 
-    def _open_existing(self, p: InodeData, name: bytes, flags: int) -> int:
-        path_fd = os.open(name, _O_PATH_FLAGS, dir_fd=p.fd)
+    def _open_existing(self, pfd: int, name: bytes, flags: int) -> int:
+        path_fd = os.open(name, _O_PATH_FLAGS, dir_fd=pfd)
         try:
             mode = os.stat(path_fd).st_mode
             if stat.S_ISDIR(mode):
@@ -721,18 +772,20 @@ class PassthroughFS(Filesystem):
         if fmt not in _CREATE_TYPES:
             raise _err(errno.EINVAL, f"mknod of file type {fmt:o}")
         p = self._node(parent)
-        with self._creds(ctx), Umask(umask) as um:
-            os.mknod(name, fmt | um.mode(stat.S_IMODE(mode)), rdev, dir_fd=p.fd)
-        return self._new_node(ctx, p, name)
+        with p.opened() as pfd:
+            with self._creds(ctx), Umask(umask) as um:
+                os.mknod(name, fmt | um.mode(stat.S_IMODE(mode)), rdev, dir_fd=pfd)
+            return self._new_node(ctx, p, pfd, name)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         self._check_write()
         self._fd_guard()
         check_name(name)
         p = self._node(parent)
-        with self._creds(ctx), Umask(umask) as um:
-            os.mkdir(name, um.mode(stat.S_IMODE(mode)), dir_fd=p.fd)
-        return self._new_node(ctx, p, name, _AT_REMOVEDIR)
+        with p.opened() as pfd:
+            with self._creds(ctx), Umask(umask) as um:
+                os.mkdir(name, um.mode(stat.S_IMODE(mode)), dir_fd=pfd)
+            return self._new_node(ctx, p, pfd, name, _AT_REMOVEDIR)
 
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
         self._check_write()
@@ -741,9 +794,10 @@ class PassthroughFS(Filesystem):
         if not target or b"\0" in target:
             raise _err(errno.ENOENT if not target else errno.EINVAL, "symlink target")
         p = self._node(parent)
-        with self._creds(ctx):
-            os.symlink(target, name, dir_fd=p.fd)
-        return self._new_node(ctx, p, name)
+        with p.opened() as pfd:
+            with self._creds(ctx):
+                os.symlink(target, name, dir_fd=pfd)
+            return self._new_node(ctx, p, pfd, name)
 
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         """A hard link to the node (any type) through its /proc/self/fd magic link."""
@@ -752,21 +806,24 @@ class PassthroughFS(Filesystem):
         check_name(newname)
         node = self._node(nodeid)
         np = self._node(newparent)
-        os.link(self._proc_path(node), newname, dst_dir_fd=np.fd, follow_symlinks=True)
-        return self._add_entry(np, newname, os.open(newname, _O_PATH_FLAGS, dir_fd=np.fd))
+        with self._node_path(node) as path, np.opened() as npfd:
+            os.link(path, newname, dst_dir_fd=npfd, follow_symlinks=True)
+            return self._add_entry(np, newname, os.open(newname, _O_PATH_FLAGS, dir_fd=npfd))
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         self._check_write()
         check_name(name)
         p = self._node(parent)
-        os.unlink(name, dir_fd=p.fd)
+        with p.opened() as pfd:
+            os.unlink(name, dir_fd=pfd)
         self.namespace_changes += 1
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         self._check_write()
         check_name(name)
         p = self._node(parent)
-        os.rmdir(name, dir_fd=p.fd)
+        with p.opened() as pfd:
+            os.rmdir(name, dir_fd=pfd)
         self.namespace_changes += 1
 
     def rename(
@@ -780,11 +837,12 @@ class PassthroughFS(Filesystem):
             raise _err(errno.EINVAL, f"rename flags {flags:#x}")
         p = self._node(parent)
         np = self._node(newparent)
-        if flags:
-            # WHITEOUT creates a character device (0/0): only as the host allows.
-            linux.renameat2(p.fd, name, np.fd, newname, flags)
-        else:
-            os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=np.fd)
+        with p.opened() as pfd, np.opened() as npfd:
+            if flags:
+                # WHITEOUT creates a character device (0/0): only as the host allows.
+                linux.renameat2(pfd, name, npfd, newname, flags)
+            else:
+                os.rename(name, newname, src_dir_fd=pfd, dst_dir_fd=npfd)
         self.namespace_changes += 1
 
     def tmpfile(
@@ -797,9 +855,9 @@ class PassthroughFS(Filesystem):
         host = self._host_flags(flags) & ~(os.O_TRUNC | os.O_APPEND)
         if host & os.O_ACCMODE == os.O_RDONLY:
             raise _err(errno.EINVAL, "O_TMPFILE needs write access")
-        with self._creds(ctx), Umask(umask) as um:
+        with p.opened() as pfd, self._creds(ctx), Umask(umask) as um:
             fd = os.open(
-                ".", host | os.O_TMPFILE | os.O_CLOEXEC, um.mode(stat.S_IMODE(mode)), dir_fd=p.fd
+                ".", host | os.O_TMPFILE | os.O_CLOEXEC, um.mode(stat.S_IMODE(mode)), dir_fd=pfd
             )
         return self._handle_entry(p, b"", fd, flags)
 
@@ -820,7 +878,18 @@ class PassthroughFS(Filesystem):
         if attr.fh is not None and v & abi.FATTR_FH:
             h = self.handles.get(attr.fh, nodeid)
             fd = h.fd
-        path = self._proc_path(node)
+        # The node's own fd only where the open file cannot serve: a handle
+        # node is then opened for this request only.
+        need_node = fd < 0 or bool(v & (abi.FATTR_UID | abi.FATTR_GID))
+        with node.opened() if need_node else NodeFd(-1, False) as nfd:
+            st = self._setattr(node, nfd, fd, attr)
+        del h
+        return AttrReply(self._guest_stat(st), self._attr_timeout)
+
+    def _setattr(self, node: InodeData, nfd: int, fd: int, attr: SetAttr) -> os.stat_result:
+        """SETATTR's changes through the open file ``fd`` if >= 0, else the node's ``nfd``."""
+        v = attr.valid
+        path = self._proc_prefix + str(nfd)
         kill = attr.kill_suidgid and self.config.killpriv_v2
         if v & (abi.FATTR_UID | abi.FATTR_GID | abi.FATTR_SIZE) and stat.S_ISREG(node.mode):
             self._drop_capability(fd if fd >= 0 else path)
@@ -832,7 +901,7 @@ class PassthroughFS(Filesystem):
         if v & (abi.FATTR_UID | abi.FATTR_GID):
             uid = self._host_uid(attr.uid) if v & abi.FATTR_UID else -1
             gid = self._host_gid(attr.gid) if v & abi.FATTR_GID else -1
-            linux.fchown_empty(node.fd, uid, gid)
+            linux.fchown_empty(nfd, uid, gid)
         if v & abi.FATTR_SIZE:
             if not stat.S_ISREG(node.mode):
                 code = errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EINVAL
@@ -845,16 +914,14 @@ class PassthroughFS(Filesystem):
         if v & _TIME_BITS:
             linux.utimens(
                 fd if fd >= 0 else self._proc_fd,
-                None if fd >= 0 else str(node.fd).encode(),
+                None if fd >= 0 else str(nfd).encode(),
                 attr.atime_ns if v & abi.FATTR_ATIME else None,
                 attr.mtime_ns if v & abi.FATTR_MTIME else None,
                 atime_now=bool(v & abi.FATTR_ATIME_NOW),
                 mtime_now=bool(v & abi.FATTR_MTIME_NOW),
             )
         # FATTR_CTIME: the host sets ctime itself on every change above.
-        st = os.stat(fd) if fd >= 0 else os.stat(node.fd)
-        del h
-        return AttrReply(self._guest_stat(st), self._attr_timeout)
+        return os.stat(fd) if fd >= 0 else os.stat(nfd)
 
     def write(
         self,
@@ -933,7 +1000,8 @@ class PassthroughFS(Filesystem):
             fields = linux.statx_fields(h.fd, flags, mask)
         else:
             node = self._node(nodeid)
-            fields = linux.statx_fields(node.fd, flags, mask)
+            with node.opened() as nfd:
+                fields = linux.statx_fields(nfd, flags, mask)
         if self._uid_map is not None:
             fields["uid"] = self._uid_map.to_guest(fields["uid"])
         if self._gid_map is not None:

@@ -14,6 +14,11 @@ one component at a time with O_NOFOLLOW from the shared directory, so a
 hostile state cannot reach outside it; identities are checked; handles are
 reopened; locks re-acquired (in the background while the source, on the same
 host, still holds them).
+
+With ``--inode-file-handles`` (mountfds.py) a node holds no fd: the source
+sends the handle it keeps and opens it only to read the node's path; the
+destination, when it runs with file handles too, keeps each node it found
+as a handle and closes the fd.
 """
 
 from __future__ import annotations
@@ -120,7 +125,8 @@ def _root_path(fs: PassthroughFS) -> bytes:
 def _path_of(fs: PassthroughFS, node: InodeData, root: bytes) -> bytes | None:
     """The node's current path relative to the share, confirmed by identity."""
     try:
-        where = os.readlink(fs.proc_path(node.fd).encode())
+        with node.opened() as fd:
+            where = os.readlink(fs.proc_path(fd).encode())
     except OSError:
         return None
     if not where.startswith(root + b"/"):
@@ -134,10 +140,20 @@ def _path_of(fs: PassthroughFS, node: InodeData, root: bytes) -> bytes | None:
 
 
 def _handle_of(node: InodeData) -> bytes | None:
+    if node.handle is not None:
+        return node.handle
     try:
         return linux.name_to_handle(node.fd)[0]
     except OSError:
         return None
+
+
+def _unlinked(node: InodeData) -> bool:
+    try:
+        with node.opened() as fd:
+            return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
 
 
 def _fd_locks(fs: PassthroughFS, fd: int) -> list[tuple[str, int, int, int]]:
@@ -171,10 +187,7 @@ def export_state(fs: PassthroughFS, prep: Preparer | None) -> dict[str, Any]:
             path = prep.path(node, root, cfg.confirm_paths)
         else:
             path = _path_of(fs, node, root)
-        try:
-            unlinked = os.fstat(node.fd).st_nlink == 0
-        except OSError:
-            unlinked = False
+        unlinked = _unlinked(node)
         handle = _handle_of(node) if cfg.mode == "file-handles" or path is None else None
         inodes.append(
             {
@@ -339,6 +352,8 @@ class _Loader:
             fd = self.open_node(d)
             try:
                 st, mnt_id = self.check_identity(fd, d)
+                handles = self.fs.file_handles
+                handle = handles.make(fd, st.st_mode) if handles.enabled else None
             except BaseException:
                 os.close(fd)
                 raise
@@ -349,7 +364,11 @@ class _Loader:
             self.failed.append(reason)
             node = InodeData(nodeid, -1, (0, 0, 0), d["mode"], parent, name)
         else:
-            node = InodeData(nodeid, fd, (st.st_dev, st.st_ino, mnt_id), st.st_mode, parent, name)
+            key = (st.st_dev, st.st_ino, mnt_id)
+            if handle is not None:  # a handle node keeps no fd
+                os.close(fd)
+                fd = -1
+            node = InodeData(nodeid, fd, key, st.st_mode, parent, name, handle)
         node.lookups = max(0, lookups)
         return node
 
@@ -433,7 +452,7 @@ def _reopen(
     node = nodes.get(nodeid)
     if node is None:
         raise MigrationError(f"handle {fh} refers to unknown inode {nodeid}")
-    if node.fd < 0:
+    if not node.usable:
         return HandleData(fh, nodeid, -1, flags)
     host = flags & ~_REOPEN_DROP | os.O_CLOEXEC
     if stat.S_ISDIR(node.mode):
@@ -441,7 +460,7 @@ def _reopen(
     elif not stat.S_ISREG(node.mode):
         raise MigrationError(f"handle {fh} is open on a node that is not a file or directory")
     try:
-        fd = os.open(fs.proc_path(node.fd), host)
+        fd = fs.reopen_node(node, host)
     except OSError as e:
         reason = f"handle {fh} of inode {nodeid}: reopen failed: {e.strerror}"
         if loader.cfg.on_error == "abort":
@@ -493,7 +512,7 @@ class LockRestorer:
     def _try(self, nodeid: int, owner: int, ltype: int, start: int, end: int, flock: bool) -> bool:
         fs = self.fs
         node = fs.inodes.get(nodeid)
-        if node is None or node.fd < 0:
+        if node is None or not node.usable:
             return True  # forgotten meanwhile: nothing to hold
         try:
             if flock:
