@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 
 from virtiofsd_py.virtio.virtqueue import (
     DESC,
-    U16,
     USED_ELEM,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     full_barrier,
+    index_view,
 )
 
 __all__ = [
@@ -288,10 +288,14 @@ class SplitQueue:
         return RawDesc(*DESC.unpack_from(self.mem.view, off))
 
     def _u16(self, gpa: int) -> int:
-        return int(U16.unpack_from(self.mem.view, self.mem.offset(gpa, 2))[0])
+        """One 16-bit load of a ring field the device may be writing (see ``index_view``)."""
+        off = self.mem.offset(gpa, 2)
+        return int(index_view(self.mem.view[off : off + 2])[0])
 
     def _set_u16(self, gpa: int, value: int) -> None:
-        U16.pack_into(self.mem.view, self.mem.offset(gpa, 2), value & 0xFFFF)
+        """One 16-bit store: ``struct.pack_into`` would let the device read a transient 0."""
+        off = self.mem.offset(gpa, 2)
+        index_view(self.mem.view[off : off + 2])[0] = value & 0xFFFF
 
     @property
     def used_idx(self) -> int:

@@ -15,6 +15,7 @@ caller can return it to the driver with length 0 and log the reason.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ from virtiofsd_py.vhost.protocol import VringAddr
 from virtiofsd_py.virtio.memory import GuestMemory, GuestMemoryError
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next (2.7.5)
-U16 = struct.Struct("<H")
+U16 = struct.Struct("<H")  # ring fields nobody writes concurrently (avail ring entries)
 USED_ELEM = struct.Struct("<II")  # id, len (2.7.8)
 
 VIRTQ_DESC_F_NEXT = 1
@@ -43,6 +44,25 @@ def full_barrier() -> None:
     """
     _fence.acquire()
     _fence.release()
+
+
+if sys.byteorder != "little":  # pragma: no cover - x86 and arm64 only
+    raise ImportError("virtiofsd_py's rings assume a little-endian host (virtio 1.x is LE)")
+
+
+def index_view(area: memoryview) -> memoryview:
+    """``area`` as native u16 items, for the fields the other side reads or writes concurrently.
+
+    The avail/used indices, flags and event fields are shared with the driver
+    while both run.  ``struct.pack_into`` zeroes its target before storing
+    the value, and ``unpack_from`` of a standard-size format reads byte by
+    byte: a concurrent driver could see ``used->idx`` read 0 (Linux then
+    finds "id is not a head", marks the virtqueue broken and fails every
+    later request with EIO), and we could read a torn avail index.  Item
+    access on a native ``H`` memoryview is one aligned 16-bit load or store
+    (2.7: these fields are naturally aligned).
+    """
+    return area.cast("B").cast("H")
 
 
 class QueueError(Exception):
@@ -88,9 +108,11 @@ class SplitQueue:
 
     __slots__ = (
         "_avail",
+        "_avail16",
         "_desc",
         "_memory",
         "_used",
+        "_used16",
         "event_idx",
         "last_avail_idx",
         "on_used_write",
@@ -118,6 +140,10 @@ class SplitQueue:
             self._used = memory.uva(addr.used_user_addr, 6 + 8 * size)
         except GuestMemoryError as e:
             raise QueueError(f"ring not in guest memory: {e}") from e
+        if addr.avail_user_addr % 2 or addr.used_user_addr % 4:
+            raise QueueError("avail ring not 2-aligned or used ring not 4-aligned (2.7)")
+        self._avail16 = index_view(self._avail)  # [0] flags, [1] idx, [2+size] used_event
+        self._used16 = index_view(self._used)  # [0] flags, [1] idx, [2+4*size] avail_event
         self.last_avail_idx = base & 0xFFFF
         self.used_idx = base & 0xFFFF
         #: Called with (offset in used ring, length) after each used-ring write
@@ -126,7 +152,7 @@ class SplitQueue:
 
     # -- driver -> device --------------------------------------------------
     def avail_idx(self) -> int:
-        idx: int = U16.unpack_from(self._avail, 2)[0]
+        idx: int = self._avail16[1]
         return idx
 
     def has_available(self) -> bool:
@@ -221,16 +247,16 @@ class SplitQueue:
         """Make used elements since ``old_used_idx`` visible; True if the driver
         wants a notification for them (2.7.7.2 / 2.7.10)."""
         new = self.used_idx
-        U16.pack_into(self._used, 2, new)
+        self._used16[1] = new
         if self.on_used_write is not None:
             self.on_used_write(2, 2)
         if new == old_used_idx:
             return False
         full_barrier()
         if self.event_idx:
-            used_event: int = U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+            used_event: int = self._avail16[2 + self.size]
             return (new - used_event - 1) & 0xFFFF < (new - old_used_idx) & 0xFFFF
-        flags: int = U16.unpack_from(self._avail, 0)[0]
+        flags: int = self._avail16[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def enable_notification(self) -> bool:
@@ -238,7 +264,7 @@ class SplitQueue:
         already there (so the caller must keep processing)."""
         if self.event_idx:
             off = 4 + 8 * self.size
-            U16.pack_into(self._used, off, self.last_avail_idx)
+            self._used16[2 + 4 * self.size] = self.last_avail_idx
             if self.on_used_write is not None:
                 self.on_used_write(off, 2)
             full_barrier()
