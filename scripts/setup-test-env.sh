@@ -4,6 +4,7 @@
 #
 #  - QEMU >= 8.2 (bookworm-backports on bookworm), busybox-static, cpio, zstd, xz,
 #    libatomic1 (atomic dirty-log bits for migration)
+#  - uidmap (newuidmap/newgidmap: --uid-map/--gid-map of an unprivileged daemon)
 #  - gcc and libc6-dev (the guest's static syscall helper, tests/guest/guest_scripts)
 #  - the Python package in editable mode with its test tools, ruff, mypy
 #  - a Debian 6.12 guest kernel (downloaded, never installed) unpacked into
@@ -53,7 +54,7 @@ qemu_ok() {
     [ -n "$v" ] && set -- $v && { [ "$1" -gt 8 ] || { [ "$1" -eq 8 ] && [ "$2" -ge 2 ]; }; }
 }
 missing=()
-for p in busybox-static cpio zstd xz-utils libatomic1 gcc libc6-dev; do
+for p in busybox-static cpio zstd xz-utils libatomic1 gcc libc6-dev uidmap; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then

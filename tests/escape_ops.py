@@ -177,11 +177,8 @@ def setattr(c: FuseClient, nodeid: int, **fields: int) -> None:
     valid = 0
     for k in fields:
         valid |= bits[k]
-    g = fields.get
-    args = abi.SETATTR_IN.pack(
-        valid, 0, g("fh", 0), g("size", 0), 0, 0, 0, 0, 0, 0, g("mode", 0), 0,
-        g("uid", 0), g("gid", 0), 0, 0,
-    )  # fmt: skip
+    values = {**fields, "valid": valid}
+    args = abi.SETATTR_IN.pack(*(values.get(name, 0) for name in abi.SETATTR_IN_FIELDS))
     c.call(abi.FUSE_SETATTR, nodeid, args, abi.ATTR_OUT.size)
 
 

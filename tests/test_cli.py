@@ -46,7 +46,6 @@ def test_print_capabilities() -> None:
     [
         (["--uid-map", ":0:1000:1:", "--sandbox", "none"], "--uid-map/--gid-map apply"),
         (["--xattrmap", ":nope:all:::"], "xattrmap rule 1"),
-        (["--sandbox", "chroot"], "--sandbox chroot"),
         (["--modcaps", "+no_such_cap"], "--modcaps"),
         (["--seccomp", "sometimes"], "invalid choice"),
         (["--cache", "sometimes"], "invalid choice"),

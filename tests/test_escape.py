@@ -297,20 +297,9 @@ def test_directory_moved_out_by_the_host_stays_reachable(
     assert (moved / "created_after_move").exists()
 
 
-KNOWN_LIMIT = pytest.mark.xfail(
-    reason="known limit (docs/security.md): under chroot, '..' from a directory the host "
-    "moved out of the share is not checked against the share's path",
-    strict=False,
-)
-
-
 @pytest.mark.parametrize(
     "sandbox",
-    [
-        "none",
-        "namespace",
-        pytest.param("chroot", marks=KNOWN_LIMIT),
-    ],
+    ["none", "namespace", "chroot"],
 )
 def test_dotdot_from_a_directory_moved_out(share: Path, tmp_path: Path, sandbox: str) -> None:
     """'..' never leads above the share: the passthrough checks where it lands,

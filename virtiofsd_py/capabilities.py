@@ -16,6 +16,7 @@ and the worker threads exist, and they inherit the result.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Iterable
 from typing import Final
@@ -131,7 +132,9 @@ def names(caps: Iterable[int]) -> list[str]:
     return [by_number.get(c, str(c)) for c in sorted(caps)]
 
 
+@functools.cache
 def last_cap() -> int:
+    """The highest capability this kernel knows (read once: a chroot hides /proc)."""
     try:
         with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
             return int(f.read())

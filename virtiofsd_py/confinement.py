@@ -76,6 +76,12 @@ def fs_paths(shared_dir: str) -> tuple[str, str]:
     return _current.shared_dir, _current.proc_self_fd
 
 
+def _reachable_from_fd_dir(paths: Sequence[str]) -> list[str]:
+    """``paths`` as a chroot'ed process names them: ``N/name`` from its working
+    directory, the fd directory; the directory fds stay open for good."""
+    return [sandbox.fd_relative(p)[1] for p in paths]
+
+
 def confine(opts: _Opts, listener: _Listener) -> Confinement | int:
     """Enter the sandbox and restrict the process.
 
@@ -85,8 +91,10 @@ def confine(opts: _Opts, listener: _Listener) -> Confinement | int:
     signal N, see :func:`sandbox.exit_like`).
     """
     global _current
+    capabilities.last_cap()  # read while /proc is a path (a chroot hides it)
     try:
         check_options(opts)
+        relative = _reachable_from_fd_dir(listener.created) if opts.sandbox == "chroot" else None
         where = sandbox.enter(
             opts.sandbox,
             opts.shared_dir if opts.backend == "passthrough" else None,
@@ -100,7 +108,9 @@ def confine(opts: _Opts, listener: _Listener) -> Confinement | int:
         # Only the child accepts: a second front-end must not queue on our copy.
         listener.sock.close()
         return sandbox.supervise(where.child_pid, listener.close)
-    if where.mode != "none":
+    if relative is not None:
+        listener.created[:] = relative  # an absolute path would name a file in the share
+    elif where.mode != "none":
         listener.created.clear()  # not reachable from inside; the parent removes them
     _current = where
     if where.mode == "none":

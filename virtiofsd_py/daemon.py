@@ -237,6 +237,9 @@ def run(opts: Options) -> int:
     try:
         return uvloop.run(serve(opts, listener, state_dir))
     finally:
+        # The loop and its handlers are gone: a SIGTERM now must not turn the
+        # exit under way into death by signal.
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         listener.close()
 
 

@@ -17,6 +17,14 @@ the very code a guest's requests go through, and its reply is written back
 with one ``write``.  The only new parts are the mount itself (mount(2) with
 ``fd=N,rootmode=...,user_id=...,group_id=...``, as root; ``fusermount3``
 otherwise) and a few reader threads.
+
+Confinement: no sandbox (the mount must be made, and stay, in the host's
+mount namespace, and the share is the host's tree anyway), but the same
+seccomp filter as the daemon (``--seccomp``), installed once the mount
+exists and before the reader threads start, plus :data:`MOUNT_SYSCALLS`.
+Unmounting through ``fusermount3`` would need execve, so that helper is
+started before the filter and waits on a pipe (:meth:`FuseMount.prepare_unmount`);
+should the daemon die, the pipe closes and the helper unmounts all the same.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import threading
 from collections.abc import Sequence
 from typing import Final
 
+from virtiofsd_py import seccomp
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 
 log = logging.getLogger("virtiofsd_py.mount")
@@ -45,6 +54,9 @@ _READ_SLACK: Final = 64 * 1024
 FSTYPE: Final = "fuse.virtiofsd-py"
 _MS_NOSUID: Final = 2
 _MS_NODEV: Final = 4
+#: Calls the host mount mode makes beyond the daemon's allow-list: umount2
+#: (root's unmount), wait4 (reaping the fusermount3 helper).
+MOUNT_SYSCALLS: Final = frozenset({"umount2", "wait4"})
 #: Errors of read(2) on /dev/fuse that just mean "try again": ENOENT is a
 #: request interrupted before we read it (fuse_dev_do_read).
 _RETRY: Final = frozenset({errno.EINTR, errno.EAGAIN, errno.ENOENT})
@@ -127,6 +139,7 @@ class FuseMount:
         self._workers: list[threading.Thread] = []
         self._errors: list[BaseException] = []
         self._dev: int | None = None
+        self._unmounter: subprocess.Popen[bytes] | None = None
         cfg = dispatcher.config
         self._bufsize = max(cfg.max_write, cfg.max_read) + _READ_SLACK
 
@@ -157,6 +170,15 @@ class FuseMount:
             os.close(fd)
             raise MountError(f"mount {self.mountpoint}: {e.strerror}") from None
         self.fd = fd
+
+    def prepare_unmount(self) -> None:
+        """Start now what ``unmount`` needs to run a program (before seccomp forbids execve)."""
+        if self._via_fusermount and self._unmounter is None:
+            tool = shutil.which("fusermount3") or "fusermount3"
+            self._unmounter = subprocess.Popen(
+                ["sh", "-c", 'read -r _; exec "$0" -u -z -- "$1"', tool, self.mountpoint],
+                stdin=subprocess.PIPE,
+            )
 
     def start(self) -> None:
         """Start the reader threads; the kernel's INIT is the first request they serve."""
@@ -215,6 +237,12 @@ class FuseMount:
     def unmount(self) -> None:
         """Unmount (lazily if busy); the readers then see ENODEV and end."""
         if self._via_fusermount:
+            if self._unmounter is not None:
+                assert self._unmounter.stdin is not None
+                self._unmounter.stdin.close()  # end of input: it runs fusermount3 -u
+                self._unmounter.wait()
+                self._unmounter = None
+                return
             tool = shutil.which("fusermount3") or "fusermount3"
             subprocess.run([tool, "-u", "-z", "--", self.mountpoint], check=False)
             return
@@ -281,6 +309,17 @@ def run(argv: Sequence[str]) -> int:
         log.error("%s", e)
         fs.close()
         return 1
+    try:
+        fm.prepare_unmount()
+        seccomp.install(opts.seccomp, MOUNT_SYSCALLS)
+    except (OSError, seccomp.SeccompError) as e:
+        log.error("%s", e)
+        fm.unmount()
+        fm.close()
+        fs.close()
+        return 1
+    if opts.seccomp != "none":
+        log.debug("seccomp filter installed (action %s)", opts.seccomp)
     try:
         fm.start()
         fm.wait_ready()

@@ -339,13 +339,16 @@ def _install_trap_handler() -> None:
         raise SeccompError(f"sigaction(SIGSYS): {os.strerror(err)}")
 
 
-def install(action: str) -> None:
-    """Install the filter on the calling thread; threads created later inherit it."""
+def install(action: str, extra: frozenset[str] = frozenset()) -> None:
+    """Install the filter on the calling thread; threads created later inherit it.
+
+    ``extra``: calls allowed on top of :data:`ALLOWED` (host mount mode's).
+    """
     if action == "none":
         return
     if action not in ACTION_RET:
         raise SeccompError(f"--seccomp {action}: expected one of {', '.join(ACTIONS)}")
-    program = build_filter(action)
+    program = build_filter(action, allowed=ALLOWED | extra)
     if action == "trap":
         _install_trap_handler()
     buf = ctypes.create_string_buffer(program, len(program))

@@ -382,3 +382,25 @@ def utimens(
     ts = (_Timespec * 2)(_timespec(atime_ns, atime_now), _timespec(mtime_ns, mtime_now))
     if _utimensat(dirfd, path, ts, 0) != 0:
         raise _oserror("utimensat")
+
+
+_O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_beneath(root_fd: int, path: bytes) -> int:
+    """O_PATH fd of the relative ``path`` under ``root_fd``, one component at a
+    time, never following a symlink or ``..`` (so it cannot leave ``root_fd``)."""
+    parts = path.split(b"/")
+    if not path or any(p in (b"", b".", b"..") for p in parts):
+        raise OSError(errno.EINVAL, f"not a plain relative path: {path!r}")
+    fd = os.dup(root_fd)
+    try:
+        for i, part in enumerate(parts):
+            flags = _O_PATH_NOFOLLOW if i == len(parts) - 1 else _O_PATH_NOFOLLOW | os.O_DIRECTORY
+            nxt = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -373,7 +373,7 @@ class PassthroughFS(Filesystem):
             name = b"."
         with p.opened() as pfd:
             fd = os.open(name, _O_PATH_FLAGS, dir_fd=pfd)
-        if name == b".." and not self._inside_share(fd):
+        if name == b".." and self.share_path(fd) is None:
             # A directory a host process moved out of the share: its ".." is
             # outside.  (The guest kernel resolves ".." itself; only NFS-style
             # exports ask, and they must not climb out.)
@@ -381,14 +381,39 @@ class PassthroughFS(Filesystem):
             raise _err(errno.EACCES, "'..' leads outside the shared directory")
         return self._add_entry(p, name, fd)
 
-    def _inside_share(self, fd: int) -> bool:
-        """Whether ``fd`` is the shared directory or lies below it (its current path)."""
+    def share_path(self, fd: int) -> bytes | None:
+        """``fd``'s current path relative to the share (b"" for the share itself),
+        or None when it lies outside (or is unlinked).
+
+        The path the kernel shows for an fd cannot decide this alone: inside
+        ``--sandbox chroot`` the share reads "/" and a directory a host process
+        moved out of it reads as its host path, which starts with "/" too.  So
+        the path is walked again from the share, without following symlinks
+        or "..", and must lead to the same inode.
+        """
+        root_fd = self.inodes.root.fd
         try:
-            root = os.readlink(f"{self._proc_prefix}{self.inodes.root.fd}".encode())
-            where = os.readlink(f"{self._proc_prefix}{fd}".encode())
+            root = os.readlink(self.proc_path(root_fd).encode())
+            where = os.readlink(self.proc_path(fd).encode())
+            st = os.fstat(fd)
         except OSError:
-            return False
-        return where == root or where.startswith(root.rstrip(b"/") + b"/")
+            return None
+        prefix = root.rstrip(b"/") + b"/"
+        if where == root:
+            rel, found = b"", os.dup(root_fd)
+        elif where.startswith(prefix):
+            rel = where[len(prefix) :]
+            try:
+                found = linux.open_beneath(root_fd, rel)
+            except OSError:
+                return None
+        else:
+            return None
+        try:
+            other = os.fstat(found)
+        finally:
+            os.close(found)
+        return rel if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino) else None
 
     def _add_entry(self, p: InodeData, name: bytes, fd: int) -> Entry:
         """Count one lookup of the O_PATH ``fd`` found as ``name`` in ``p``; takes ``fd``."""

@@ -129,9 +129,10 @@ def _path_of(fs: PassthroughFS, node: InodeData, root: bytes) -> bytes | None:
             where = os.readlink(fs.proc_path(fd).encode())
     except OSError:
         return None
-    if not where.startswith(root + b"/"):
+    prefix = root.rstrip(b"/") + b"/"  # the share's root reads "/" inside a chroot
+    if not where.startswith(prefix):
         return None
-    rel = where[len(root) + 1 :]
+    rel = where[len(prefix) :]
     try:
         st = os.stat(rel, dir_fd=fs.inodes.root.fd, follow_symlinks=False)
     except OSError:
@@ -249,25 +250,6 @@ def _field(d: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
     return value
 
 
-def _open_path(root_fd: int, path: bytes) -> int:
-    """O_PATH fd of ``path`` under ``root_fd``, never following a symlink or ``..``."""
-    parts = path.split(b"/")
-    if not path or any(p in (b"", b".", b"..") for p in parts):
-        raise OSError(errno.EINVAL, f"bad path in state: {path!r}")
-    fd = os.dup(root_fd)
-    try:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            flags = _O_PATH if last else _O_PATH | os.O_DIRECTORY
-            nxt = os.open(part, flags, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 class _Loader:
     def __init__(self, fs: PassthroughFS, state: dict[str, Any]) -> None:
         self.fs = fs
@@ -294,10 +276,7 @@ class _Loader:
         # A file handle names any file of the file system: keep only what lies
         # inside the share (or is unlinked, reachable only through open fds).
         try:
-            st = os.fstat(fd)
-            where = os.readlink(self.fs.proc_path(fd).encode())
-            root = _root_path(self.fs)
-            if st.st_nlink != 0 and not (where == root or where.startswith(root + b"/")):
+            if os.fstat(fd).st_nlink != 0 and self.fs.share_path(fd) is None:
                 raise OSError(errno.EACCES, "file handle names a file outside the shared directory")
         except BaseException:
             os.close(fd)
@@ -315,7 +294,7 @@ class _Loader:
                 errors.append(f"file handle: {e.strerror or e}")
         if isinstance(path, bytes):
             try:
-                return _open_path(self.fs.inodes.root.fd, path)
+                return linux.open_beneath(self.fs.inodes.root.fd, path)
             except OSError as e:
                 errors.append(f"path {path!r}: {e.strerror or e}")
         raise MigrationError("; ".join(errors) or "neither a path nor a file handle")
