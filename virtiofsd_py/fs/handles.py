@@ -13,32 +13,25 @@ import os
 import threading
 from collections.abc import Iterator
 
+from .owned import OwnedFd
 
-class HandleData:
+
+class HandleData(OwnedFd):
     """One open file or directory: plain fields, serializable for migration."""
 
-    __slots__ = ("fd", "fh", "flags", "lock", "nodeid")
+    __slots__ = ("fh", "flags", "lock", "nodeid")
 
     fh: int
     nodeid: int
-    fd: int  # -1 once closed
     flags: int  # open(2) flags the host fd was opened with
     lock: threading.Lock  # serializes lseek+getdents on a directory handle
 
     def __init__(self, fh: int, nodeid: int, fd: int, flags: int) -> None:
+        super().__init__(fd)
         self.fh = fh
         self.nodeid = nodeid
-        self.fd = fd
         self.flags = flags
         self.lock = threading.Lock()
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (

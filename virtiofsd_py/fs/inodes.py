@@ -35,6 +35,7 @@ from typing import Final
 
 from .base import ROOT_ID
 from .mountfds import NODE_FD_FLAGS, MountFd
+from .owned import OwnedFd
 
 #: (st_dev, st_ino, mount id)
 InodeKey = tuple[int, int, int]
@@ -70,12 +71,11 @@ class NodeFd:
             os.close(self.fd)
 
 
-class InodeData:
+class InodeData(OwnedFd):
     """One node: plain fields only, so that migration can serialize it."""
 
     __slots__ = (
         "children",
-        "fd",
         "handle",
         "key",
         "lookups",
@@ -136,13 +136,8 @@ class InodeData:
         return NodeFd(mount.open(self.handle, flags), True)
 
     def close(self) -> None:
-        fd, self.fd = self.fd, -1
         self.mount = None
-        if fd >= 0:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.close()
+        super().close()
 
     def __repr__(self) -> str:
         kind = f"fd={self.fd}" if self.handle is None else f"handle={self.handle.hex()}"

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Final
 
 from .base import Lock
+from .owned import OwnedFd
 
 OFFSET_MAX: Final = 0x7FFFFFFFFFFFFFFF
 # struct flock (fcntl(2)): l_type, l_whence, l_start, l_len, l_pid
@@ -63,22 +64,14 @@ def _lock_of(raw: bytes) -> Lock:
     return Lock(start, end, ltype, 0)
 
 
-class OwnerFd:
+class OwnerFd(OwnedFd):
     """One owner's OFD on one file; closed when the last user lets go."""
 
-    __slots__ = ("fd", "writable")
+    __slots__ = ("writable",)
 
     def __init__(self, fd: int, writable: bool) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self.writable = writable
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.close()
 
 
 class LockTable:

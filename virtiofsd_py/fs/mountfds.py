@@ -36,6 +36,7 @@ import weakref
 from typing import Final, Literal
 
 from . import linux
+from .owned import OwnedFd
 
 log = logging.getLogger("virtiofsd_py.passthrough")
 
@@ -53,26 +54,18 @@ class FileHandleError(OSError):
         return str(self.strerror)
 
 
-class MountFd:
+class MountFd(OwnedFd):
     """A non-O_PATH fd on one mount, closed when the last node using it dies."""
 
-    __slots__ = ("__weakref__", "fd", "mnt_id")
+    __slots__ = ("__weakref__", "mnt_id")
 
     def __init__(self, fd: int, mnt_id: int) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self.mnt_id = mnt_id
 
     def open(self, handle: bytes, flags: int) -> int:
         """``open_by_handle_at(self.fd, handle, flags)``."""
         return linux.open_by_handle(self.fd, handle, flags | os.O_CLOEXEC)
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"MountFd(fd={self.fd}, mnt_id={self.mnt_id})"
