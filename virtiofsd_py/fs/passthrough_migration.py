@@ -242,6 +242,9 @@ def _lock(
 
 # -- destination ----------------------------------------------------------------------------
 def _field(d: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = d.get(key) if type(d) is dict else None
+    if type(value) is kind:  # the common case, once per field of every inode
+        return value
     if not isinstance(d, dict):
         raise MigrationError(f"{what}: not a map")
     value = d.get(key)
@@ -263,6 +266,9 @@ class _Loader:
         )
         self.mount_fd = -1
         self.failed: list[str] = []
+        #: Path -> O_PATH fd of the directory nodes loaded so far (owned by
+        #: their nodes): a child is then one openat away instead of a walk.
+        self.dirs: dict[bytes, int] = {}
 
     def _mount_fd(self) -> int:
         if self.mount_fd < 0:
@@ -294,10 +300,19 @@ class _Loader:
                 errors.append(f"file handle: {e.strerror or e}")
         if isinstance(path, bytes):
             try:
-                return linux.open_beneath(self.fs.inodes.root.fd, path)
+                return self._by_path(path)
             except OSError as e:
                 errors.append(f"path {path!r}: {e.strerror or e}")
         raise MigrationError("; ".join(errors) or "neither a path nor a file handle")
+
+    def _by_path(self, path: bytes) -> int:
+        """``open_beneath`` from the share, or from the node of the path's
+        directory when it was loaded already (it was found the same strict way)."""
+        parent, _, name = path.rpartition(b"/")
+        dir_fd = self.dirs.get(parent) if parent else None
+        if dir_fd is None or name in (b"", b".", b".."):
+            return linux.open_beneath(self.fs.inodes.root.fd, path)
+        return os.open(name, _O_PATH, dir_fd=dir_fd)
 
     def check_identity(self, fd: int, d: dict[str, Any]) -> tuple[os.stat_result, int]:
         st, mnt_id = linux.stat_fd(fd)
@@ -348,6 +363,9 @@ class _Loader:
                 os.close(fd)
                 fd = -1
             node = InodeData(nodeid, fd, key, st.st_mode, parent, name, handle)
+            path = d.get("path")
+            if fd >= 0 and stat.S_ISDIR(st.st_mode) and isinstance(path, bytes):
+                self.dirs[path] = fd
         node.lookups = max(0, lookups)
         return node
 
