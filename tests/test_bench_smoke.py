@@ -15,6 +15,7 @@ import pytest
 # bench/ is not part of the installed package: import it from the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import __main__ as bench_main
+from bench import hotpath
 
 
 def test_micro_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,3 +34,13 @@ def test_micro_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
         assert sorted(r[1] for r in mine) == ["1", "4"], out
         for r in mine:
             assert float(r[3]) > 0, out  # requests per second: some completed
+
+
+@pytest.mark.parametrize("scatter", [[], ["--scatter"]])
+def test_hotpath_prints_a_row_per_workload(
+    capsys: pytest.CaptureFixture[str], scatter: list[str]
+) -> None:
+    assert hotpath.main(["--seconds", "0.01", "--repeat", "1", *scatter]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[0] for r in rows] == list(hotpath.WORKLOADS)
+    assert all(float(r[2]) > 0 for r in rows)

@@ -303,3 +303,63 @@ def test_pack_dirent_zeroes_padding() -> None:
     assert abi.DIRENT.unpack_from(buf) == (7, 3, 3, 4)
     assert bytes(buf[24:32]) == b"abc" + bytes(5)
     assert bytes(buf[32:33]) == b"\xff"
+
+
+_ODD_STAT = make_stat(
+    mode=stat.S_IFREG | 0o4755,
+    ino=2**64 - 1,
+    size=5000,
+    nlink=2**40,  # clamped to u32
+    uid=1000,
+    gid=100,
+    rdev=os.makedev(8, 1),
+    blksize=4096,
+    atime_ns=1_700_000_000_123_456_789,
+    mtime_ns=-1_500_000_000,
+    ctime_ns=5,
+)
+
+
+@given(st.lists(st.integers(0, 140), max_size=3))
+def test_write_attr_out_matches_generic_packing(points: list[int]) -> None:
+    """The one-pack fast path writes what attr_values + write_struct write,
+    whatever the buffer split (header alone, header with body, straddling)."""
+    total = 16 + abi.ATTR_OUT.size
+    expect = abi.OUT_HEADER.pack(total, 0, 7) + abi.ATTR_OUT.pack(
+        1, 500_000_000, 0, *codec.attr_values(_ODD_STAT, abi.FUSE_ATTR_SUBMOUNT)
+    )
+    bufs = split_at(bytes(total + 5), points)
+    n = codec.write_attr_out(bufs, 7, 1.5, _ODD_STAT, abi.FUSE_ATTR_SUBMOUNT)
+    assert n == total
+    assert b"".join(bufs)[:total] == expect
+
+
+@given(st.lists(st.integers(0, 160), max_size=3))
+def test_write_entry_out_matches_generic_packing(points: list[int]) -> None:
+    e = Entry(nodeid=5, generation=3, attr=_ODD_STAT, entry_timeout=1.25, attr_timeout=2.0)
+    total = 16 + abi.ENTRY_OUT.size
+    expect = abi.OUT_HEADER.pack(total, 0, 9) + abi.ENTRY_OUT.pack(*codec.entry_values(e))
+    bufs = split_at(bytes(total), points)
+    assert codec.write_entry_out(bufs, 9, e) == total
+    assert b"".join(bufs) == expect
+
+
+def test_attr_and_entry_replies_too_small() -> None:
+    e = Entry(nodeid=5, generation=3, attr=_ODD_STAT, entry_timeout=1.0, attr_timeout=1.0)
+    with pytest.raises(codec.ReplyTooLarge):
+        codec.write_attr_out([bytearray(16), bytearray(50)], 1, 1.0, _ODD_STAT, 0)
+    with pytest.raises(codec.ReplyTooLarge):
+        codec.write_entry_out([bytearray(100)], 1, e)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "where"),
+    [([120], (0, 16)), ([16, 104], (1, 0)), ([16, 200], (1, 0)), ([20, 100], None), ([16], None)],
+)
+def test_body_place(sizes: list[int], where: tuple[int, int] | None) -> None:
+    bufs = [bytearray(n) for n in sizes]
+    got = codec.body_place(bufs, 104)
+    if where is None:
+        assert got is None
+    else:
+        assert got is not None and got[0] is bufs[where[0]] and got[1] == where[1]

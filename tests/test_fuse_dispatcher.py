@@ -896,3 +896,21 @@ def test_fuzz_truncated_valid_requests(cut: int, rpoints: list[int]) -> None:
         writable = [bytearray(16), bytearray(4096)]
         n = d.handle(split_at(truncated, rpoints), writable)
         _check_reply(n, writable, 5 if cut >= 40 else None)
+
+
+def test_contexts_follow_each_request() -> None:
+    """Contexts are shared between requests of the same caller, never mixed up."""
+    d, fs = make()
+    seen = []
+    for uid, gid, pid in [(1, 2, 3), (4, 5, 6), (1, 2, 3), (1, 2, 7), (0, 0, 0)]:
+        call(d, request(abi.FUSE_LOOKUP, b"hello\0", uid=uid, gid=gid, pid=pid))
+        ctx = fs.calls[-1][1]
+        assert (ctx.uid, ctx.gid, ctx.pid, ctx.groups, ctx.umask) == (uid, gid, pid, (), None)
+        seen.append(ctx)
+    assert seen[0] is seen[2] and seen[0] is not seen[3]
+    body = struct.pack("<III", 2, 10, 20)
+    ext = abi.EXT_HEADER.pack(8 + len(body), abi.FUSE_EXT_GROUPS) + body + bytes(4)
+    call(d, request(abi.FUSE_LOOKUP, b"hello\0\0\0", ext=ext, uid=1, gid=2, pid=3))
+    assert fs.calls[-1][1].groups == (10, 20)
+    call(d, request(abi.FUSE_LOOKUP, b"hello\0", uid=1, gid=2, pid=3))
+    assert fs.calls[-1][1].groups == ()

@@ -41,6 +41,7 @@ BUCKETS = MAX_BIT - MIN_BIT + 2
 PREFIX = "virtiofsd_py"
 
 _I32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
 
 
 class _Shard:
@@ -112,6 +113,8 @@ class Metrics:
         self._shards_lock = threading.Lock()
         self._gauges: list[GaugeSource] = []
         self.started = time.time()
+        #: This process's fd directory as it can name it (relative under --sandbox chroot).
+        self.fd_dir = "/proc/self/fd"
         #: Whether latencies are measured (``instrument(timed=...)``).
         self.timed = True
 
@@ -148,9 +151,11 @@ class Metrics:
                 shard: _Shard = local.shard
             except AttributeError:
                 shard = new_shard()
-            first = readable[0] if readable else b""
-            op = first[4] if len(first) >= 8 and first[4] < SLOTS else 0
-            if op and (first[5] or first[6] or first[7]):
+            try:
+                op = _U32.unpack_from(readable[0], 4)[0]  # opcode: one call, not four peeks
+            except (IndexError, struct.error):
+                op = 0
+            if op >= SLOTS:
                 op = 0
             n = handler(readable, writable)
             shard.requests[op] += 1
@@ -223,7 +228,7 @@ class Metrics:
 
     def gauges(self) -> list[Gauge]:
         out = [
-            Gauge("open_fds", "File descriptors the daemon has open.", _count_fds()),
+            Gauge("open_fds", "File descriptors the daemon has open.", _count_fds(self.fd_dir)),
             Gauge("uptime_seconds", "Seconds since the daemon started.", self.uptime()),
         ]
         for source in self._gauges:
@@ -314,9 +319,9 @@ def _family(lines: list[str], name: str, kind: str, help_text: str) -> None:
     lines.append(f"# TYPE {PREFIX}_{name} {kind}")
 
 
-def _count_fds() -> int:
+def _count_fds(fd_dir: str) -> int:
     try:
-        return len(os.listdir("/proc/self/fd"))
+        return len(os.listdir(fd_dir))
     except OSError:
         return -1
 

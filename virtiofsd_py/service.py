@@ -81,6 +81,9 @@ class ServiceHooks:
     def serving(self, rings: Callable[[], Sequence[Any]], fs: Any) -> None:
         """A front-end is connected: expose its queues and the filesystem's tables."""
         self.metrics.add_gauges(ring_gauges(rings))
+        fd_dir = getattr(getattr(fs, "config", None), "proc_self_fd", None)
+        if isinstance(fd_dir, str):
+            self.metrics.fd_dir = fd_dir
         inodes, handles = getattr(fs, "inodes", None), getattr(fs, "handles", None)
         if inodes is not None and handles is not None:
             self.metrics.add_gauges(table_gauges(inodes.__len__, handles.__len__))

@@ -20,7 +20,7 @@ from typing import Final, NamedTuple
 from virtiofsd_py.fs.base import Entry
 
 from . import abi, iov
-from .iov import Buffers
+from .iov import Buffer, Buffers
 
 _U32: Final = 0xFFFF_FFFF
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -317,6 +317,24 @@ def write_error(writable: Buffers, unique: int, errno_: int) -> int:
     return OUT_HEADER_SIZE
 
 
+def body_place(writable: Buffers, size: int) -> tuple[Buffer, int] | None:
+    """(buffer, offset) where a ``size``-byte reply body goes, if in one buffer.
+
+    The layouts Linux produces: header and body in the first buffer, or the
+    16-byte header alone and the body at the start of the second.  None
+    when the body would straddle a boundary (the caller then scatters).
+    """
+    if not writable:
+        return None
+    first = writable[0]
+    n = len(first)
+    if n >= OUT_HEADER_SIZE + size:
+        return first, OUT_HEADER_SIZE
+    if n == OUT_HEADER_SIZE and len(writable) > 1 and len(writable[1]) >= size:
+        return writable[1], 0
+    return None
+
+
 def write_struct(writable: Buffers, unique: int, body: struct.Struct, *values: int) -> int:
     """A success reply whose body is one struct; returns the reply length."""
     total = OUT_HEADER_SIZE + body.size
@@ -325,12 +343,10 @@ def write_struct(writable: Buffers, unique: int, body: struct.Struct, *values: i
     if nfirst >= total:
         headed(body).pack_into(first, 0, total, 0, unique, *values)
         return total
-    if nfirst >= OUT_HEADER_SIZE:
-        win = iov.window(writable, OUT_HEADER_SIZE, body.size)
-        if win is not None:
-            abi.OUT_HEADER.pack_into(first, 0, total, 0, unique)
-            body.pack_into(win, 0, *values)
-            return total
+    if nfirst == OUT_HEADER_SIZE and len(writable) > 1 and len(writable[1]) >= body.size:
+        body.pack_into(writable[1], 0, *values)
+        abi.OUT_HEADER.pack_into(first, 0, total, 0, unique)
+        return total
     if iov.total_len(writable) < total:
         raise ReplyTooLarge(f"reply needs {total} bytes")
     write_header(writable, unique, 0, total)
@@ -340,6 +356,63 @@ def write_struct(writable: Buffers, unique: int, body: struct.Struct, *values: i
     else:
         iov.scatter(writable, OUT_HEADER_SIZE, body.pack(*values))
     return total
+
+
+def pack_attr(buf: Buffer, off: int, st: os.stat_result, flags: int) -> None:
+    """``fuse_attr`` from ``st`` at ``off``: ``attr_values`` without the tuple.
+
+    GETATTR and LOOKUP replies are the commonest; packing straight from the
+    stat result saves the intermediate tuples and calls.
+    """
+    asec, ansec = divmod(st.st_atime_ns, _NS)
+    msec, mnsec = divmod(st.st_mtime_ns, _NS)
+    csec, cnsec = divmod(st.st_ctime_ns, _NS)
+    abi.ATTR.pack_into(
+        buf, off,
+        st.st_ino & _U64, st.st_size & _U64, st.st_blocks & _U64,
+        asec & _U64, msec & _U64, csec & _U64, ansec, mnsec, cnsec,
+        st.st_mode & _U32, min(st.st_nlink, _U32), st.st_uid & _U32, st.st_gid & _U32,
+        st.st_rdev & _U32, st.st_blksize & _U32, flags & _U32,
+    )  # fmt: skip
+
+
+_ATTR_OUT_HEAD: Final = struct.Struct("<QII")  # attr_valid, attr_valid_nsec, dummy
+_ENTRY_OUT_HEAD: Final = struct.Struct("<QQQQII")  # nodeid ... attr_valid_nsec
+
+
+def write_attr_out(
+    writable: Buffers, unique: int, timeout: float, st: os.stat_result, flags: int
+) -> int:
+    """A ``fuse_attr_out`` reply (GETATTR, SETATTR)."""
+    sec, nsec = timeout_split(timeout)
+    place = body_place(writable, abi.ATTR_OUT.size)
+    if place is None:
+        return write_struct(writable, unique, abi.ATTR_OUT, sec, nsec, 0, *attr_values(st, flags))
+    buf, off = place
+    _ATTR_OUT_HEAD.pack_into(buf, off, sec, nsec, 0)
+    pack_attr(buf, off + _ATTR_OUT_HEAD.size, st, flags)
+    abi.OUT_HEADER.pack_into(writable[0], 0, _ATTR_OUT_TOTAL, 0, unique)
+    return _ATTR_OUT_TOTAL
+
+
+def write_entry_out(writable: Buffers, unique: int, entry: Entry) -> int:
+    """A ``fuse_entry_out`` reply (LOOKUP, MKNOD, MKDIR, SYMLINK, LINK)."""
+    place = body_place(writable, abi.ENTRY_OUT.size)
+    if place is None:
+        return write_struct(writable, unique, abi.ENTRY_OUT, *entry_values(entry))
+    buf, off = place
+    esec, ensec = timeout_split(entry.entry_timeout)
+    asec, ansec = timeout_split(entry.attr_timeout)
+    _ENTRY_OUT_HEAD.pack_into(
+        buf, off, entry.nodeid & _U64, entry.generation & _U64, esec, asec, ensec, ansec
+    )
+    pack_attr(buf, off + _ENTRY_OUT_HEAD.size, entry.attr, entry.attr_flags)
+    abi.OUT_HEADER.pack_into(writable[0], 0, _ENTRY_OUT_TOTAL, 0, unique)
+    return _ENTRY_OUT_TOTAL
+
+
+_ATTR_OUT_TOTAL: Final = OUT_HEADER_SIZE + abi.ATTR_OUT.size
+_ENTRY_OUT_TOTAL: Final = OUT_HEADER_SIZE + abi.ENTRY_OUT.size
 
 
 def write_struct_bytes(

@@ -69,6 +69,7 @@ _NO_REPLY: Final = frozenset({abi.FUSE_FORGET, abi.FUSE_BATCH_FORGET, abi.FUSE_I
 #: flushes): the daemon runs them off the event loop even in inline mode.
 MAY_BLOCK: Final = frozenset({abi.FUSE_SETLKW, abi.FUSE_FSYNC, abi.FUSE_FSYNCDIR, abi.FUSE_SYNCFS})
 _OPCODE = struct.Struct("<I")
+_IN_HEADER: Final = abi.IN_HEADER
 _HDR: Final = codec.IN_HEADER_SIZE
 _OUT: Final = codec.OUT_HEADER_SIZE
 _S64_MAX: Final = (1 << 63) - 1
@@ -169,6 +170,11 @@ class SessionState:
         return cls(**kwargs)
 
 
+#: Shared Contexts of requests without extensions, by (uid, gid, pid).
+_CONTEXTS: dict[tuple[int, int, int], Context] = {}
+_MAX_CONTEXTS: Final = 4096
+
+
 class Request:
     """One decoded request: header fields plus where its arguments lie."""
 
@@ -199,6 +205,8 @@ class Request:
         readable: Sequence[Any],
         writable: Sequence[Any],
         session: SessionState | None,
+        args: memoryview,
+        args_len: int,
     ) -> None:
         self.opcode = opcode
         self.unique = unique
@@ -212,12 +220,25 @@ class Request:
         self.session = session
         #: The operation's arguments: all of them (ops with names), or just
         #: the fixed struct (WRITE, IOCTL: their data is read where it lies).
-        self.args: memoryview = memoryview(b"")
+        self.args = args
         #: Length of the whole argument region (extensions excluded).
-        self.args_len = 0
+        self.args_len = args_len
 
     def ctx(self) -> Context:
-        """Credentials of the requesting guest process."""
+        """Credentials of the requesting guest process.
+
+        Without extensions (no supplementary groups) the Context for the same
+        (uid, gid, pid) is shared between requests: Contexts are read-only,
+        and looking one up costs half of building one.
+        """
+        if self.ext is codec.NO_EXTENSIONS:
+            key = (self.uid, self.gid, self.pid)
+            ctx = _CONTEXTS.get(key)
+            if ctx is None:
+                if len(_CONTEXTS) >= _MAX_CONTEXTS:
+                    _CONTEXTS.clear()
+                ctx = _CONTEXTS[key] = Context(self.uid, self.gid, self.pid)
+            return ctx
         return Context(self.uid, self.gid, self.pid, self.ext.groups)
 
     def creator_ctx(self, umask: int, tail: int) -> tuple[Context, int]:
@@ -300,8 +321,12 @@ class Dispatcher:
 
     def handle(self, readable: Sequence[Any], writable: Sequence[Any]) -> int:
         """Execute one request; write the reply into ``writable``; return bytes written."""
+        first = readable[0] if readable else b""
         try:
-            hdr = codec.parse_in_header(readable)
+            if len(first) >= _HDR:
+                hdr = _IN_HEADER.unpack_from(first)
+            else:
+                hdr = codec.parse_in_header(readable)
         except Malformed as e:
             log.warning("FUSE request dropped: %s", e)
             return 0
@@ -356,9 +381,12 @@ class Dispatcher:
                 "FUSE %s unique=%d nodeid=%d uid=%d gid=%d pid=%d len=%d",
                 abi.opcode_name(opcode), unique, nodeid, uid, gid, pid, hlen,
             )  # fmt: skip
-        avail = iov.total_len(readable)
-        if hlen > avail:
-            raise Malformed(f"len {hlen} exceeds the {avail} readable bytes")
+        first = readable[0]
+        if hlen > len(first):
+            # Linux: the in header, then the arguments, in two buffers
+            avail = len(first) + len(readable[1]) if len(readable) == 2 else iov.total_len(readable)
+            if hlen > avail:
+                raise Malformed(f"len {hlen} exceeds the {avail} readable bytes")
         ext_bytes = extlen * 8
         args_len = hlen - _HDR - ext_bytes
         if args_len < 0:
@@ -388,9 +416,16 @@ class Dispatcher:
         if args_len < min_args:
             raise Malformed(f"arguments are {args_len} bytes, need {min_args}")
 
-        req = Request(opcode, unique, nodeid, uid, gid, pid, ext, readable, writable, session)
-        req.args_len = args_len
-        req.args = iov.view(readable, _HDR, args_len if whole else min_args)
+        n = args_len if whole else min_args
+        if len(first) >= _HDR + n:  # the layouts Linux produces, without iov calls
+            args = memoryview(first)[_HDR : _HDR + n]
+        elif len(first) == _HDR and len(readable) > 1 and len(readable[1]) >= n:
+            args = memoryview(readable[1])[:n]
+        else:
+            args = iov.view(readable, _HDR, n)
+        req = Request(
+            opcode, unique, nodeid, uid, gid, pid, ext, readable, writable, session, args, args_len
+        )
         return handler(self, req)
 
     # -- session ops ----------------------------------------------------------
@@ -477,10 +512,7 @@ class Dispatcher:
     # -- names ------------------------------------------------------------------
     def _op_lookup(self, req: Request) -> int:
         name, _ = codec.parse_name(req.args)
-        entry = self.fs.lookup(req.ctx(), req.nodeid, name)
-        return codec.write_struct(
-            req.writable, req.unique, abi.ENTRY_OUT, *codec.entry_values(entry)
-        )
+        return self._entry_reply(req, self.fs.lookup(req.ctx(), req.nodeid, name))
 
     def _op_forget(self, req: Request) -> int:
         (nlookup,) = abi.FORGET_IN.unpack_from(req.args)
@@ -507,11 +539,9 @@ class Dispatcher:
 
     @staticmethod
     def _attr_reply(req: Request, reply: AttrReply) -> int:
-        sec, nsec = codec.timeout_split(reply.timeout)
-        return codec.write_struct(
-            req.writable, req.unique, abi.ATTR_OUT,
-            sec, nsec, 0, *codec.attr_values(reply.attr, reply.attr_flags),
-        )  # fmt: skip
+        return codec.write_attr_out(
+            req.writable, req.unique, reply.timeout, reply.attr, reply.attr_flags
+        )
 
     def _op_statfs(self, req: Request) -> int:
         sv = self.fs.statfs(req.ctx(), req.nodeid)
@@ -550,12 +580,16 @@ class Dispatcher:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(req.args)
         if offset > _S64_MAX:
             raise OSError(errno.EINVAL, "offset out of range")
-        room = iov.total_len(req.writable) - _OUT
+        writable = req.writable
+        room = sum(map(len, writable)) - _OUT
         if room < 0:
             raise ReplyTooLarge("no room for fuse_out_header")
         assert req.session is not None
         size = min(size, req.session.max_read, room)
-        bufs = iov.slices(req.writable, _OUT, size)
+        if size and size == room and len(writable[0]) == _OUT:
+            bufs = list(writable[1:])  # the usual layout, read in full: no re-slicing
+        else:
+            bufs = iov.slices(writable, _OUT, size)
         got = self.fs.read(req.ctx(), req.nodeid, fh, offset, size, bufs)
         if type(got) is not int or not 0 <= got <= size:
             raise RuntimeError(f"backend read returned {got!r} for a {size}-byte request")
@@ -671,9 +705,7 @@ class Dispatcher:
     # -- creating and removing names -----------------------------------------------------
     def _entry_reply(self, req: Request, entry: Entry) -> int:
         try:
-            return codec.write_struct(
-                req.writable, req.unique, abi.ENTRY_OUT, *codec.entry_values(entry)
-            )
+            return codec.write_entry_out(req.writable, req.unique, entry)
         except BaseException:
             self.fs.forget(entry.nodeid, 1)  # the guest never learns of it
             raise

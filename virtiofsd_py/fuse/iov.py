@@ -27,10 +27,7 @@ class IovError(ValueError):
 
 def total_len(bufs: Buffers) -> int:
     """Bytes in all buffers together."""
-    n = 0
-    for b in bufs:
-        n += len(b)
-    return n
+    return sum(map(len, bufs))
 
 
 def locate(bufs: Buffers, off: int) -> tuple[int, int]:

@@ -14,17 +14,21 @@ caller can return it to the driver with length 0 and log the reason.
 
 from __future__ import annotations
 
+import functools
+import operator
 import struct
 import sys
 import threading
 from collections.abc import Callable
+from typing import Final
 
 from virtiofsd_py.vhost.protocol import VringAddr
 from virtiofsd_py.virtio.memory import GuestMemory, GuestMemoryError
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next (2.7.5)
 U16 = struct.Struct("<H")  # ring fields nobody writes concurrently (avail ring entries)
-USED_ELEM = struct.Struct("<II")  # id, len (2.7.8)
+USED_ELEM = struct.Struct("<II")
+_U32 = struct.Struct("<I")  # id, len (2.7.8)
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -160,21 +164,22 @@ class SplitQueue:
 
     def pop(self) -> Chain | None:
         """Next available chain, or None.  Raises ChainError / QueueError."""
-        avail = self.avail_idx()
-        if avail == self.last_avail_idx:
+        avail: int = self._avail16[1]
+        last = self.last_avail_idx
+        if avail == last:
             return None
-        if (avail - self.last_avail_idx) & 0xFFFF > self.size:
-            raise QueueError(
-                f"avail index {avail} is more than {self.size} ahead of {self.last_avail_idx}"
-            )
-        slot = self.last_avail_idx % self.size
-        head = U16.unpack_from(self._avail, 4 + 2 * slot)[0]
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if (avail - last) & 0xFFFF > self.size:
+            raise QueueError(f"avail index {avail} is more than {self.size} ahead of {last}")
+        slot = last % self.size
+        head: int = U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        self.last_avail_idx = (last + 1) & 0xFFFF
         if head >= self.size:
             raise QueueError(f"avail ring slot {slot} names descriptor {head} >= {self.size}")
         return self._walk(head)
 
     def _walk(self, head: int) -> Chain:
+        """Follow the chain at ``head``, one descriptor at a time (the bulk
+        path ``_linux_table`` aside); every rule checked as it is met."""
         memory = self._memory
         regions = memory.regions
         unpack = DESC.unpack_from
@@ -207,29 +212,38 @@ class SplitQueue:
                 limit = length >> 4
                 if limit > MAX_QUEUE_SIZE:
                     raise ChainError(head, f"indirect table of {limit} entries")
+                # A long table as Linux lays it out: checked and translated in
+                # bulk (one copy, so that checks and use see the same bytes).
+                if (
+                    length >= _BULK_MIN
+                    and not readable
+                    and not writable
+                    and _linux_table(memory, table.tobytes(), readable, writable, gpas)
+                ):
+                    return Chain(head, readable, writable, gpas)
                 indirect = True
                 idx = 0
                 seen = 0
                 continue
             if length:
-                # Inline fast path of GuestMemory.gpa_iov: the buffer in one region.
-                for r in regions:
-                    off = addr - r.gpa
-                    if off >= 0 and off + length <= r.size:
-                        bufs = [r.view[off : off + length]]
-                        break
-                else:
-                    try:
-                        bufs = memory.gpa_iov(addr, length)
-                    except GuestMemoryError as e:
-                        raise ChainError(head, str(e)) from e
                 if flags & VIRTQ_DESC_F_WRITE:
-                    writable += bufs
+                    out = writable
                     gpas.append((addr, length))
                 elif writable:
                     raise ChainError(head, "readable descriptor after a writable one")
                 else:
-                    readable += bufs
+                    out = readable
+                # Inline fast path of GuestMemory.gpa_iov: the buffer in one region.
+                for r in regions:
+                    off = addr - r.gpa
+                    if off >= 0 and off + length <= r.size:
+                        out.append(r.view[off : off + length])
+                        break
+                else:
+                    try:
+                        out += memory.gpa_iov(addr, length)
+                    except GuestMemoryError as e:
+                        raise ChainError(head, str(e)) from e
             if not flags & VIRTQ_DESC_F_NEXT:
                 return Chain(head, readable, writable, gpas)
             idx = nxt
@@ -268,4 +282,192 @@ class SplitQueue:
             if self.on_used_write is not None:
                 self.on_used_write(off, 2)
             full_barrier()
-        return self.has_available()
+        avail: int = self._avail16[1]
+        return avail != self.last_avail_idx
+
+
+def _flag_class(flags: int) -> int:
+    if flags & VIRTQ_DESC_F_INDIRECT:
+        return ord("x")
+    c = "w" if flags & VIRTQ_DESC_F_WRITE else "r"
+    return ord(c if flags & VIRTQ_DESC_F_NEXT else c.upper())
+
+
+#: Low byte of a descriptor's flags -> r/w (readable/writable, NEXT set),
+#: R/W (the same, last of the chain), x (INDIRECT: not allowed here).
+_FLAG_CLASS: Final = bytes(_flag_class(b) for b in range(256))
+_LAST_TO_NEXT: Final = bytes.maketrans(b"RW", b"rw")
+#: Bytes 14 and 15 of descriptors 0..n-2 of a table chained in order (next = i + 1).
+_SEQ_NEXT_LO: Final = bytes((i + 1) & 0xFF for i in range(MAX_QUEUE_SIZE))
+_SEQ_NEXT_HI: Final = bytes((i + 1) >> 8 & 0xFF for i in range(MAX_QUEUE_SIZE))
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"
+#: Indirect tables of fewer bytes (descriptors * 16) are walked one by one:
+#: the bulk checks cost about as much as walking 16 descriptors.
+_BULK_MIN: Final = 16 * 16
+#: Up to this many breaks between adjacent buffers, views are made per run.
+_MAX_RUNS: Final = 8
+
+
+def _linux_table(
+    memory: GuestMemory,
+    raw: bytes,
+    readable: list[memoryview],
+    writable: list[memoryview],
+    gpas: list[tuple[int, int]],
+) -> bool:
+    """The indirect table as Linux builds it, checked and translated in bulk.
+
+    Linux chains an indirect table in order (``next = i + 1``), readable
+    descriptors first, no empty ones.  Whether ``raw`` is such a table is
+    decided with whole-table byte operations (``translate``, strided slices,
+    list comparisons), so no Python code runs per descriptor except one
+    slice per buffer, and none at all when a direction's buffers are
+    adjacent in guest memory (merged into one view).  Returns False, having
+    added nothing, for any other table: ``SplitQueue._walk`` then walks it (and
+    reports what is wrong with it).  A 1 MiB READ (259 descriptors) on the
+    lab machine: ~35 us instead of ~150 with adjacent pages, ~115 with
+    scattered ones (a slice per page remains).
+    """
+    n = len(raw) >> 4
+    if not _LITTLE_ENDIAN:
+        return False
+    classes = raw[12::16].translate(_FLAG_CLASS)
+    if classes[-1] not in b"RW":
+        return False
+    if n > 1:
+        body = classes[:-1]
+        if body.count(b"r") + body.count(b"w") != n - 1:
+            return False
+        if raw[14 : 16 * (n - 1) : 16] != _SEQ_NEXT_LO[: n - 1]:
+            return False
+        if raw[15 : 16 * (n - 1) : 16] != _SEQ_NEXT_HI[: n - 1]:
+            return False
+    classes = classes.translate(_LAST_TO_NEXT)
+    k = classes.find(b"w")  # first writable descriptor
+    if k < 0:
+        k = n
+    elif classes.find(b"r", k) >= 0:
+        return False
+    if not (
+        _add_segment(memory, raw, 0, k, readable, None)
+        and _add_segment(memory, raw, k, n, writable, gpas)
+    ):
+        # A buffer outside guest memory or spanning regions: the walk says which.
+        del readable[:], writable[:], gpas[:]
+        return False
+    return True
+
+
+def _add_segment(
+    memory: GuestMemory,
+    raw: bytes,
+    a: int,
+    b: int,
+    out: list[memoryview],
+    gpas: list[tuple[int, int]] | None,
+) -> bool:
+    """Views of the buffers of descriptors ``a..b-1``, adjacent ones merged;
+    False if one is empty or not inside a single region.
+
+    A long segment is first tested for a tail of equal-sized adjacent
+    buffers (the data pages) by ``_adjacent_tail``; what precedes it (the
+    headers) and the tail as one buffer then go through the general case.
+    General case, few breaks between adjacent buffers: one view per run;
+    many (scattered pages): one view per buffer, bounds-checked together.
+    """
+    if a == b:
+        return True
+    words = memoryview(raw).cast("I")
+    j, tail = b, 0
+    if b - a >= _BULK_MIN // 16:
+        for j in range(a, min(a + 3, b - 1)):
+            tail = _adjacent_tail(raw, j, b)
+            if tail:
+                break
+        else:
+            j = b
+    addrs = memoryview(raw).cast("Q")[2 * a : 2 * j : 2].tolist()
+    lens = words[4 * a + 2 : 4 * j : 4].tolist()
+    if tail:
+        addrs.append(memoryview(raw).cast("Q")[2 * j])
+        lens.append(tail)
+    if 0 in lens:
+        return False
+    add = operator.add
+    # joins[i]: buffer i ends where buffer i+1 starts
+    joins = list(map(operator.eq, map(add, addrs[:-1], lens[:-1]), addrs[1:]))
+    last = len(addrs) - 1
+    if joins.count(False) <= _MAX_RUNS:
+        start = 0
+        while True:
+            try:
+                stop = joins.index(False, start)
+            except ValueError:
+                stop = last
+            lo = addrs[start]
+            hi = addrs[stop] + lens[stop]
+            for r in memory.regions:
+                off = lo - r.gpa
+                if off >= 0 and hi - r.gpa <= r.size:
+                    out.append(r.view[off : hi - r.gpa])
+                    break
+            else:
+                return False
+            if gpas is not None:
+                gpas.append((lo, hi - lo))
+            if stop == last:
+                return True
+            start = stop + 1
+    lo = min(addrs)
+    hi = max(map(add, addrs, lens))
+    for r in memory.regions:
+        base = r.gpa
+        if lo >= base and hi - base <= r.size:
+            view = r.view
+            out += [view[x - base : x - base + m] for x, m in zip(addrs, lens, strict=True)]
+            if gpas is not None:
+                gpas += zip(addrs, lens, strict=True)
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _ap_weights(m: int) -> tuple[int, int]:
+    """(sum of B**i, sum of i * B**i) for i < m, B = 2**64."""
+    ones = sum(1 << (64 * i) for i in range(m))
+    ramp = sum(i << (64 * i) for i in range(m))
+    return ones, ramp
+
+
+def _adjacent_tail(raw: bytes, j: int, b: int) -> int:
+    """Total length if descriptors ``j..b-1`` of ``raw`` are adjacent buffers
+    of one size (the last may differ), else 0.
+
+    Without a Python step per descriptor: the sizes compare as bytes with a
+    repeated pattern, and the addresses, read as one little-endian number
+    ``sum(addr_i * 2**(64*i))``, must equal ``start * ones + size * ramp``
+    (``_ap_weights``), i.e. ``addr_i == start + i * size`` for every i (the
+    base-2**64 digits of a number are unique while each is below 2**64,
+    which the ``last`` check guarantees).  With it a 1 MiB READ of adjacent
+    pages needs no per-descriptor list at all: 270 000 instructions per
+    request in ``QueueRunner.process`` instead of 490 000 (2.1 million
+    before any bulk work).
+    """
+    m = b - j
+    words = memoryview(raw).cast("I")
+    quads = memoryview(raw).cast("Q")
+    size = words[4 * j + 2]
+    start = quads[2 * j]
+    last = start + size * (m - 1)
+    # Cheap rejections first: a header (next size differs), scattered pages
+    # (the last one is elsewhere), a range past the top of the address space.
+    if not size or (words[4 * j + 6] != size and m > 2) or quads[2 * (b - 1)] != last:
+        return 0
+    if last >= 1 << 64:
+        return 0
+    if words[4 * j + 2 : 4 * (b - 1) : 4].tobytes() != _U32.pack(size) * (m - 1):
+        return 0
+    ones, ramp = _ap_weights(m)
+    if int.from_bytes(quads[2 * j : 2 * b : 2].tobytes(), "little") != start * ones + size * ramp:
+        return 0
+    return last - start + words[4 * (b - 1) + 2]

@@ -69,8 +69,10 @@ class Vring:
     def notify(self) -> None:
         """Signal the driver (call eventfd); no-op without one."""
         if self.call_fd is not None:
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 (contextlib.suppress costs ~1 us: once per batch)
                 os.eventfd_write(self.call_fd, 1)
+            except OSError:
+                pass
 
     def signal_error(self) -> None:
         if self.err_fd is not None:
