@@ -15,7 +15,10 @@ still follows the host's load: for before/after comparisons run it under
 callgrind (docs/benchmarks.md).  Every batch must complete or the run
 stops.  ``--scatter`` leaves a page-sized gap after each data page (nothing
 to merge); by default the pages of one request are adjacent, as a guest
-with free memory often lays them out.
+with free memory often lays them out.  The metadata workloads
+(``readdirplus readdir create unlink``, named explicitly) print µs per
+directory entry for READDIR*; run them with ``TMPDIR=/dev/shm`` so that the
+share's file system does not add disk noise.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import pstats
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from virtiofsd_py.fs.base import Context
@@ -57,6 +61,14 @@ UVA_BASE = 0x7F00_0000_0000
 DATA_FILE = "data.bin"
 DATA_SIZE = 32 << 20
 WORKLOADS = ("getattr", "lookup", "read4k", "read1m", "write4k")
+#: Metadata workloads (not in the default set): READDIRPLUS of a directory of
+#: ``DIR_FILES`` files (one 4 KiB page per reply, as Linux asks; the entries'
+#: lookups are FORGOTten between batches, outside the timing), CREATE of new
+#: names and UNLINK of existing ones (files re-made / handles released
+#: between batches, outside the timing).
+META_WORKLOADS = ("readdirplus", "readdir", "create", "unlink")
+DIR_NAME = "dir"
+DIR_FILES = 1000
 
 
 class Guest:
@@ -152,6 +164,10 @@ class Setup:
     runner: QueueRunner
     ring: Vring
     dispatcher: Dispatcher
+    #: Run after every timed batch, untimed: undoes what the batch did.
+    reset: Callable[[], None] = lambda: None
+    #: Units per request the time is divided by (directory entries for READDIR*).
+    per_request: int = 1
 
 
 def setup(share: str, scatter: bool) -> Setup:
@@ -182,6 +198,10 @@ def prepare(s: Setup, workload: str, qd: int) -> list[int]:
     root = abi.FUSE_ROOT_ID
     heads = []
     name = DATA_FILE.encode() + b"\0"
+    if workload in META_WORKLOADS:
+        return prepare_meta(s, workload, qd)
+    s.reset = lambda: None
+    s.per_request = 1
     if workload in ("read4k", "read1m", "write4k"):
         ctx = Context(0, 0, 0)
         nodeid = s.dispatcher.fs.lookup(ctx, root, DATA_FILE.encode()).nodeid
@@ -207,8 +227,71 @@ def prepare(s: Setup, workload: str, qd: int) -> list[int]:
     return heads
 
 
+def _forget_all(s: Setup, dirid: int) -> None:
+    """Give back every lookup of the nodes below ``dirid`` (untimed)."""
+    fs = s.dispatcher.fs
+    assert isinstance(fs, PassthroughFS)
+    fs.batch_forget([(n.nodeid, n.lookups) for n in fs.inodes if n.parent == dirid])
+
+
+def prepare_meta(s: Setup, workload: str, qd: int) -> list[int]:
+    """``qd`` chains of a metadata workload (see ``META_WORKLOADS``)."""
+    g = s.guest
+    fs = s.dispatcher.fs
+    assert isinstance(fs, PassthroughFS)
+    ctx = Context(0, 0, 0)
+    root = abi.FUSE_ROOT_ID
+    dirid = fs.lookup(ctx, root, DIR_NAME.encode()).nodeid
+    share = fs.config.shared_dir
+    heads = []
+    if workload in ("readdirplus", "readdir"):
+        plus = workload == "readdirplus"
+        fh = fs.opendir(ctx, dirid, os.O_RDONLY).fh
+        op = abi.FUSE_READDIRPLUS if plus else abi.FUSE_READDIR
+        # Each request starts at another page's worth of entries.
+        cookies = [0]
+        for de in fs.readdir(ctx, dirid, fh, 0, False):
+            cookies.append(de.offset)
+        per = PAGE // (abi.direntplus_size(7) if plus else abi.dirent_size(7))
+        for i in range(qd):
+            args = abi.READ_IN.pack(fh, cookies[(i * per) % DIR_FILES], PAGE, 0, 0, 0, 0)
+            heads.append(g.chain([in_header(op, dirid, len(args)), args], [16, PAGE]))
+        s.per_request = per
+        s.reset = (lambda: _forget_all(s, dirid)) if plus else (lambda: None)
+        return heads
+    names = [f"n{i:06d}".encode() for i in range(qd)]
+    for n in names:
+        z = n + b"\0"
+        if workload == "create":
+            args = abi.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o100644, 0, 0) + z
+            heads.append(g.chain([in_header(abi.FUSE_CREATE, dirid, len(args)), args], [16, 144]))
+        else:
+            heads.append(g.chain([in_header(abi.FUSE_UNLINK, dirid, len(z)), z], [16]))
+
+    def reset() -> None:
+        if workload == "create":
+            for h in list(fs.handles):
+                if h.nodeid != dirid:
+                    fs.release(ctx, h.nodeid, h.fh, 0)
+            _forget_all(s, dirid)
+            for n in names:
+                os.unlink(os.path.join(share, DIR_NAME, n.decode()))
+        else:
+            for n in names:
+                open(os.path.join(share, DIR_NAME, n.decode()), "wb").close()
+
+    if workload == "unlink":
+        reset()
+    s.reset = reset
+    s.per_request = 1
+    return heads
+
+
 def measure(s: Setup, heads: list[int], seconds: float) -> tuple[float, int]:
-    """µs per request of ``process`` over ``seconds`` (wall clock, this thread only)."""
+    """µs per request (per entry for READDIR*) of ``process`` over ``seconds``.
+
+    Wall clock, this thread only; ``s.reset`` runs untimed after each batch.
+    """
     n = 0
     spent = 0.0
     end = time.perf_counter() + seconds
@@ -221,7 +304,8 @@ def measure(s: Setup, heads: list[int], seconds: float) -> tuple[float, int]:
         spent += clock() - t0
         if (s.guest.used_idx() - before) & 0xFFFF != len(heads):
             raise RuntimeError("not every request completed")
-        n += len(heads)
+        n += len(heads) * s.per_request
+        s.reset()
     return 1e6 * spent / n, n
 
 
@@ -239,16 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hotpath-") as share:
         with open(os.path.join(share, DATA_FILE), "wb") as f:
             f.write(random.Random(1).randbytes(1 << 20) * (DATA_SIZE >> 20))
+        os.mkdir(os.path.join(share, DIR_NAME))
+        for i in range(DIR_FILES):
+            with open(os.path.join(share, DIR_NAME, f"f{i:06d}"), "wb") as f:
+                f.write(b"x" * 100)
         s = setup(share, args.scatter)
         flags = 0xFFFF_FFFF & ~abi.FUSE_INIT_RESERVED
         init = abi.INIT_IN.pack(7, 38, 1 << 17, flags, 0, *(0,) * 11)
         run_one(s, [s.guest.chain([in_header(abi.FUSE_INIT, 0, len(init)), init], [16, 256])])
-        print(f"{'workload':10} {'qd':>3} {'us/req':>8}")
+        print(f"{'workload':11} {'qd':>3} {'us/req':>8}  (READDIR*: us per entry)")
         for w in args.workloads:
             heads = prepare(s, w, args.qd)
             measure(s, heads, 0.1)
             best = min(measure(s, heads, args.seconds)[0] for _ in range(args.repeat))
-            print(f"{w:10} {args.qd:3d} {best:8.2f}")
+            print(f"{w:11} {args.qd:3d} {best:8.2f}")
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()

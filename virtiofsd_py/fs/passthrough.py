@@ -101,6 +101,9 @@ _FS_IOC_SETFLAGS: Final = frozenset((0x40086602, 0x40046602))
 _TIME_BITS: Final = abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW
 _SEEK_WHENCE: Final = frozenset((os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE))
 _DIRENT_BUF: Final = 8192
+#: First getdents64 buffer of a READDIR / READDIRPLUS (see ``_entries``).
+_DIRENT_FIRST: Final = 4608
+_DIRENT_FIRST_PLUS: Final = 1024
 _DOTS: Final = (b".", b"..")
 
 
@@ -606,7 +609,11 @@ class PassthroughFS(Filesystem):
         return self._entries(ctx, h, offset, plus)
 
     def _entries(self, ctx: Context, h: HandleData, offset: int, plus: bool) -> Iterator[DirEntry]:
-        buf = bytearray(_DIRENT_BUF)
+        # The first getdents64 asks for about what one reply page holds
+        # (host records are 24-32 bytes for short names, fuse_dirent 32,
+        # fuse_direntplus 160): the dispatcher stops at a full reply and
+        # records read past it would be parsed for nothing.  Later calls grow.
+        buf = bytearray(_DIRENT_FIRST_PLUS if plus else _DIRENT_FIRST)
         cookie = offset
         while True:
             with h.lock:  # the fd's position is shared by every READDIR on it
@@ -614,15 +621,36 @@ class PassthroughFS(Filesystem):
                 batch = getdents64(h.fd, buf)
             if not batch:
                 return
-            for d in batch:
-                cookie = d.off
-                entry = None
-                if plus and d.name not in _DOTS:
-                    try:
-                        entry = self.lookup(ctx, h.nodeid, d.name)
-                    except FileNotFoundError:
-                        continue
-                yield DirEntry(d.ino, d.off, d.type, d.name, entry)
+            if len(buf) < _DIRENT_BUF:
+                buf = bytearray(min(2 * len(buf), _DIRENT_BUF))
+            if not plus:
+                for d in batch:
+                    yield DirEntry(d.ino, d.off, d.type, d.name)
+                cookie = batch[-1].off
+                continue
+            # READDIRPLUS: each name but . and .. looked up as LOOKUP does,
+            # with the directory opened once per batch (its handle pins it:
+            # the guest cannot forget it meanwhile) and the name checks
+            # skipped (the host's own names are single components).
+            p = self._node(h.nodeid)
+            inodes = self.inodes
+            # _fd_guard's sum with the handles and locks counted once per batch
+            # (only the nodes grow here); _fd_guard itself reports a full budget.
+            room = self.fd_limit - len(self.handles) - len(self.locks)
+            with p.opened() as pfd:
+                for d in batch:
+                    cookie = d.off
+                    name = d.name
+                    entry = None
+                    if name not in _DOTS:
+                        if inodes.fd_nodes >= room:
+                            self._fd_guard()
+                        try:
+                            fd = os.open(name, _O_PATH_FLAGS, dir_fd=pfd)
+                        except FileNotFoundError:
+                            continue
+                        entry = self._add_entry(p, name, fd)
+                    yield DirEntry(d.ino, d.off, d.type, name, entry)
 
     def releasedir(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
         self.handles.remove(fh, nodeid)

@@ -401,18 +401,38 @@ def write_entry_out(writable: Buffers, unique: int, entry: Entry) -> int:
     if place is None:
         return write_struct(writable, unique, abi.ENTRY_OUT, *entry_values(entry))
     buf, off = place
+    _pack_entry(buf, off, entry)
+    abi.OUT_HEADER.pack_into(writable[0], 0, _ENTRY_OUT_TOTAL, 0, unique)
+    return _ENTRY_OUT_TOTAL
+
+
+def write_create_out(writable: Buffers, unique: int, entry: Entry, fh: int, flags: int) -> int:
+    """A CREATE / TMPFILE reply: ``fuse_entry_out`` then ``fuse_open_out``."""
+    place = body_place(writable, _CREATE_OUT_SIZE)
+    if place is None:
+        return write_struct(writable, unique, _CREATE_OUT, *entry_values(entry), fh, flags, 0)
+    buf, off = place
+    _pack_entry(buf, off, entry)
+    abi.OPEN_OUT.pack_into(buf, off + abi.ENTRY_OUT.size, fh, flags, 0)
+    abi.OUT_HEADER.pack_into(writable[0], 0, _CREATE_OUT_TOTAL, 0, unique)
+    return _CREATE_OUT_TOTAL
+
+
+def _pack_entry(buf: Buffer, off: int, entry: Entry) -> None:
     esec, ensec = timeout_split(entry.entry_timeout)
     asec, ansec = timeout_split(entry.attr_timeout)
     _ENTRY_OUT_HEAD.pack_into(
         buf, off, entry.nodeid & _U64, entry.generation & _U64, esec, asec, ensec, ansec
     )
     pack_attr(buf, off + _ENTRY_OUT_HEAD.size, entry.attr, entry.attr_flags)
-    abi.OUT_HEADER.pack_into(writable[0], 0, _ENTRY_OUT_TOTAL, 0, unique)
-    return _ENTRY_OUT_TOTAL
 
 
 _ATTR_OUT_TOTAL: Final = OUT_HEADER_SIZE + abi.ATTR_OUT.size
 _ENTRY_OUT_TOTAL: Final = OUT_HEADER_SIZE + abi.ENTRY_OUT.size
+#: fuse_create_in + name reply: fuse_entry_out then fuse_open_out.
+_CREATE_OUT: Final = struct.Struct(abi.ENTRY_OUT.format + abi.OPEN_OUT.format.lstrip("<"))
+_CREATE_OUT_SIZE: Final = _CREATE_OUT.size
+_CREATE_OUT_TOTAL: Final = OUT_HEADER_SIZE + _CREATE_OUT_SIZE
 
 
 def write_struct_bytes(
@@ -439,6 +459,9 @@ def write_bytes(writable: Buffers, unique: int, data: bytes | memoryview) -> int
 
 def write_empty(writable: Buffers, unique: int) -> int:
     """A success reply with no body."""
+    if writable and len(writable[0]) >= OUT_HEADER_SIZE:  # the usual layout
+        abi.OUT_HEADER.pack_into(writable[0], 0, OUT_HEADER_SIZE, 0, unique)
+        return OUT_HEADER_SIZE
     if iov.total_len(writable) < OUT_HEADER_SIZE:
         raise ReplyTooLarge("no room for fuse_out_header")
     write_header(writable, unique, 0, OUT_HEADER_SIZE)
@@ -479,3 +502,84 @@ def pack_direntplus(
     end = pos + size
     buf[p + n : end] = _PAD[: end - p - n]
     return size
+
+
+# Whole records in one ``pack_into``: a ``{n}s`` field writes the name and
+# zero-fills its padding.  One Struct per name length up to NAME_MAX; longer
+# names (never from a Linux host) take the functions above.
+_NAME_MAX: Final = 255
+_DIRENT_FMT: Final = abi.DIRENT.format.lstrip("<")
+_ENTRY_OUT_FMT: Final = abi.ENTRY_OUT.format.lstrip("<")
+_DIRENT_BY_LEN: Final = tuple(
+    struct.Struct(f"<{_DIRENT_FMT}{abi.dirent_size(n) - _DIRENT.size}s")
+    for n in range(_NAME_MAX + 1)
+)
+_DIRENTPLUS_BY_LEN: Final = tuple(
+    struct.Struct(f"<{_ENTRY_OUT_FMT}{_DIRENT_FMT}{abi.direntplus_size(n) - _DIRENTPLUS.size}s")
+    for n in range(_NAME_MAX + 1)
+)
+
+
+class DirentPacker:
+    """Packs READDIR / READDIRPLUS records straight into a reply buffer.
+
+    One per reply: it remembers the split of the last entry's timeouts (all
+    entries of one backend carry the same ones), so a record costs one
+    ``pack_into``.  ``dirent`` / ``direntplus`` return the record's size, or
+    0 when it does not fit before ``end`` (nothing is written then).
+    """
+
+    __slots__ = ("_split", "_times", "buf", "end")
+
+    def __init__(self, buf: memoryview, end: int) -> None:
+        self.buf = buf
+        self.end = end
+        self._times: tuple[float, float] | None = None
+        self._split = (0, 0, 0, 0)
+
+    def dirent(self, pos: int, ino: int, off: int, dtype: int, name: bytes) -> int:
+        n = len(name)
+        if n > _NAME_MAX:
+            if pos + abi.dirent_size(n) > self.end:
+                return 0
+            return pack_dirent(self.buf, pos, ino, off, dtype, name)
+        rec = _DIRENT_BY_LEN[n]
+        size = rec.size
+        if pos + size > self.end:
+            return 0
+        rec.pack_into(self.buf, pos, ino & _U64, off & _U64, n, dtype & _U32, name)
+        return size
+
+    def direntplus(
+        self, pos: int, entry: Entry | None, ino: int, off: int, dtype: int, name: bytes
+    ) -> int:
+        n = len(name)
+        if n > _NAME_MAX or entry is None:
+            size = abi.direntplus_size(n)
+            if pos + size > self.end:
+                return 0
+            vals = entry_values(entry) if entry is not None else ZERO_ENTRY
+            return pack_direntplus(self.buf, pos, vals, ino, off, dtype, name)
+        rec = _DIRENTPLUS_BY_LEN[n]
+        size = rec.size
+        if pos + size > self.end:
+            return 0
+        times = (entry.entry_timeout, entry.attr_timeout)
+        if times != self._times:
+            self._times = times
+            self._split = (*timeout_split(times[0]), *timeout_split(times[1]))
+        esec, ensec, asec, ansec = self._split
+        st = entry.attr
+        a_s, a_ns = divmod(st.st_atime_ns, _NS)
+        m_s, m_ns = divmod(st.st_mtime_ns, _NS)
+        c_s, c_ns = divmod(st.st_ctime_ns, _NS)
+        rec.pack_into(
+            self.buf, pos,
+            entry.nodeid & _U64, entry.generation & _U64, esec, asec, ensec, ansec,
+            st.st_ino & _U64, st.st_size & _U64, st.st_blocks & _U64,
+            a_s & _U64, m_s & _U64, c_s & _U64, a_ns, m_ns, c_ns,
+            st.st_mode & _U32, min(st.st_nlink, _U32), st.st_uid & _U32, st.st_gid & _U32,
+            st.st_rdev & _U32, st.st_blksize & _U32, entry.attr_flags & _U32,
+            ino & _U64, off & _U64, n, dtype & _U32, name,
+        )  # fmt: skip
+        return size

@@ -81,8 +81,6 @@ _RENAME_FLAGS: Final = abi.RENAME_NOREPLACE | abi.RENAME_EXCHANGE | abi.RENAME_W
 #: The lock types of fuse_file_lock are the kernel's F_RDLCK/F_WRLCK/F_UNLCK,
 #: the same numbers as the host's (virtio-fs guests share the host's arch).
 _LOCK_TYPES: Final = frozenset({fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK})
-#: fuse_create_in + name reply: fuse_entry_out then fuse_open_out.
-_ENTRY_OPEN_OUT: Final = struct.Struct(abi.ENTRY_OUT.format + abi.OPEN_OUT.format.lstrip("<"))
 
 
 @dataclass(slots=True)
@@ -641,28 +639,29 @@ class Dispatcher:
         fs = self.fs
         pos = 0
         taken: list[int] = []  # lookups handed out in this reply (plus only)
+        packer = codec.DirentPacker(target, size)
         entries = fs.readdir(req.ctx(), req.nodeid, fh, offset, plus)
         try:
             try:
-                for de in entries:
-                    name = de.name
-                    if plus:
-                        rec = abi.direntplus_size(len(name))
+                if plus:
+                    put = packer.direntplus
+                    for de in entries:
                         e = de.entry
-                        if pos + rec > size:
+                        rec = put(pos, e, de.ino, de.offset, de.type, de.name)
+                        if not rec:
                             if e is not None:
                                 fs.forget(e.nodeid, 1)
                             break
-                        vals = codec.entry_values(e) if e is not None else codec.ZERO_ENTRY
-                        codec.pack_direntplus(target, pos, vals, de.ino, de.offset, de.type, name)
                         if e is not None:
                             taken.append(e.nodeid)
-                    else:
-                        rec = abi.dirent_size(len(name))
-                        if pos + rec > size:
+                        pos += rec
+                else:
+                    put_plain = packer.dirent
+                    for de in entries:
+                        rec = put_plain(pos, de.ino, de.offset, de.type, de.name)
+                        if not rec:
                             break
-                        codec.pack_dirent(target, pos, de.ino, de.offset, de.type, name)
-                    pos += rec
+                        pos += rec
             except OSError:
                 if pos == 0:
                     raise
@@ -712,10 +711,9 @@ class Dispatcher:
 
     def _create_reply(self, req: Request, ctx: Context, entry: Entry, opened: Opened) -> int:
         try:
-            return codec.write_struct(
-                req.writable, req.unique, _ENTRY_OPEN_OUT,
-                *codec.entry_values(entry), opened.fh, opened.open_flags, 0,
-            )  # fmt: skip
+            return codec.write_create_out(
+                req.writable, req.unique, entry, opened.fh, opened.open_flags
+            )
         except BaseException:
             with contextlib.suppress(OSError):  # the reply's failure is what gets reported
                 self.fs.release(ctx, entry.nodeid, opened.fh, 0)
