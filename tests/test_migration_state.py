@@ -107,6 +107,26 @@ def test_renamed_directory_is_found_at_its_new_path(pair: Pair, share: Path) -> 
     pair.src.prepare_migration(False)
 
 
+def test_unlinked_flag_with_prepared_paths(share: Path) -> None:
+    """Nodes with a confirmed path are linked; a guest unlink after prepare is seen
+    (whether or not the preparation finished before it)."""
+    p = Pair(share, mode="file-handles")
+    try:
+        kept = p.lookup("dir/sub/file")
+        g = p.lookup("gone")
+        fh = p.src.open(CTX, g, O_RDWR).fh
+        p.src.prepare_migration(True)
+        p.src.unlink(CTX, 1, b"gone")
+        doc = decode(p.src_state.save())
+        p.src.prepare_migration(False)
+        entries = {i["id"]: i for i in doc["fs"]["inodes"]}
+        assert entries[kept]["path"] == b"dir/sub/file" and not entries[kept]["unlinked"]
+        assert entries[g]["path"] is None and entries[g]["unlinked"]
+        p.src.release(CTX, g, fh, O_RDWR)
+    finally:
+        p.close()
+
+
 def test_host_side_rename_is_followed(pair: Pair, share: Path) -> None:
     f = pair.lookup("dir/sub/file")
     os.rename(share / "dir", share / "elsewhere")  # behind the guest's back

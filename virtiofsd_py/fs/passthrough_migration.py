@@ -188,7 +188,9 @@ def export_state(fs: PassthroughFS, prep: Preparer | None) -> dict[str, Any]:
             path = prep.path(node, root, cfg.confirm_paths)
         else:
             path = _path_of(fs, node, root)
-        unlinked = _unlinked(node)
+        # A path was confirmed by fstatat (now, or at prepare time with no guest
+        # unlink since): the node is linked; only path-less nodes need the fstat.
+        unlinked = path is None and _unlinked(node)
         handle = _handle_of(node) if cfg.mode == "file-handles" or path is None else None
         inodes.append(
             {
