@@ -305,7 +305,7 @@ def test_pack_dirent_zeroes_padding() -> None:
     assert bytes(buf[32:33]) == b"\xff"
 
 
-_ODD_STAT = make_stat(
+ODD_STAT = make_stat(
     mode=stat.S_IFREG | 0o4755,
     ino=2**64 - 1,
     size=5000,
@@ -326,17 +326,17 @@ def test_write_attr_out_matches_generic_packing(points: list[int]) -> None:
     whatever the buffer split (header alone, header with body, straddling)."""
     total = 16 + abi.ATTR_OUT.size
     expect = abi.OUT_HEADER.pack(total, 0, 7) + abi.ATTR_OUT.pack(
-        1, 500_000_000, 0, *codec.attr_values(_ODD_STAT, abi.FUSE_ATTR_SUBMOUNT)
+        1, 500_000_000, 0, *codec.attr_values(ODD_STAT, abi.FUSE_ATTR_SUBMOUNT)
     )
     bufs = split_at(bytes(total + 5), points)
-    n = codec.write_attr_out(bufs, 7, 1.5, _ODD_STAT, abi.FUSE_ATTR_SUBMOUNT)
+    n = codec.write_attr_out(bufs, 7, 1.5, ODD_STAT, abi.FUSE_ATTR_SUBMOUNT)
     assert n == total
     assert b"".join(bufs)[:total] == expect
 
 
 @given(st.lists(st.integers(0, 160), max_size=3))
 def test_write_entry_out_matches_generic_packing(points: list[int]) -> None:
-    e = Entry(nodeid=5, generation=3, attr=_ODD_STAT, entry_timeout=1.25, attr_timeout=2.0)
+    e = Entry(nodeid=5, generation=3, attr=ODD_STAT, entry_timeout=1.25, attr_timeout=2.0)
     total = 16 + abi.ENTRY_OUT.size
     expect = abi.OUT_HEADER.pack(total, 0, 9) + abi.ENTRY_OUT.pack(*codec.entry_values(e))
     bufs = split_at(bytes(total), points)
@@ -345,9 +345,9 @@ def test_write_entry_out_matches_generic_packing(points: list[int]) -> None:
 
 
 def test_attr_and_entry_replies_too_small() -> None:
-    e = Entry(nodeid=5, generation=3, attr=_ODD_STAT, entry_timeout=1.0, attr_timeout=1.0)
+    e = Entry(nodeid=5, generation=3, attr=ODD_STAT, entry_timeout=1.0, attr_timeout=1.0)
     with pytest.raises(codec.ReplyTooLarge):
-        codec.write_attr_out([bytearray(16), bytearray(50)], 1, 1.0, _ODD_STAT, 0)
+        codec.write_attr_out([bytearray(16), bytearray(50)], 1, 1.0, ODD_STAT, 0)
     with pytest.raises(codec.ReplyTooLarge):
         codec.write_entry_out([bytearray(100)], 1, e)
 

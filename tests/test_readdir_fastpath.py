@@ -10,31 +10,19 @@ from __future__ import annotations
 
 import itertools
 import os
-import stat
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_fuse_codec import ODD_STAT
 
-from virtiofsd_py.fs.base import ROOT_ID, Context, Entry, make_stat
+from virtiofsd_py.fs.base import ROOT_ID, Context, Entry
 from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fuse import abi, codec
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 
-_STAT = make_stat(
-    mode=stat.S_IFREG | 0o4755,
-    ino=2**64 - 1,
-    size=5000,
-    nlink=2**40,
-    uid=1000,
-    gid=100,
-    rdev=os.makedev(8, 1),
-    blksize=4096,
-    atime_ns=1_700_000_000_123_456_789,
-    mtime_ns=-1_500_000_000,
-    ctime_ns=5,
-)
+_STAT = ODD_STAT  # every field at an edge (test_fuse_codec)
 
 names = st.binary(min_size=1, max_size=300).filter(lambda b: b"\0" not in b and b"/" not in b)
 
