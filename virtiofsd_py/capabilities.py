@@ -94,7 +94,9 @@ class _Header(ctypes.Structure):
     _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
 
 
-class _Data(ctypes.Structure):
+class CapData(ctypes.Structure):
+    """One 32-bit word of each set (``struct __user_cap_data_struct``); there are two."""
+
     _fields_ = (
         ("effective", ctypes.c_uint32),
         ("permitted", ctypes.c_uint32),
@@ -104,9 +106,25 @@ class _Data(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _capget = _libc.capget
-_capget.argtypes = (ctypes.POINTER(_Header), ctypes.POINTER(_Data))
+_capget.argtypes = (ctypes.POINTER(_Header), ctypes.POINTER(CapData))
 _capset = _libc.capset
-_capset.argtypes = (ctypes.POINTER(_Header), ctypes.POINTER(_Data))
+_capset.argtypes = (ctypes.POINTER(_Header), ctypes.POINTER(CapData))
+
+
+def thread_caps() -> ctypes.Array[CapData]:
+    """The calling thread's capability sets (capget(2), pid 0), as two words."""
+    data = (CapData * 2)()
+    if _capget(ctypes.byref(_Header(_CAP_V3, 0)), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capget: {os.strerror(err)}")
+    return data
+
+
+def set_thread_caps(data: ctypes.Array[CapData]) -> None:
+    """capset(2) the calling thread's sets (capabilities are per thread)."""
+    if _capset(ctypes.byref(_Header(_CAP_V3, 0)), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
 
 
 def parse_modcaps(spec: str | None, base: Iterable[int] = DEFAULT_KEEP) -> frozenset[int]:
@@ -151,11 +169,7 @@ def _mask(caps: Iterable[int]) -> tuple[int, int]:
 
 def get() -> tuple[frozenset[int], frozenset[int]]:
     """(effective, permitted) of the calling thread."""
-    header = _Header(_CAP_V3, 0)
-    data = (_Data * 2)()
-    if _capget(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capget: {os.strerror(err)}")
+    data = thread_caps()
     eff = data[0].effective | data[1].effective << 32
     perm = data[0].permitted | data[1].permitted << 32
     return (
@@ -185,9 +199,8 @@ def restrict(keep: frozenset[int]) -> frozenset[int]:
     libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
     remaining = permitted & keep
     lo, hi = _mask(remaining)
-    header = _Header(_CAP_V3, 0)
-    data = (_Data * 2)(_Data(lo, lo, 0), _Data(hi, hi, 0))
-    if _capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise CapabilityError(f"capset: {os.strerror(err)}")
+    try:
+        set_thread_caps((CapData * 2)(CapData(lo, lo, 0), CapData(hi, hi, 0)))
+    except OSError as e:
+        raise CapabilityError(str(e)) from None
     return remaining

@@ -47,6 +47,7 @@ import os
 import threading
 from typing import Final
 
+from ..capabilities import set_thread_caps, thread_caps
 from .linux import _SYSNO
 
 log = logging.getLogger(__name__)
@@ -73,23 +74,6 @@ IS_ROOT: Final = os.geteuid() == 0
 # capabilities(7) numbers used here
 CAP_DAC_OVERRIDE: Final = 1
 CAP_FSETID: Final = 4
-_CAP_V3: Final = 0x20080522
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = (
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    )
-
-
-_capget = _libc.capget
-_capset = _libc.capset
 
 
 def _fail(what: str) -> OSError:
@@ -108,17 +92,9 @@ def _set_groups(groups: tuple[int, ...]) -> None:
         raise _fail("setgroups")
 
 
-def _caps() -> tuple[_CapHeader, ctypes.Array[_CapData]]:
-    hdr = _CapHeader(_CAP_V3, 0)  # pid 0: the calling thread
-    data = (_CapData * 2)()
-    if _capget(ctypes.byref(hdr), data) != 0:
-        raise _fail("capget")
-    return hdr, data
-
-
 def _set_effective_cap(cap: int, on: bool) -> bool:
     """Turn ``cap`` on/off in this thread's effective set; whether it changed."""
-    hdr, data = _caps()
+    data = thread_caps()
     word, bit = divmod(cap, 32)
     mask = 1 << bit
     if bool(data[word].effective & mask) == on:
@@ -129,14 +105,13 @@ def _set_effective_cap(cap: int, on: bool) -> bool:
         data[word].effective |= mask
     else:
         data[word].effective &= ~mask
-    if _capset(ctypes.byref(hdr), data) != 0:
-        raise _fail("capset")
+    set_thread_caps(data)
     return True
 
 
 def has_effective_cap(cap: int) -> bool:
     """Whether this thread has ``cap`` in its effective set now."""
-    _, data = _caps()
+    data = thread_caps()
     word, bit = divmod(cap, 32)
     return bool(data[word].effective & (1 << bit))
 
