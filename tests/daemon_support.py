@@ -11,8 +11,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from virtiofsd_py.fuse import abi
-from virtiofsd_py.testing.daemon_proc import DaemonProcess
+from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
 from virtiofsd_py.testing.frontend import VhostUserFrontend
 from virtiofsd_py.testing.fuse_client import FuseClient
 
@@ -108,3 +110,11 @@ def finish_daemon(daemon: DaemonProcess, *, expect_clean: bool = True) -> None:
     if expect_clean:
         assert status == 0, f"daemon exit status {status}"
         assert TRACEBACK not in log, "daemon log has a Python traceback"
+
+
+def require_own_daemon_as_root(why_root: str) -> None:
+    """Skip (with the reason) unless the daemon under test is ours and we are root."""
+    if not is_own_daemon():
+        pytest.skip("our daemon's sandbox only")
+    if os.geteuid() != 0:
+        pytest.skip(why_root)

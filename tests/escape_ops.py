@@ -12,7 +12,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +87,24 @@ class Outside:
         assert (self.dir / "secret").read_bytes() == SECRET
         # Reading it just now made events; start from a clean slate.
         self.watch.events()
+
+
+@contextmanager
+def watched_outside(d: Path, setup: Callable[[Path], None] | None = None) -> Iterator[Outside]:
+    """Make ``d`` (with the canaries ``secret`` and ``victim``, then ``setup``) and watch it."""
+    d.mkdir()
+    (d / "secret").write_bytes(SECRET)
+    (d / "victim").write_bytes(SECRET)
+    if setup is not None:
+        setup(d)
+    w = Watch(d)
+    try:
+        o = Outside(d, w, {})
+        o.before = o.snapshot()
+        w.events()
+        yield o
+    finally:
+        w.close()
 
 
 class Swapper(threading.Thread):

@@ -25,7 +25,6 @@ from escape_ops import (
     SECRET,
     Outside,
     Swapper,
-    Watch,
     create,
     daemon_session,
     link,
@@ -34,6 +33,7 @@ from escape_ops import (
     setattr,
     setxattr,
     symlink,
+    watched_outside,
 )
 
 from virtiofsd_py.testing.fuse_client import FuseClient, FuseError
@@ -41,18 +41,12 @@ from virtiofsd_py.testing.fuse_client import FuseClient, FuseError
 
 @pytest.fixture
 def outside(tmp_path: Path) -> Iterator[Outside]:
-    d = tmp_path / "outside"
-    d.mkdir()
-    (d / "secret").write_bytes(SECRET)
-    (d / "victim").write_bytes(SECRET)
-    os.chmod(d / "victim", 0o644)
-    (d / "subdir").mkdir()
-    w = Watch(d)
-    o = Outside(d, w, {})
-    o.before = o.snapshot()
-    w.events()
-    yield o
-    w.close()
+    def setup(d: Path) -> None:
+        os.chmod(d / "victim", 0o644)
+        (d / "subdir").mkdir()
+
+    with watched_outside(tmp_path / "outside", setup) as o:
+        yield o
 
 
 @pytest.fixture

@@ -17,19 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_support import HostTree, finish_daemon, make_host_tree
+from daemon_support import HostTree, finish_daemon, make_host_tree, require_own_daemon_as_root
 
-from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
+from virtiofsd_py.testing.daemon_proc import DaemonProcess
 
 pytestmark = pytest.mark.ours_only
 
 
 @pytest.fixture(autouse=True)
 def _root_and_ours() -> None:
-    if not is_own_daemon():
-        pytest.skip("our sandbox only")
-    if os.geteuid() != 0:
-        pytest.skip("--sandbox chroot needs root")
+    require_own_daemon_as_root("--sandbox chroot needs root")
 
 
 def entered(d: DaemonProcess) -> DaemonProcess:

@@ -21,11 +21,19 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from daemon_support import SMALL, XATTR_NAME, XATTR_VALUE, HostTree, finish_daemon, make_host_tree
+from daemon_support import (
+    SMALL,
+    XATTR_NAME,
+    XATTR_VALUE,
+    HostTree,
+    finish_daemon,
+    make_host_tree,
+    require_own_daemon_as_root,
+)
 from escape_ops import create, link, mknod, rename, setxattr, symlink, unlink
 
 from virtiofsd_py.fuse import abi
-from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
+from virtiofsd_py.testing.daemon_proc import DaemonProcess
 from virtiofsd_py.testing.frontend import VhostUserFrontend
 from virtiofsd_py.testing.fuse_client import FuseClient, FuseError
 
@@ -40,10 +48,9 @@ GUEST_UID, GUEST_GID = 1234, 2345
 
 @pytest.fixture(autouse=True)
 def _root_and_ours() -> None:
-    if not is_own_daemon():
-        pytest.skip("our sandbox only")
-    if os.geteuid() != 0:
-        pytest.skip("both modes need root here (the unprivileged one: test_sandbox_unprivileged)")
+    require_own_daemon_as_root(
+        "both modes need root here (the unprivileged one: test_sandbox_unprivileged)"
+    )
 
 
 def start(share: Path, run: Path, mode: str, *extra: str) -> DaemonProcess:

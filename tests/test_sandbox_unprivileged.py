@@ -26,12 +26,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_support import SMALL, HostTree, finish_daemon, make_host_tree
+from daemon_support import (
+    SMALL,
+    HostTree,
+    finish_daemon,
+    make_host_tree,
+    require_own_daemon_as_root,
+)
 from escape_ops import create
 
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.sandbox import CHROOT_NEEDS_ROOT
-from virtiofsd_py.testing.daemon_proc import DaemonError, DaemonProcess, is_own_daemon
+from virtiofsd_py.testing.daemon_proc import DaemonError, DaemonProcess
 from virtiofsd_py.testing.frontend import VhostUserFrontend
 from virtiofsd_py.testing.fuse_client import FuseClient
 
@@ -106,10 +112,7 @@ def userns_unavailable() -> str | None:
 
 @pytest.fixture(autouse=True)
 def _preconditions() -> None:
-    if not is_own_daemon():
-        pytest.skip("our daemon's sandbox only")
-    if os.geteuid() != 0:
-        pytest.skip("the tests drop from root to nobody")
+    require_own_daemon_as_root("the tests drop from root to nobody")
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux)")
 

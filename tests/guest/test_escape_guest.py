@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from escape_ops import SECCOMP, SECRET, Outside, Swapper, Watch
+from escape_ops import SECCOMP, SECRET, Outside, Swapper, watched_outside
 from rw_support import MNT, daemon_and_guest
 
 from virtiofsd_py.testing.daemon_proc import DaemonProcess
@@ -35,16 +35,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def outside(base: Path) -> Iterator[Outside]:
-    d = base / "outside"
-    d.mkdir()
-    (d / "secret").write_bytes(SECRET)
-    (d / "victim").write_bytes(SECRET)
-    w = Watch(d)
-    o = Outside(d, w, {})
-    o.before = o.snapshot()
-    w.events()
-    yield o
-    w.close()
+    with watched_outside(base / "outside") as o:
+        yield o
 
 
 @pytest.fixture(scope="module")
