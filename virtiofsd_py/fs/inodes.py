@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Final
 
 from .base import ROOT_ID
-from .mountfds import NODE_FD_FLAGS, MountFd
+from .mountfds import NODE_FD_FLAGS, MountFd, NodeHandle
 from .owned import OwnedFd
 
 #: (st_dev, st_ino, mount id)
@@ -105,17 +105,21 @@ class InodeData(OwnedFd):
         mode: int,
         parent: int,
         name: bytes,
-        handle: tuple[bytes, MountFd] | None = None,
+        handle: NodeHandle | None = None,
     ) -> None:
         self.nodeid = nodeid
-        self.fd = fd
-        self.handle, self.mount = handle if handle is not None else (None, None)
-        self.key = key
-        self.mode = mode
+        self.attach(fd, key, mode, handle)
         self.lookups = 0
         self.children = 0
         self.parent = parent
         self.name = name
+
+    def attach(self, fd: int, key: InodeKey, mode: int, handle: NodeHandle | None) -> None:
+        """Give a node made without its host inode (a migrated one) that inode."""
+        self.fd = fd
+        self.key = key
+        self.mode = mode
+        self.handle, self.mount = handle if handle is not None else (None, None)
 
     @property
     def usable(self) -> bool:
@@ -127,11 +131,13 @@ class InodeData(OwnedFd):
 
         A handle node is opened by handle (``flags``; O_PATH by default) and
         closed when the block ends: ESTALE once the inode is gone from the
-        host (unlinked and no longer open anywhere).  An unusable node lends
-        -1, so the operation fails with EBADF as it did with a closed fd.
+        host (unlinked and no longer open anywhere).  A node migration could
+        not find again gives EIO.
         """
         mount = self.mount
         if self.handle is None or mount is None:
+            if self.fd < 0:
+                raise OSError(errno.EIO, "node not found again after migration")
             return NodeFd(self.fd, False)
         return NodeFd(mount.open(self.handle, flags), True)
 
@@ -190,7 +196,7 @@ class InodeTable:
         mode: int,
         parent: int,
         name: bytes,
-        handle: tuple[bytes, MountFd] | None = None,
+        handle: NodeHandle | None = None,
     ) -> tuple[InodeData, bool]:
         """Count one lookup of the inode ``key`` just opened as ``fd``.
 
@@ -287,6 +293,18 @@ class InodeTable:
             self._next_id = max(next_id, max(self._nodes) + 1)
             root.lookups = _ROOT_PIN
 
+    def found(self, node: InodeData, found: tuple[int, InodeKey, int, NodeHandle | None]) -> bool:
+        """Attach the host inode migration found after the switch-over to ``node``
+        (a placeholder ``restore`` installed).  False (nothing changes, the caller
+        closes the fd) when the guest forgot the node meanwhile."""
+        with self._lock:
+            if self._nodes.get(node.nodeid) is not node:
+                return False
+            node.attach(*found)
+            self._fd_nodes += node.fd >= 0
+            self._by_key.setdefault(node.key, node)
+        return True
+
     @property
     def next_id(self) -> int:
         return self._next_id
@@ -330,7 +348,7 @@ class InodeTable:
         return out
 
 
-def _reused(node: InodeData, mode: int, handle: tuple[bytes, MountFd] | None) -> bool:
+def _reused(node: InodeData, mode: int, handle: NodeHandle | None) -> bool:
     """Whether the inode number of ``node`` now names another file (see ``add_lookup``)."""
     if stat.S_IFMT(node.mode) != stat.S_IFMT(mode):
         return True

@@ -71,6 +71,10 @@ class MountFd(OwnedFd):
         return f"MountFd(fd={self.fd}, mnt_id={self.mnt_id})"
 
 
+#: A handle node's identity: the file handle and the mount it opens on.
+NodeHandle = tuple[bytes, MountFd]
+
+
 class InodeHandles:
     """Makes the file handle of a new node, per the ``--inode-file-handles`` mode.
 
@@ -112,7 +116,7 @@ class InodeHandles:
             return
         self._root_mount = mount  # pinned: the root mount is needed for the daemon's life
 
-    def make(self, fd: int, mode: int) -> tuple[bytes, MountFd] | None:
+    def make(self, fd: int, mode: int) -> NodeHandle | None:
         """(handle, mount fd) for the node ``fd`` (an O_PATH fd), or None to keep ``fd``.
 
         None only in ``prefer`` mode (logged once per reason); ``mandatory``

@@ -63,6 +63,7 @@ from .base import (
 )
 from .cache import CacheMode, CachePolicy
 from .creds import CAP_FSETID, Credentials, DropCap, Umask
+from .deferred_nodes import DeferredNodes
 from .handles import HandleData, HandleTable
 from .idmap import IdMap
 from .inodes import InodeData, InodeTable, NodeFd
@@ -227,6 +228,8 @@ class PassthroughFS(Filesystem):
         #: Guest renames/unlinks so far: prepared migration paths are stale after one.
         self.namespace_changes = 0
         self._preparer: Preparer | None = None
+        #: Migrated nodes still to be found after the switch-over (deferred_nodes.py).
+        self.deferred: DeferredNodes | None = None
 
     def close(self) -> None:
         """Close every fd, the root's included (for tests and shutdown)."""
@@ -241,7 +244,16 @@ class PassthroughFS(Filesystem):
         node = self.inodes.get(nodeid)
         if node is None:
             raise _err(errno.EBADF, f"no node {nodeid}")
+        deferred = self.deferred
+        if deferred is not None:
+            deferred.ensure(node)
         return node
+
+    def settle_migration(self) -> None:
+        """Find every migrated node still deferred (before paths may change)."""
+        deferred = self.deferred
+        if deferred is not None:
+            deferred.settle()
 
     def _entry(self, node: InodeData, st: os.stat_result, attr_flags: int = 0) -> Entry:
         st = self._guest_stat(st)
@@ -362,6 +374,9 @@ class PassthroughFS(Filesystem):
         self._supp_group_ext = bool(session.flags & abi.FUSE_CREATE_SUPP_GROUP)
 
     def destroy(self) -> None:
+        deferred, self.deferred = self.deferred, None
+        if deferred is not None:
+            deferred.cancel()
         self.locks.interrupt()
         self.locks.clear()
         self.handles.clear()
@@ -428,6 +443,9 @@ class PassthroughFS(Filesystem):
             # Made for known nodes too: a handle node does not pin its inode,
             # so the same (dev, ino) may now be another file (see add_lookup).
             handle = handles.make(fd, st.st_mode) if handles.enabled else None
+            deferred = self.deferred
+            if deferred is not None:
+                deferred.before_lookup(key)
             node, taken = self.inodes.add_lookup(fd, key, st.st_mode, parent, name, handle)
         except BaseException:
             os.close(fd)
@@ -866,6 +884,7 @@ class PassthroughFS(Filesystem):
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         self._check_write()
         check_name(name)
+        self.settle_migration()
         p = self._node(parent)
         with p.opened() as pfd:
             os.unlink(name, dir_fd=pfd)
@@ -874,6 +893,7 @@ class PassthroughFS(Filesystem):
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         self._check_write()
         check_name(name)
+        self.settle_migration()
         p = self._node(parent)
         with p.opened() as pfd:
             os.rmdir(name, dir_fd=pfd)
@@ -888,6 +908,7 @@ class PassthroughFS(Filesystem):
         check_name(newname)
         if flags & ~_RENAME_FLAGS:
             raise _err(errno.EINVAL, f"rename flags {flags:#x}")
+        self.settle_migration()
         p = self._node(parent)
         np = self._node(newparent)
         with p.opened() as pfd, np.opened() as npfd:
@@ -1147,6 +1168,7 @@ class PassthroughFS(Filesystem):
             self._preparer.start()
 
     def export_state(self) -> dict[str, Any]:
+        self.settle_migration()
         return migration.export_state(self, self._preparer)
 
     def import_state(self, state: dict[str, Any]) -> None:

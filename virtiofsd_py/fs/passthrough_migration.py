@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import linux
 from .base import ROOT_ID, Lock
+from .deferred_nodes import DeferredNodes
 from .handles import HandleData
-from .inodes import InodeData
+from .inodes import InodeData, InodeKey
 from .locks import OFFSET_MAX, flock_arg
+from .mountfds import NodeHandle
 
 if TYPE_CHECKING:
     from .passthrough import PassthroughFS
@@ -100,6 +102,7 @@ class Preparer:
 
     def _run(self) -> None:
         t0 = time.monotonic()
+        self.fs.settle_migration()
         generation = self.fs.namespace_changes
         root = _root_path(self.fs)
         cache: dict[int, bytes | None] = {}
@@ -255,7 +258,7 @@ def _field(d: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
     return value
 
 
-class _Loader:
+class Loader:
     def __init__(self, fs: PassthroughFS, state: dict[str, Any]) -> None:
         self.fs = fs
         self.cfg = fs.migration
@@ -268,9 +271,9 @@ class _Loader:
         )
         self.mount_fd = -1
         self.failed: list[str] = []
-        #: Path -> O_PATH fd of the directory nodes loaded so far (owned by
-        #: their nodes): a child is then one openat away instead of a walk.
-        self.dirs: dict[bytes, int] = {}
+        #: Path -> the directory nodes found so far with an fd: a child is
+        #: then one openat away instead of a walk.
+        self.dirs: dict[bytes, InodeData] = {}
 
     def _mount_fd(self) -> int:
         if self.mount_fd < 0:
@@ -311,69 +314,92 @@ class _Loader:
         """``open_beneath`` from the share, or from the node of the path's
         directory when it was loaded already (it was found the same strict way)."""
         parent, _, name = path.rpartition(b"/")
-        dir_fd = self.dirs.get(parent) if parent else None
-        if dir_fd is None or name in (b"", b".", b".."):
+        dir_node = self.dirs.get(parent) if parent else None
+        if dir_node is None or dir_node.fd < 0 or name in (b"", b".", b".."):
             return linux.open_beneath(self.fs.inodes.root.fd, path)
-        return os.open(name, _O_PATH, dir_fd=dir_fd)
+        return os.open(name, _O_PATH, dir_fd=dir_node.fd)
 
-    def check_identity(self, fd: int, d: dict[str, Any]) -> tuple[os.stat_result, int]:
-        st, mnt_id = linux.stat_fd(fd)
-        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(d["mode"]):
+    def check_identity(self, fd: int, d: dict[str, Any]) -> tuple[int, InodeKey]:
+        """The mode and key of ``fd``, once it is known to be the node ``d`` describes."""
+        mode, dev, ino, mnt_id = linux.stat_identity(fd)
+        if stat.S_IFMT(mode) != stat.S_IFMT(d["mode"]):
             raise MigrationError(
-                f"file type {stat.S_IFMT(st.st_mode):o} is not the source's "
-                f"{stat.S_IFMT(d['mode']):o}"
+                f"file type {stat.S_IFMT(mode):o} is not the source's {stat.S_IFMT(d['mode']):o}"
             )
         key = d.get("key")
-        if self.same_fs and isinstance(key, list) and key[:2] != [st.st_dev, st.st_ino]:
+        if self.same_fs and isinstance(key, list) and key[:2] != [dev, ino]:
             raise MigrationError("found a different inode than the source had")
         if self.cfg.verify_handles:
             handle = d.get("handle")
             mine = linux.name_to_handle(fd)[0]
             if not isinstance(handle, bytes) or handle != mine:
                 raise MigrationError("file handle differs from the source's")
-        return st, mnt_id
+        return mode, (dev, ino, mnt_id)
 
-    def node(self, d: dict[str, Any], ids: set[int]) -> InodeData:
-        nodeid = _field(d, "id", int, "inode")
-        what = f"inode {nodeid}"
-        _field(d, "mode", int, what)
-        lookups = _field(d, "lookups", int, what)
+    def find(self, d: dict[str, Any]) -> tuple[int, InodeKey, int, NodeHandle | None]:
+        """Open and check the node ``d`` describes: OSError or MigrationError if it
+        cannot be found.  With ``--inode-file-handles`` the result keeps the handle
+        and no fd (the fd is closed)."""
+        fd = self.open_node(d)
+        try:
+            mode, key = self.check_identity(fd, d)
+            handles = self.fs.file_handles
+            handle = handles.make(fd, mode) if handles.enabled else None
+        except BaseException:
+            os.close(fd)
+            raise
+        if handle is not None:
+            os.close(fd)
+            fd = -1
+        return fd, key, mode, handle
+
+    @staticmethod
+    def reason(d: dict[str, Any], e: Exception) -> str:
+        return f"inode {d.get('id')} ({_describe(d)}): {e}"
+
+    def failed_to_find(self, d: dict[str, Any], e: Exception) -> None:
+        """Record (guest-error) or raise (abort) that the node ``d`` was not found."""
+        if self.cfg.on_error == "abort":
+            raise MigrationError(self.reason(d, e)) from None
+        self.failed.append(self.reason(d, e))
+
+    def remember_dir(self, node: InodeData, d: dict[str, Any]) -> None:
+        """Children of a directory found with an fd are then opened from it."""
+        path = d.get("path")
+        if node.fd >= 0 and stat.S_ISDIR(node.mode) and isinstance(path, bytes):
+            self.dirs[path] = node
+
+    def node(self, d: dict[str, Any], ids: set[int], deferred: bool) -> InodeData:
+        """The node ``d`` describes: found now, or (``deferred``) a placeholder
+        that ``DeferredNodes`` finds after the switch-over."""
+        nodeid = d["id"]  # checked by import_state
+        mode = d.get("mode")
+        lookups = d.get("lookups")
+        if type(mode) is not int or type(lookups) is not int:
+            raise MigrationError(f"inode {nodeid}: mode or lookups missing or not an integer")
         parent = d.get("parent")
         name = d.get("name")
-        if not isinstance(parent, int) or (parent not in ids and parent != ROOT_ID):
+        if type(parent) is not int or (parent not in ids and parent != ROOT_ID):
             parent, name = ROOT_ID, b""
-        if not isinstance(name, bytes):
+        if type(name) is not bytes:
             name = b""
-        try:
-            fd = self.open_node(d)
+        node = InodeData(nodeid, -1, (0, 0, 0), mode, parent, name)
+        node.lookups = lookups if lookups > 0 else 0
+        if not deferred:
             try:
-                st, mnt_id = self.check_identity(fd, d)
-                handles = self.fs.file_handles
-                handle = handles.make(fd, st.st_mode) if handles.enabled else None
-            except BaseException:
-                os.close(fd)
-                raise
-        except (OSError, MigrationError) as e:
-            reason = f"{what} ({_describe(d)}): {e}"
-            if self.cfg.on_error == "abort":
-                raise MigrationError(reason) from None
-            self.failed.append(reason)
-            node = InodeData(nodeid, -1, (0, 0, 0), d["mode"], parent, name)
-        else:
-            key = (st.st_dev, st.st_ino, mnt_id)
-            if handle is not None:  # a handle node keeps no fd
-                os.close(fd)
-                fd = -1
-            node = InodeData(nodeid, fd, key, st.st_mode, parent, name, handle)
-            path = d.get("path")
-            if fd >= 0 and stat.S_ISDIR(st.st_mode) and isinstance(path, bytes):
-                self.dirs[path] = fd
-        node.lookups = max(0, lookups)
+                found = self.find(d)
+            except (OSError, MigrationError) as e:
+                self.failed_to_find(d, e)
+            else:
+                node.attach(*found)
+                self.remember_dir(node, d)
         return node
 
     def close(self) -> None:
-        if self.mount_fd >= 0:
-            os.close(self.mount_fd)
+        self.dirs.clear()
+        fd, self.mount_fd = self.mount_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def _describe(d: dict[str, Any]) -> str:
@@ -410,20 +436,27 @@ def import_state(fs: PassthroughFS, state: dict[str, Any]) -> None:
         if nodeid <= ROOT_ID or nodeid in ids or nodeid >= 1 << 63:
             raise MigrationError(f"inode id {nodeid} is invalid or repeated")
         ids.add(nodeid)
-    loader = _Loader(fs, state)
+    loader = Loader(fs, state)
+    # Found now: nodes with open files or locks (reopened / re-taken below), and
+    # every node unless a node not found may just give the guest errors.
+    defer = loader.same_fs and loader.cfg.on_error == "guest-error"
+    eager = _held_nodes(raw_handles, raw_locks) if defer else ids
     nodes: dict[int, InodeData] = {}
+    pending: dict[int, dict[str, Any]] = {}
     try:
         for d in raw_inodes:
-            node = loader.node(d, ids)
-            nodes[node.nodeid] = node
+            nodeid = d["id"]
+            node = loader.node(d, ids, deferred=nodeid not in eager)
+            nodes[nodeid] = node
+            if nodeid not in eager:
+                pending[nodeid] = d
         _break_cycles(nodes)
         handles = [_reopen(fs, nodes, d, loader) for d in raw_handles]
     except BaseException:
         for n in nodes.values():
             n.close()
-        raise
-    finally:
         loader.close()
+        raise
     next_id = state.get("next_nodeid")
     next_fh = state.get("next_fh")
     fs.inodes.restore(list(nodes.values()), next_id if isinstance(next_id, int) else 0)
@@ -433,15 +466,29 @@ def import_state(fs: PassthroughFS, state: dict[str, Any]) -> None:
     for reason in loader.failed:
         log.error("migration: %s; the guest gets errors for it", reason)
     log.info(
-        "migration: %d inodes, %d handles restored (%d unusable)",
-        len(nodes), len(handles), len(loader.failed),
+        "migration: %d inodes, %d handles restored (%d unusable, %d to find after the load)",
+        len(nodes), len(handles), len(loader.failed), len(pending),
     )  # fmt: skip
+    if pending:
+        fs.deferred = DeferredNodes(fs, loader, pending)
+        fs.deferred.start()
+    else:
+        loader.close()
     if raw_locks:
         LockRestorer(fs, raw_locks).start()
 
 
+def _held_nodes(raw_handles: list[Any], raw_locks: list[Any]) -> set[int]:
+    """Node ids the state's open handles and locks refer to."""
+    return {
+        d["inode"]
+        for d in (*raw_handles, *raw_locks)
+        if isinstance(d, dict) and isinstance(d.get("inode"), int)
+    }
+
+
 def _reopen(
-    fs: PassthroughFS, nodes: dict[int, InodeData], d: Any, loader: _Loader
+    fs: PassthroughFS, nodes: dict[int, InodeData], d: Any, loader: Loader
 ) -> HandleData | None:
     fh = _field(d, "fh", int, "handle")
     nodeid = _field(d, "inode", int, f"handle {fh}")

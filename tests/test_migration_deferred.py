@@ -1,0 +1,183 @@
+"""Migrated nodes found after the switch-over (``--migration-on-error guest-error``).
+
+The destination installs placeholders, answers the load at once, and finds
+the nodes afterwards (virtiofsd_py/fs/deferred_nodes.py).  ``held`` keeps
+the background pass from starting, so that each test decides which node is
+still a placeholder when a request reaches it; the rest let it run.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+from test_migration_state import CTX, Pair, tables
+from test_migration_state import share as share  # the fixture
+
+from virtiofsd_py.fs.deferred_nodes import DeferredNodes
+from virtiofsd_py.fs.passthrough import PassthroughFS
+from virtiofsd_py.migration.state import decode
+
+WAIT = 20.0
+
+
+@pytest.fixture
+def gpair(share: Path) -> Iterator[Pair]:
+    p = Pair(share, on_error="guest-error")
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DeferredNodes, "start", lambda self: None)
+
+
+def placeholders(fs: PassthroughFS) -> set[int]:
+    return {n.nodeid for n in fs.inodes if not n.usable}
+
+
+def wait_finished(fs: PassthroughFS) -> None:
+    deferred = fs.deferred
+    if deferred is not None:
+        assert deferred.finished.wait(WAIT), "the background pass did not finish"
+    assert fs.deferred is None
+
+
+def test_load_installs_placeholders_and_a_request_finds_its_node(
+    gpair: Pair, share: Path, held: None
+) -> None:
+    f = gpair.lookup("dir/sub/file")
+    a = gpair.lookup("append")
+    gpair.migrate()
+    assert placeholders(gpair.dst) == set(tables(gpair.src))
+    st = gpair.dst.getattr(CTX, f, None).attr
+    assert st.st_ino == (share / "dir/sub/file").stat().st_ino
+    assert f not in placeholders(gpair.dst) and a in placeholders(gpair.dst)
+    gpair.dst.settle_migration()
+    assert not placeholders(gpair.dst)
+    assert tables(gpair.dst) == tables(gpair.src)
+
+
+def test_background_pass_finds_every_node(gpair: Pair) -> None:
+    for path in ("dir/sub/file", "append", "link", "gone"):
+        gpair.lookup(path)
+    gpair.migrate()
+    wait_finished(gpair.dst)
+    assert not placeholders(gpair.dst)
+    assert tables(gpair.dst) == tables(gpair.src)
+    assert gpair.dst.inodes.fd_nodes == len(gpair.dst.inodes)
+
+
+def test_nodes_with_open_files_are_found_during_the_load(gpair: Pair, held: None) -> None:
+    f = gpair.lookup("dir/sub/file")
+    a = gpair.lookup("append")
+    fh = gpair.src.open(CTX, f, os.O_RDONLY).fh
+    gpair.migrate()
+    assert placeholders(gpair.dst) == set(tables(gpair.src)) - {f}
+    buf = bytearray(11)
+    assert gpair.dst.read(CTX, f, fh, 0, 11, [memoryview(buf)]) == 11
+    assert bytes(buf) == b"hello world"
+    assert a in placeholders(gpair.dst)
+
+
+def test_guest_rename_first_finds_the_nodes_below(gpair: Pair, share: Path, held: None) -> None:
+    f = gpair.lookup("dir/sub/file")
+    gpair.migrate()
+    gpair.dst.rename(CTX, 1, b"dir", 1, b"moved", 0)
+    assert not placeholders(gpair.dst)
+    st = gpair.dst.getattr(CTX, f, None).attr
+    assert st.st_ino == (share / "moved/sub/file").stat().st_ino
+
+
+def test_guest_unlink_first_finds_the_node(gpair: Pair, share: Path, held: None) -> None:
+    a = gpair.lookup("append")
+    ino = (share / "append").stat().st_ino
+    gpair.migrate()
+    gpair.dst.unlink(CTX, 1, b"append")
+    attr = gpair.dst.getattr(CTX, a, None).attr  # the guest still holds the inode
+    assert (attr.st_ino, attr.st_nlink) == (ino, 0)
+
+
+def test_lookup_of_a_placeholder_keeps_its_node_id(gpair: Pair, held: None) -> None:
+    f = gpair.lookup("dir/sub/file")
+    sub = gpair.lookup("dir/sub")
+    gpair.migrate()
+    before = gpair.src.inodes.get(f)
+    assert before is not None
+    assert gpair.dst.lookup(CTX, sub, b"file").nodeid == f
+    node = gpair.dst.inodes.get(f)
+    assert node is not None and node.usable and node.lookups == before.lookups + 1
+    assert len(gpair.dst.inodes) == len(gpair.src.inodes)
+
+
+def test_node_gone_before_it_is_found_gives_errors(
+    gpair: Pair, share: Path, held: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = gpair.lookup("append")
+    f = gpair.lookup("dir/sub/file")
+    gpair.migrate()
+    (share / "append").unlink()  # behind the guest's back, after the switch-over
+    with caplog.at_level(logging.ERROR, "virtiofsd_py.migration"), pytest.raises(OSError) as e:
+        gpair.dst.getattr(CTX, a, None)
+    assert e.value.errno == errno.EIO
+    assert "the guest gets errors" in caplog.text and "append" in caplog.text
+    assert gpair.dst.getattr(CTX, f, None).attr.st_size == 11
+
+
+def test_forgotten_placeholder_is_not_found(gpair: Pair, held: None) -> None:
+    a = gpair.lookup("append")
+    gpair.migrate()
+    gpair.dst.forget(a, 1)
+    assert gpair.dst.inodes.get(a) is None
+    gpair.dst.settle_migration()
+    assert gpair.dst.inodes.get(a) is None
+    assert gpair.dst.inodes.fd_nodes == len(gpair.dst.inodes)
+
+
+def test_migrating_on_finds_every_node_first(gpair: Pair, held: None) -> None:
+    gpair.lookup("dir/sub/file")
+    gpair.lookup("append")
+    gpair.migrate()
+    doc = decode(gpair.dst_state.save())
+    assert all(i["path"] is not None for i in doc["fs"]["inodes"])
+    assert not placeholders(gpair.dst)
+
+
+@pytest.mark.parametrize("path", [b"../outside", b"dir/../../outside", b"/etc/passwd", b"link/x"])
+def test_paths_cannot_leave_the_share(gpair: Pair, share: Path, path: bytes) -> None:
+    (share.parent / "outside").write_bytes(b"secret")
+    f = gpair.lookup("dir/sub/file")
+    doc = msgpack.unpackb(gpair.src_state.save())
+    for i in doc["fs"]["inodes"]:
+        i["path"], i["handle"] = path, None
+    gpair.dst_state.load(msgpack.packb(doc))
+    wait_finished(gpair.dst)
+    with pytest.raises(OSError):
+        gpair.dst.getattr(CTX, f, None)
+    assert placeholders(gpair.dst) == set(tables(gpair.src))
+
+
+def test_destroy_stops_the_pass(gpair: Pair) -> None:
+    gpair.lookup("dir/sub/file")
+    gpair.migrate()
+    deferred = gpair.dst.deferred
+    gpair.dst.destroy()
+    assert gpair.dst.deferred is None
+    assert deferred is None or deferred.finished.wait(WAIT)
+    assert len(gpair.dst.inodes) == 1
+
+
+def test_abort_finds_every_node_during_the_load(share: Path) -> None:
+    p = Pair(share)
+    try:
+        p.lookup("dir/sub/file")
+        p.migrate()
+        assert p.dst.deferred is None and not placeholders(p.dst)
+    finally:
+        p.close()
