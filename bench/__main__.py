@@ -51,7 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=1,
-        help="guest: run every row N times (targets interleaved), report the median",
+        help="guest: run every row N times (targets interleaved); switchover: migrate N"
+        " times; the median is reported",
     )
     p.add_argument("--seconds", type=float, help="micro: seconds per run")
     p.add_argument("--count", type=int, help="micro: requests per run instead of a duration")
@@ -172,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             work = micro.new_workdir_in(args.workdir, "vfb-switch-")
             try:
-                res_s = migswitch.run_switch(specs, SWITCH_FILES[args.quick], work, log=log)
+                res_s = migswitch.run_switch(
+                    specs, SWITCH_FILES[args.quick], work, repeat=args.repeat, log=log
+                )
             finally:
                 micro.remove_tree(work)
             done = [r for r in res_s if isinstance(r, migswitch.SwitchResult)]

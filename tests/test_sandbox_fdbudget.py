@@ -72,3 +72,54 @@ def test_from_rlimit_keeps_a_reserve() -> None:
     budget = FdBudget.from_rlimit()
     assert budget.limit == max(soft - DEFAULT_RESERVE, soft // 4, 1)
     assert budget.limit < soft
+
+
+# -- the fd table grown at once (reserve_fd_table) --------------------------------------
+def _run_child(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter (its own fd table); its stdout lines."""
+    import subprocess
+    import sys
+
+    prelude = (
+        "import os, resource\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "from virtiofsd_py.fdbudget import reserve_fd_table\n"
+        "def fdsize():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('FDSize:'):\n"
+        "            return int(line.split()[1])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_reserve_grows_the_table_once_to_the_size_asked() -> None:
+    n = min(10000, resource.getrlimit(resource.RLIMIT_NOFILE)[1] // 2)
+    before, after, opened = _run_child(
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n"
+        "before = fdsize()\n"
+        f"reserve_fd_table({n})\n"
+        "after = fdsize()\n"
+        f"fds = [os.open('/', os.O_PATH) for _ in range({n // 2})]\n"
+        "print(before, after, fdsize() == after)\n"
+    )
+    assert int(before) < n <= int(after)
+    assert opened == "True"  # no further grow while the fds fit
+
+
+def test_reserve_keeps_open_fds_and_the_rlimit() -> None:
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 512:
+        pytest.skip("RLIMIT_NOFILE hard limit below 512")
+    (same,) = _run_child(
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))\n"
+        "fd = os.open('/', os.O_PATH)\n"
+        "high = os.dup2(fd, 299)\n"
+        "st = os.fstat(high)\n"
+        "reserve_fd_table(300)\n"  # slot 299 is in use: it must stay that file
+        "reserve_fd_table(100000)\n"  # past the limit: up to the limit, no error
+        "print(os.fstat(299).st_ino == st.st_ino and fdsize() == 512)\n"
+    )
+    assert same == "True"

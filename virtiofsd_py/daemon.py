@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from virtiofsd_py import service
 from virtiofsd_py.confinement import ConfinementError, confine, fs_paths
+from virtiofsd_py.fdbudget import FD_TABLE_AT_START, reserve_fd_table
 from virtiofsd_py.fs.creds import drop_supplementary_groups
 from virtiofsd_py.fs.idmap import IdMap
 from virtiofsd_py.fs.memory import MemoryFS, memory_fs_from_options
@@ -251,6 +252,7 @@ async def serve(
         state_dir = open_rejected_state_dir(opts)
         raise_nofile_limit(opts.rlimit_nofile)
         drop_supplementary_groups()  # CVE-2022-0358: never act with the operator's groups
+    reserve_fd_table(FD_TABLE_AT_START)  # before any thread: then it costs nothing
     try:
         fs = build_filesystem(opts)
     except BaseException:

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..fdbudget import DEFAULT_RESERVE, reserve_fd_table
 from . import linux
 from .base import ROOT_ID, Lock
 from .deferred_nodes import DeferredNodes
@@ -51,6 +52,9 @@ MigrationMode = Literal["find-paths", "file-handles"]
 OnError = Literal["abort", "guest-error"]
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _REOPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
+_S_IFMT = 0o170000
+#: Last path components that are not a name in the directory before them.
+_NOT_NAMES = frozenset((b"", b".", b".."))
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,9 +275,11 @@ class Loader:
         )
         self.mount_fd = -1
         self.failed: list[str] = []
-        #: Path -> the directory nodes found so far with an fd: a child is
-        #: then one openat away instead of a walk.
-        self.dirs: dict[bytes, InodeData] = {}
+        #: Path -> the directory nodes found so far with an fd (b"": the share):
+        #: a child is then one openat away instead of a walk.
+        self.dirs: dict[bytes, InodeData] = {b"": fs.inodes.root}
+        handles = fs.file_handles
+        self._make_handle = handles.make if handles.enabled else None
 
     def _mount_fd(self) -> int:
         if self.mount_fd < 0:
@@ -295,40 +301,41 @@ class Loader:
         return fd
 
     def open_node(self, d: dict[str, Any]) -> int:
-        path = d.get("path")
         handle = d.get("handle")
-        errors = []
-        if isinstance(handle, bytes) and handle:
+        path = d.get("path")
+        problems = ""
+        if handle and type(handle) is bytes:
             try:
                 return self._by_handle(handle)
             except OSError as e:
-                errors.append(f"file handle: {e.strerror or e}")
-        if isinstance(path, bytes):
+                problems = f"file handle: {e.strerror or e}; "
+        if type(path) is bytes:
             try:
                 return self._by_path(path)
             except OSError as e:
-                errors.append(f"path {path!r}: {e.strerror or e}")
-        raise MigrationError("; ".join(errors) or "neither a path nor a file handle")
+                problems += f"path {path!r}: {e.strerror or e}"
+        raise MigrationError(problems.removesuffix("; ") or "neither a path nor a file handle")
 
     def _by_path(self, path: bytes) -> int:
         """``open_beneath`` from the share, or from the node of the path's
         directory when it was loaded already (it was found the same strict way)."""
         parent, _, name = path.rpartition(b"/")
-        dir_node = self.dirs.get(parent) if parent else None
-        if dir_node is None or dir_node.fd < 0 or name in (b"", b".", b".."):
+        dir_node = self.dirs.get(parent)
+        if dir_node is None or dir_node.fd < 0 or name in _NOT_NAMES or path[:1] == b"/":
             return linux.open_beneath(self.fs.inodes.root.fd, path)
         return os.open(name, _O_PATH, dir_fd=dir_node.fd)
 
     def check_identity(self, fd: int, d: dict[str, Any]) -> tuple[int, InodeKey]:
         """The mode and key of ``fd``, once it is known to be the node ``d`` describes."""
         mode, dev, ino, mnt_id = linux.stat_identity(fd)
-        if stat.S_IFMT(mode) != stat.S_IFMT(d["mode"]):
+        if (mode ^ d["mode"]) & _S_IFMT:
             raise MigrationError(
                 f"file type {stat.S_IFMT(mode):o} is not the source's {stat.S_IFMT(d['mode']):o}"
             )
-        key = d.get("key")
-        if self.same_fs and isinstance(key, list) and key[:2] != [dev, ino]:
-            raise MigrationError("found a different inode than the source had")
+        if self.same_fs:
+            key = d.get("key")
+            if type(key) is list and (len(key) < 2 or key[0] != dev or key[1] != ino):
+                raise MigrationError("found a different inode than the source had")
         if self.cfg.verify_handles:
             handle = d.get("handle")
             mine = linux.name_to_handle(fd)[0]
@@ -343,8 +350,7 @@ class Loader:
         fd = self.open_node(d)
         try:
             mode, key = self.check_identity(fd, d)
-            handles = self.fs.file_handles
-            handle = handles.make(fd, mode) if handles.enabled else None
+            handle = self._make_handle(fd, mode) if self._make_handle is not None else None
         except BaseException:
             os.close(fd)
             raise
@@ -365,9 +371,10 @@ class Loader:
 
     def remember_dir(self, node: InodeData, d: dict[str, Any]) -> None:
         """Children of a directory found with an fd are then opened from it."""
-        path = d.get("path")
-        if node.fd >= 0 and stat.S_ISDIR(node.mode) and isinstance(path, bytes):
-            self.dirs[path] = node
+        if node.mode & _S_IFMT == stat.S_IFDIR and node.fd >= 0:
+            path = d.get("path")
+            if type(path) is bytes:
+                self.dirs[path] = node
 
     def node(self, d: dict[str, Any], ids: set[int], deferred: bool) -> InodeData:
         """The node ``d`` describes: found now, or (``deferred``) a placeholder
@@ -436,6 +443,8 @@ def import_state(fs: PassthroughFS, state: dict[str, Any]) -> None:
         if nodeid <= ROOT_ID or nodeid in ids or nodeid >= 1 << 63:
             raise MigrationError(f"inode id {nodeid} is invalid or repeated")
         ids.add(nodeid)
+    if not fs.file_handles.enabled:  # each node will hold an fd: one table grow for all
+        reserve_fd_table(len(ids) + len(raw_handles) + fs.inodes.fd_nodes + DEFAULT_RESERVE)
     loader = Loader(fs, state)
     # Found now: nodes with open files or locks (reopened / re-taken below), and
     # every node unless a node not found may just give the guest errors.
