@@ -1,6 +1,6 @@
 """In-process timing of the daemon's per-request Python path, without wake-ups.
 
-``python3 -m bench.hotpath [--seconds S] [--qd N] [--scatter] [--profile]``
+``python3 -m bench.hotpath [--seconds S | --count N] [--qd N] [--scatter] [--profile]``
 
 Builds the daemon's own objects (``GuestMemory``, ``SplitQueue``, ``Vring``,
 ``QueueRunner``, counted ``Dispatcher``, ``PassthroughFS`` on a temporary
@@ -287,8 +287,11 @@ def prepare_meta(s: Setup, workload: str, qd: int) -> list[int]:
     return heads
 
 
-def measure(s: Setup, heads: list[int], seconds: float) -> tuple[float, int]:
-    """µs per request (per entry for READDIR*) of ``process`` over ``seconds``.
+def measure(
+    s: Setup, heads: list[int], seconds: float, batches: int | None = None
+) -> tuple[float, int]:
+    """µs per request (per entry for READDIR*) of ``process`` over ``seconds``
+    (or exactly ``batches`` batches: a fixed amount of work, for callgrind).
 
     Wall clock, this thread only; ``s.reset`` runs untimed after each batch.
     """
@@ -296,7 +299,7 @@ def measure(s: Setup, heads: list[int], seconds: float) -> tuple[float, int]:
     spent = 0.0
     end = time.perf_counter() + seconds
     clock = time.perf_counter
-    while clock() < end:
+    while clock() < end if batches is None else n < batches * len(heads) * s.per_request:
         before = s.guest.used_idx()
         s.guest.publish(heads)
         t0 = clock()
@@ -317,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qd", type=int, default=1)
     ap.add_argument("--scatter", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="best of N runs")
+    ap.add_argument(
+        "--count",
+        type=int,
+        help="exactly N batches per run (and N to warm up) instead of --seconds: under"
+        " callgrind, runs with N and 2N differ by the cost of N batches",
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile one run per workload")
     ap.add_argument("workloads", nargs="*", default=list(WORKLOADS))
     args = ap.parse_args(argv)
@@ -334,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'workload':11} {'qd':>3} {'us/req':>8}  (READDIR*: us per entry)")
         for w in args.workloads:
             heads = prepare(s, w, args.qd)
-            measure(s, heads, 0.1)
-            best = min(measure(s, heads, args.seconds)[0] for _ in range(args.repeat))
+            measure(s, heads, 0.1, args.count)
+            best = min(measure(s, heads, args.seconds, args.count)[0] for _ in range(args.repeat))
             print(f"{w:11} {args.qd:3d} {best:8.2f}")
             if args.profile:
                 prof = cProfile.Profile()
