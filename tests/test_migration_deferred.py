@@ -158,7 +158,9 @@ def test_migrating_on_finds_every_node_first(gpair: Pair, held: None) -> None:
     assert not placeholders(gpair.dst)
 
 
-@pytest.mark.parametrize("path", [b"../outside", b"dir/../../outside", b"/etc/passwd", b"link/x"])
+@pytest.mark.parametrize(
+    "path", [b"../outside", b"dir/../../outside", b"/etc/passwd", b"link/x", b"dir\0x", b"append\0"]
+)
 def test_paths_cannot_leave_the_share(gpair: Pair, share: Path, path: bytes) -> None:
     (share.parent / "outside").write_bytes(b"secret")
     f = gpair.lookup("dir/sub/file")
@@ -190,3 +192,19 @@ def test_abort_finds_every_node_during_the_load(share: Path) -> None:
         assert p.dst.deferred is None and not placeholders(p.dst)
     finally:
         p.close()
+
+
+def test_bad_path_of_a_node_found_during_the_load_only_fails_that_node(gpair: Pair) -> None:
+    """A NUL byte in a path (no such name) is a node not found, not a broken state."""
+    f = gpair.lookup("dir/sub/file")
+    a = gpair.lookup("append")
+    gpair.src.open(CTX, f, os.O_RDONLY)  # found during the load
+    doc = msgpack.unpackb(gpair.src_state.save())
+    for i in doc["fs"]["inodes"]:
+        if i["id"] == f:
+            i["path"], i["handle"] = b"dir/sub/fi\0le", None
+    gpair.dst_state.load(msgpack.packb(doc))
+    with pytest.raises(OSError) as e:
+        gpair.dst.getattr(CTX, f, None)
+    assert e.value.errno == errno.EIO
+    assert gpair.dst.getattr(CTX, a, None).attr.st_size == 6

@@ -259,7 +259,9 @@ def test_garbage_is_refused(pair: Pair, data: bytes) -> None:
         pair.dst_state.load(data)
 
 
-@pytest.mark.parametrize("path", [b"../outside", b"dir/../../outside", b"/etc/passwd", b"link/x"])
+@pytest.mark.parametrize(
+    "path", [b"../outside", b"dir/../../outside", b"/etc/passwd", b"link/x", b"dir\0x", b"append\0"]
+)
 def test_paths_cannot_leave_the_share(pair: Pair, share: Path, path: bytes) -> None:
     (share.parent / "outside").write_bytes(b"secret")
     doc = state_doc(pair)

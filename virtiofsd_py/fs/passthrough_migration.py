@@ -314,6 +314,8 @@ class Loader:
                 return self._by_path(path)
             except OSError as e:
                 problems += f"path {path!r}: {e.strerror or e}"
+            except ValueError as e:  # a NUL byte: no such name
+                problems += f"path {path!r}: {e}"
         raise MigrationError(problems.removesuffix("; ") or "neither a path nor a file handle")
 
     def _by_path(self, path: bytes) -> int:
