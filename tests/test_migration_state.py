@@ -290,6 +290,38 @@ def test_file_handle_outside_the_share_is_refused(pair: Pair, share: Path) -> No
         pair.dst_state.load(msgpack.packb(doc))
 
 
+@pytest.mark.parametrize(
+    "handle",
+    [
+        b"\x01",  # shorter than the header
+        b"\x40\x00\x00\x00\x01\x00\x00\x00" + b"x" * 8,  # says 64 bytes follow, holds 8
+        b"\xff\x00\x00\x00\x01\x00\x00\x00" + b"x" * 255,  # longer than MAX_HANDLE_SZ
+    ],
+)
+def test_malformed_file_handles_are_refused(pair: Pair, handle: bytes) -> None:
+    from virtiofsd_py.fs import linux
+
+    assert not linux.well_formed_handle(handle)
+    doc = state_doc(pair)
+    for i in doc["fs"]["inodes"]:
+        i["path"], i["handle"] = None, handle
+    with pytest.raises(StateError, match="malformed file handle"):
+        pair.dst_state.load(msgpack.packb(doc))
+
+
+def test_own_file_handles_are_well_formed(share: Path) -> None:
+    from virtiofsd_py.fs import linux
+
+    fd = os.open(share / "append", os.O_PATH)
+    try:
+        handle = linux.name_to_handle(fd)[0]
+    except OSError as e:
+        pytest.skip(f"no file handles here: {e}")
+    finally:
+        os.close(fd)
+    assert linux.well_formed_handle(handle)
+
+
 def test_wrong_file_type_is_refused(pair: Pair) -> None:
     doc = state_doc(pair)
     for i in doc["fs"]["inodes"]:

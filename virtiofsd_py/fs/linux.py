@@ -359,6 +359,17 @@ def name_to_handle(fd: int) -> tuple[bytes, int]:
     return buf.raw[: _FH_HDR.size + nbytes], local.mnt.value
 
 
+def well_formed_handle(handle: bytes) -> bool:
+    """Whether ``handle`` is a whole ``struct file_handle``: its handle_bytes field
+    says how many bytes follow the header, and the kernel reads that many, so a
+    handle from outside (a migration state) that says more than it holds would
+    make it read past the buffer."""
+    if len(handle) < _FH_HDR.size:
+        return False
+    nbytes = _FH_HDR.unpack_from(handle)[0]
+    return bool(nbytes == len(handle) - _FH_HDR.size and nbytes <= MAX_HANDLE_SZ)
+
+
 def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
     """open_by_handle_at(2): needs CAP_DAC_READ_SEARCH and a real (not O_PATH) ``mount_fd``."""
     if _open_by_handle_at is None:

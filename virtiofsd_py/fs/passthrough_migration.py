@@ -289,6 +289,8 @@ class Loader:
         return self.mount_fd
 
     def _by_handle(self, handle: bytes) -> int:
+        if not linux.well_formed_handle(handle):
+            raise OSError(errno.EINVAL, "malformed file handle")
         fd = linux.open_by_handle(self._mount_fd(), handle, os.O_PATH | os.O_NOFOLLOW)
         # A file handle names any file of the file system: keep only what lies
         # inside the share (or is unlinked, reachable only through open fds).
