@@ -208,3 +208,16 @@ def test_bad_path_of_a_node_found_during_the_load_only_fails_that_node(gpair: Pa
         gpair.dst.getattr(CTX, f, None)
     assert e.value.errno == errno.EIO
     assert gpair.dst.getattr(CTX, a, None).attr.st_size == 6
+
+
+def test_garbage_keys_fail_their_nodes_not_the_load(gpair: Pair) -> None:
+    """Unhashable keys: the load still works; each node fails its identity check."""
+    f = gpair.lookup("dir/sub/file")
+    doc = msgpack.unpackb(gpair.src_state.save())
+    for i in doc["fs"]["inodes"]:
+        i["key"] = [[1], {"x": 2}]
+    gpair.dst_state.load(msgpack.packb(doc))
+    wait_finished(gpair.dst)
+    with pytest.raises(OSError) as e:
+        gpair.dst.getattr(CTX, f, None)
+    assert e.value.errno == errno.EIO

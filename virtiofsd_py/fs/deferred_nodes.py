@@ -55,7 +55,7 @@ class DeferredNodes:
         self.by_inode: dict[tuple[int, int], int] = {}
         for nodeid, d in pending.items():
             key = d.get("key")
-            if isinstance(key, list) and len(key) >= 2:
+            if type(key) is list and len(key) >= 2 and type(key[0]) is type(key[1]) is int:
                 self.by_inode[(key[0], key[1])] = nodeid
         self._lock = threading.Lock()
         self._stop = threading.Event()
