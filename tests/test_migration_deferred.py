@@ -8,6 +8,7 @@ still a placeholder when a request reaches it; the rest let it run.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_migration_state import CTX, Pair, tables
 from test_migration_state import share as share  # the fixture
 
 from virtiofsd_py.fs.deferred_nodes import DeferredNodes
 from virtiofsd_py.fs.passthrough import PassthroughFS
-from virtiofsd_py.migration.state import decode
+from virtiofsd_py.migration.state import StateError, decode
 
 WAIT = 20.0
 
@@ -221,3 +224,47 @@ def test_garbage_keys_fail_their_nodes_not_the_load(gpair: Pair) -> None:
     with pytest.raises(OSError) as e:
         gpair.dst.getattr(CTX, f, None)
     assert e.value.errno == errno.EIO
+
+
+_INT = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)  # what msgpack carries
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    _INT,
+    st.binary(max_size=40),
+    st.text(max_size=8),
+    st.lists(st.integers(min_value=-5, max_value=1 << 40), max_size=4),
+    st.dictionaries(st.text(max_size=3), _INT, max_size=2),
+)
+_FIELDS = ("id", "lookups", "mode", "key", "parent", "name", "path", "handle", "unlinked")
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    changes=st.lists(st.tuples(st.integers(0, 5), st.sampled_from(_FIELDS), _VALUES), max_size=6)
+)
+def test_hostile_inode_fields_never_break_the_daemon(share: Path, changes: list) -> None:  # type: ignore[type-arg]
+    """Any field of any inode replaced by any value: the load succeeds or is
+    refused with StateError; afterwards every request gets an answer or an
+    OSError, nothing else."""
+    p = Pair(share, on_error="guest-error")
+    try:
+        for path in ("dir/sub/file", "append", "link"):
+            p.lookup(path)
+        doc = msgpack.unpackb(p.src_state.save())
+        inodes = doc["fs"]["inodes"]
+        for index, name, value in changes:
+            inodes[index % len(inodes)][name] = value
+        try:
+            p.dst_state.load(msgpack.packb(doc))
+        except StateError:
+            assert len(p.dst.inodes) == 1
+            return
+        p.dst.settle_migration()
+        for node in list(p.dst.inodes):
+            with contextlib.suppress(OSError):
+                p.dst.getattr(CTX, node.nodeid, None)
+    finally:
+        p.close()
