@@ -334,7 +334,7 @@ class Loader:
         mode, dev, ino, mnt_id = linux.stat_identity(fd)
         if (mode ^ d["mode"]) & _S_IFMT:
             raise MigrationError(
-                f"file type {stat.S_IFMT(mode):o} is not the source's {stat.S_IFMT(d['mode']):o}"
+                f"file type {mode & _S_IFMT:o} is not the source's {d['mode'] & _S_IFMT:o}"
             )
         if self.same_fs:
             key = d.get("key")
@@ -386,8 +386,8 @@ class Loader:
         nodeid = d["id"]  # checked by import_state
         mode = d.get("mode")
         lookups = d.get("lookups")
-        if type(mode) is not int or type(lookups) is not int:
-            raise MigrationError(f"inode {nodeid}: mode or lookups missing or not an integer")
+        if type(mode) is not int or type(lookups) is not int or not 0 <= mode <= 0xFFFF_FFFF:
+            raise MigrationError(f"inode {nodeid}: mode or lookups missing or out of range")
         parent = d.get("parent")
         name = d.get("name")
         if type(parent) is not int or (parent not in ids and parent != ROOT_ID):

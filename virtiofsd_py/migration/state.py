@@ -128,7 +128,7 @@ class DaemonState:
             with gc_paused():
                 doc = decode(data)
                 self.fs.import_state(doc["fs"])
-        except (StateError, OSError, ValueError, TypeError, KeyError) as e:
+        except (StateError, OSError, ValueError, TypeError, LookupError, ArithmeticError) as e:
             path = dump_rejected(data, self.dump_dir, self.dump_dir_fd)
             raise StateError(
                 f"cannot load the device state: {e}"
