@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from test_migration_state import CTX, Pair, tables
 from test_migration_state import share as share  # the fixture
 
+from virtiofsd_py.fs.base import Lock
 from virtiofsd_py.fs.deferred_nodes import DeferredNodes
 from virtiofsd_py.fs.passthrough import PassthroughFS
 from virtiofsd_py.migration.state import StateError, decode
@@ -236,7 +238,15 @@ _VALUES = st.one_of(
     st.lists(st.integers(min_value=-5, max_value=1 << 40), max_size=4),
     st.dictionaries(st.text(max_size=3), _INT, max_size=2),
 )
-_FIELDS = ("id", "lookups", "mode", "key", "parent", "name", "path", "handle", "unlinked")
+_HANDLE_FIELDS = ("fh", "inode", "flags")
+_LOCK_FIELDS = ("owner", "type", "start", "end", "flock")
+_TOP_FIELDS = ("next_nodeid", "next_fh", "root_key", "host")
+_FIELDS = (
+    *("id", "lookups", "mode", "key", "parent", "name", "path", "handle", "unlinked"),
+    *_HANDLE_FIELDS,
+    *_LOCK_FIELDS,
+    *_TOP_FIELDS,
+)
 
 
 @settings(
@@ -249,17 +259,27 @@ _FIELDS = ("id", "lookups", "mode", "key", "parent", "name", "path", "handle", "
 def test_hostile_inode_fields_never_break_the_daemon(
     share: Path, on_error: str, changes: list[tuple[int, str, object]]
 ) -> None:
-    """Any field of any inode replaced by any value: the load succeeds or is
-    refused with StateError; afterwards every request gets an answer or an
-    OSError, nothing else."""
+    """Any field of any inode, of the open handle, of the held lock or of the
+    tables replaced by any value: the load succeeds or is refused with
+    StateError; afterwards every request gets an answer or an OSError."""
     p = Pair(share, on_error=on_error)
     try:
         for path in ("dir/sub/file", "append", "link"):
             p.lookup(path)
+        a = p.lookup("append")
+        fh = p.src.open(CTX, a, os.O_RDWR).fh
+        p.src.setlk(CTX, a, fh, 7, Lock(0, 9, fcntl.F_WRLCK), sleep=False, flock=False)
         doc = msgpack.unpackb(p.src_state.save())
-        inodes = doc["fs"]["inodes"]
+        fs = doc["fs"]
         for index, name, value in changes:
-            inodes[index % len(inodes)][name] = value
+            if name in _HANDLE_FIELDS:
+                fs["handles"][0][name] = value
+            elif name in _LOCK_FIELDS:
+                fs["locks"][0][name] = value
+            elif name in _TOP_FIELDS:
+                fs[name] = value
+            else:
+                fs["inodes"][index % len(fs["inodes"])][name] = value
         try:
             p.dst_state.load(msgpack.packb(doc))
         except StateError:

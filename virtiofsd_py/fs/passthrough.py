@@ -70,7 +70,7 @@ from .inodes import InodeData, InodeTable, NodeFd
 from .linux import getdents64, stat_fd
 from .locks import LockTable
 from .mountfds import InodeFileHandles, InodeHandles
-from .passthrough_migration import MigrationConfig, Preparer
+from .passthrough_migration import LockRestorer, MigrationConfig, Preparer
 from .xattrmap import XattrMap
 
 FUSE_ATTR_SUBMOUNT: Final = 1 << 0  # fuse_attr.flags (fuse.h, 7.32)
@@ -230,6 +230,8 @@ class PassthroughFS(Filesystem):
         self._preparer: Preparer | None = None
         #: Migrated nodes still to be found after the switch-over (deferred_nodes.py).
         self.deferred: DeferredNodes | None = None
+        #: Migrated locks still being taken again (the source may hold them a while).
+        self.lock_restorer: LockRestorer | None = None
 
     def close(self) -> None:
         """Close every fd, the root's included (for tests and shutdown)."""
@@ -377,6 +379,9 @@ class PassthroughFS(Filesystem):
         deferred, self.deferred = self.deferred, None
         if deferred is not None:
             deferred.cancel()
+        restorer, self.lock_restorer = self.lock_restorer, None
+        if restorer is not None:
+            restorer.cancel()
         self.locks.interrupt()
         self.locks.clear()
         self.handles.clear()

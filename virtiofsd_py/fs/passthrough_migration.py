@@ -488,7 +488,8 @@ def import_state(fs: PassthroughFS, state: dict[str, Any]) -> None:
     else:
         loader.close()
     if raw_locks:
-        LockRestorer(fs, raw_locks).start()
+        fs.lock_restorer = LockRestorer(fs, raw_locks)
+        fs.lock_restorer.start()
 
 
 def _held_nodes(raw_handles: list[Any], raw_locks: list[Any]) -> set[int]:
@@ -536,9 +537,18 @@ class LockRestorer:
         self.fs = fs
         self.locks = locks
         self.timeout = timeout
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="vfsd-lock-restore", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="vfsd-lock-restore", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """Stop waiting (FUSE_DESTROY: the tables, and the locks, are being dropped)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _run(self) -> None:
         pending = []
@@ -560,9 +570,9 @@ class LockRestorer:
         delay = 0.005
         while pending and time.monotonic() < deadline:
             pending = [lk for lk in pending if not self._try(*lk)]
-            if pending:
-                time.sleep(delay)
-                delay = min(delay * 2, 0.2)
+            if pending and self._stop.wait(delay):
+                return
+            delay = min(delay * 2, 0.2)
         for nodeid, owner, *_ in pending:
             log.error("migration: could not re-take a lock on inode %d (owner %#x)", nodeid, owner)
         if not pending and self.locks:
