@@ -365,3 +365,23 @@ def test_rejected_state_is_kept_for_inspection(pair: Pair, tmp_path: Path) -> No
     (kept,) = tmp_path.glob("virtiofsd-py-rejected-state-*")
     assert kept.read_bytes() == data and str(kept) in str(e.value)
     assert "no/such/file" in describe(decode(kept.read_bytes()))
+
+
+def test_destroy_stops_waiting_for_the_sources_locks(share: Path) -> None:
+    """FUSE_DESTROY on the destination while the source still holds a lock: the
+    re-taking stops, and once the source lets go nobody holds the lock."""
+    p = Pair(share)
+    try:
+        a = p.lookup("append")
+        fh = p.src.open(CTX, a, O_RDWR).fh
+        p.src.setlk(CTX, a, fh, 0xAB, Lock(0, 9, fcntl.F_WRLCK), sleep=False, flock=False)
+        p.migrate()
+        restorer = p.dst.lock_restorer
+        assert restorer is not None
+        p.dst.destroy()
+        assert p.dst.lock_restorer is None
+        assert restorer._thread is not None and not restorer._thread.is_alive()
+        p.src.close()  # the source lets go
+        assert _host_can_lock(share / "append", "posix")
+    finally:
+        p.dst.close()
