@@ -271,18 +271,23 @@ def test_paths_cannot_leave_the_share(pair: Pair, share: Path, path: bytes) -> N
         pair.dst_state.load(msgpack.packb(doc))
 
 
-def test_file_handle_outside_the_share_is_refused(pair: Pair, share: Path) -> None:
+def handle_of(path: Path) -> bytes:
+    """The file handle of ``path``; the test is skipped where there are none."""
     from virtiofsd_py.fs import linux
 
-    outside = share.parent / "outside"
-    outside.write_bytes(b"secret")
-    fd = os.open(outside, os.O_PATH)
+    fd = os.open(path, os.O_PATH)
     try:
-        handle = linux.name_to_handle(fd)[0]
+        return linux.name_to_handle(fd)[0]
     except OSError as e:
         pytest.skip(f"no file handles here: {e}")
     finally:
         os.close(fd)
+
+
+def test_file_handle_outside_the_share_is_refused(pair: Pair, share: Path) -> None:
+    outside = share.parent / "outside"
+    outside.write_bytes(b"secret")
+    handle = handle_of(outside)
     doc = state_doc(pair)
     for i in doc["fs"]["inodes"]:
         i["path"], i["handle"], i["mode"] = None, handle, 0o100644
@@ -312,14 +317,7 @@ def test_malformed_file_handles_are_refused(pair: Pair, handle: bytes) -> None:
 def test_own_file_handles_are_well_formed(share: Path) -> None:
     from virtiofsd_py.fs import linux
 
-    fd = os.open(share / "append", os.O_PATH)
-    try:
-        handle = linux.name_to_handle(fd)[0]
-    except OSError as e:
-        pytest.skip(f"no file handles here: {e}")
-    finally:
-        os.close(fd)
-    assert linux.well_formed_handle(handle)
+    assert linux.well_formed_handle(handle_of(share / "append"))
 
 
 def test_wrong_file_type_is_refused(pair: Pair) -> None:
