@@ -291,3 +291,31 @@ def test_hostile_inode_fields_never_break_the_daemon(
                 p.dst.getattr(CTX, node.nodeid, None)
     finally:
         p.close()
+
+
+def test_lookup_finds_every_placeholder_of_the_inode(gpair: Pair, held: None) -> None:
+    """Two state entries with the source's (dev, ino) of one file (a stale
+    file-handle node and the live one): a LOOKUP still reaches the live one."""
+    a = gpair.lookup("append")
+    doc = msgpack.unpackb(gpair.src_state.save())
+    live = next(i for i in doc["fs"]["inodes"] if i["id"] == a)
+    stale = {**live, "id": doc["fs"]["next_nodeid"], "path": b"gone-long-ago", "parent": 1}
+    doc["fs"]["inodes"].append(stale)
+    doc["fs"]["next_nodeid"] += 1
+    gpair.dst_state.load(msgpack.packb(doc))
+    assert gpair.dst.lookup(CTX, 1, b"append").nodeid == a
+
+
+def test_placeholders_count_against_the_fd_budget(gpair: Pair, held: None) -> None:
+    for path in ("dir/sub/file", "append", "link"):
+        gpair.lookup(path)
+    gpair.migrate()
+    dst = gpair.dst
+    if dst.file_handles.enabled:
+        pytest.skip("placeholders of file-handle nodes will hold no fd")
+    deferred = dst.deferred
+    assert deferred is not None and len(deferred.pending) == 5
+    dst.fd_limit = dst.inodes.fd_nodes + 3  # room for 3 fds; 5 nodes will want one
+    with pytest.raises(OSError) as e:
+        dst.lookup(CTX, 1, b"gone")
+    assert e.value.errno == errno.ENFILE

@@ -51,12 +51,13 @@ class DeferredNodes:
         self.loader = loader
         #: node id -> its state entry, until found (or given up).
         self.pending = pending
-        #: The source's (st_dev, st_ino) -> node id, for LOOKUPs that reach them.
-        self.by_inode: dict[tuple[int, int], int] = {}
+        #: The source's (st_dev, st_ino) -> node ids, for LOOKUPs that reach them
+        #: (more than one when the source had a stale file-handle node too).
+        self.by_inode: dict[tuple[int, int], list[int]] = {}
         for nodeid, d in pending.items():
             key = d.get("key")
             if type(key) is list and len(key) >= 2 and type(key[0]) is type(key[1]) is int:
-                self.by_inode[(key[0], key[1])] = nodeid
+                self.by_inode.setdefault((key[0], key[1]), []).append(nodeid)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         #: Set once the background pass is over (every node found, or cancelled).
@@ -75,9 +76,9 @@ class DeferredNodes:
 
     def before_lookup(self, key: InodeKey) -> None:
         """A LOOKUP found the host inode ``key``: find its placeholder first."""
-        nodeid = self.by_inode.get((key[0], key[1]))
-        if nodeid is not None and nodeid in self.pending:
-            self._find(nodeid)
+        for nodeid in self.by_inode.get((key[0], key[1]), ()):
+            if nodeid in self.pending:
+                self._find(nodeid)
 
     def settle(self) -> None:
         """Find every node left (before the guest changes the namespace)."""
@@ -89,11 +90,18 @@ class DeferredNodes:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        self._close()
+
+    def _close(self) -> None:
+        """No more finding: under the lock, so that no find is using the loader."""
         with self._lock:
             self.pending.clear()
+            self.loader.close()
 
     def _find(self, nodeid: int) -> None:
         with self._lock:
+            if self._stop.is_set():
+                return
             d = self.pending.get(nodeid)
             if d is None:
                 return  # found by the other thread while this one waited
@@ -134,7 +142,7 @@ class DeferredNodes:
         finally:
             if self.fs.deferred is self:
                 self.fs.deferred = None
-            self.loader.close()
+            self._close()
             self.finished.set()
         log.info(
             "migration: placeholders found in %.3f s after the load (thread cpu %.3f s), "

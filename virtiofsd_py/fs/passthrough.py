@@ -340,6 +340,9 @@ class PassthroughFS(Filesystem):
         Nodes kept as file handles hold no fd and do not count.
         """
         held = self.inodes.fd_nodes + len(self.handles) + len(self.locks)
+        deferred = self.deferred
+        if deferred is not None and not self.file_handles.enabled:
+            held += len(deferred.pending)  # each will hold an fd once found
         if held < self.fd_limit:
             self._fd_warned = False
             return
@@ -367,7 +370,10 @@ class PassthroughFS(Filesystem):
         mount = node.mount
         if node.handle is not None and mount is not None:
             return mount.open(node.handle, flags)
-        return os.open(str(node.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        fd = node.fd
+        if fd < 0:
+            raise _err(errno.EIO, "node not found again after migration")
+        return os.open(str(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
 
     # -- session ---------------------------------------------------------
     def init(self, session: SessionInfo) -> None:
@@ -800,6 +806,7 @@ class PassthroughFS(Filesystem):
         p = self._node(parent)
         host = self._host_flags(flags) & ~os.O_TRUNC
         with p.opened() as pfd:
+            existing = False
             with self._creds(ctx), Umask(umask) as um:
                 try:
                     fd = os.open(
@@ -813,13 +820,16 @@ class PassthroughFS(Filesystem):
                         raise
                     with self._kill_priv(kill_suidgid and bool(flags & os.O_TRUNC)):
                         fd = self._open_existing(pfd, name, flags)
-                    return self._handle_entry(p, name, fd, flags)
-            try:
-                self._set_security_ctx(ctx, self._proc_prefix + str(fd))
-            except BaseException:
-                os.close(fd)
-                _unlink_quietly(pfd, name, 0)
-                raise
+                    existing = True
+            if not existing:
+                try:
+                    self._set_security_ctx(ctx, self._proc_prefix + str(fd))
+                except BaseException:
+                    os.close(fd)
+                    _unlink_quietly(pfd, name, 0)
+                    raise
+        # As the daemon, like every other entry: the node table's bookkeeping
+        # (and finding a migrated node) is not the guest's business.
         return self._handle_entry(p, name, fd, flags)
 
     def _open_existing(self, pfd: int, name: bytes, flags: int) -> int:

@@ -325,9 +325,10 @@ class Loader:
         directory when it was loaded already (it was found the same strict way)."""
         parent, _, name = path.rpartition(b"/")
         dir_node = self.dirs.get(parent)
-        if dir_node is None or dir_node.fd < 0 or name in _NOT_NAMES or path[:1] == b"/":
+        dir_fd = dir_node.fd if dir_node is not None else -1
+        if dir_fd < 0 or name in _NOT_NAMES or path[:1] == b"/":
             return linux.open_beneath(self.fs.inodes.root.fd, path)
-        return os.open(name, _O_PATH, dir_fd=dir_node.fd)
+        return os.open(name, _O_PATH, dir_fd=dir_fd)
 
     def check_identity(self, fd: int, d: dict[str, Any]) -> tuple[int, InodeKey]:
         """The mode and key of ``fd``, once it is known to be the node ``d`` describes."""
