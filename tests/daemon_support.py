@@ -112,6 +112,22 @@ def finish_daemon(daemon: DaemonProcess, *, expect_clean: bool = True) -> None:
         assert TRACEBACK not in log, "daemon log has a Python traceback"
 
 
+def session(
+    d: DaemonProcess, *, queues: int = 2, **client: int
+) -> tuple[VhostUserFrontend, FuseClient]:
+    """A front-end on ``d`` with its queues started and FUSE_INIT done, and a
+    client (``client``: its uid/gid/pid); the caller closes the front-end."""
+    fe = VhostUserFrontend.connect(d.socket_path)
+    try:
+        fe.connect_and_start(queues=queues, queue_size=256)
+        c = FuseClient(fe, **client)
+        c.init()
+    except BaseException:
+        fe.close()
+        raise
+    return fe, c
+
+
 def require_own_daemon_as_root(why_root: str) -> None:
     """Skip (with the reason) unless the daemon under test is ours and we are root."""
     if not is_own_daemon():

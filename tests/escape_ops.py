@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon_support import session
+
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.testing.daemon_proc import DaemonProcess
 from virtiofsd_py.testing.frontend import VhostUserFrontend
@@ -210,11 +212,12 @@ def daemon_session(
     traceback (the front-end's disconnect ends it).
     """
     d = DaemonProcess(root, workdir, extra_args=[*SECCOMP, *args]).start()
-    fe = VhostUserFrontend.connect(d.socket_path)
     try:
-        fe.connect_and_start(queues=queues, queue_size=256)
-        c = FuseClient(fe)
-        c.init()
+        fe, c = session(d, queues=queues)
+    except BaseException:
+        d.stop(timeout=5.0)
+        raise
+    try:
         yield d, fe, c
     finally:
         fe.close()

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from daemon_support import session
 from escape_ops import ROOT, create, daemon_session, mkdir, mknod, setattr, setxattr
 
 from virtiofsd_py.fuse import abi
@@ -208,13 +209,8 @@ def test_cve_2022_0358_no_setgid_for_a_group_the_guest_user_is_not_in(
     )
     d = DaemonProcess(share, tmp_path / "run", template=wrapper + daemon_command_template())
     d.start()
-    from virtiofsd_py.testing.frontend import VhostUserFrontend
-
-    fe = VhostUserFrontend.connect(d.socket_path)
+    fe, root = session(d)
     try:
-        fe.connect_and_start(queues=2, queue_size=256)
-        root = FuseClient(fe)
-        root.init()
         with open(f"/proc/{d.pid}/status") as f:
             groups = next(x for x in f if x.startswith("Groups:")).split()[1:]
         assert str(OUTSIDER_GROUP) not in groups, "the daemon kept its supplementary group"

@@ -21,14 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_support import SMALL, HostTree, finish_daemon, make_host_tree
+from daemon_support import SMALL, HostTree, finish_daemon, make_host_tree, session
 
 from virtiofsd_py.fuse.abi import FUSE_ROOT_ID as ROOT
 from virtiofsd_py.options import OptionError, parse_args
 from virtiofsd_py.sandbox import IdMapping
 from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
-from virtiofsd_py.testing.frontend import VhostUserFrontend
-from virtiofsd_py.testing.fuse_client import FuseClient
 
 pytestmark = pytest.mark.ours_only
 
@@ -160,11 +158,8 @@ def test_child_lost_capabilities(jailed: DaemonProcess) -> None:
 
 
 def test_serves_the_share_from_inside(jailed: DaemonProcess, tree: HostTree) -> None:
-    fe = VhostUserFrontend.connect(jailed.socket_path)
+    fe, fuse = session(jailed)
     try:
-        fe.connect_and_start(queues=2, queue_size=256)
-        fuse = FuseClient(fe)
-        fuse.init()
         entry = fuse.lookup(ROOT, b"small.txt")
         opened = fuse.open(entry.nodeid, os.O_RDONLY)
         assert fuse.read(entry.nodeid, opened.fh, 0, 4096) == SMALL

@@ -29,6 +29,7 @@ from daemon_support import (
     finish_daemon,
     make_host_tree,
     require_own_daemon_as_root,
+    session,
 )
 from escape_ops import create, link, mknod, rename, setxattr, symlink, unlink
 
@@ -69,14 +70,6 @@ def serving_pid(d: DaemonProcess, mode: str) -> int:
         return d.pid
     (child,) = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
     return int(child)
-
-
-def session(d: DaemonProcess, **client: int) -> tuple[VhostUserFrontend, FuseClient]:
-    fe = VhostUserFrontend.connect(d.socket_path)
-    fe.connect_and_start(queues=2, queue_size=256)
-    c = FuseClient(fe, **client)
-    c.init()
-    return fe, c
 
 
 @pytest.fixture

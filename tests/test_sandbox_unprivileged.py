@@ -32,14 +32,13 @@ from daemon_support import (
     finish_daemon,
     make_host_tree,
     require_own_daemon_as_root,
+    session,
 )
 from escape_ops import create
 
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.sandbox import CHROOT_NEEDS_ROOT
 from virtiofsd_py.testing.daemon_proc import DaemonError, DaemonProcess
-from virtiofsd_py.testing.frontend import VhostUserFrontend
-from virtiofsd_py.testing.fuse_client import FuseClient
 
 pytestmark = pytest.mark.ours_only
 
@@ -173,11 +172,8 @@ def id_map(pid: int, which: str) -> list[list[int]]:
 
 
 def serve_and_create(d: DaemonProcess, tree: HostTree) -> None:
-    fe = VhostUserFrontend.connect(d.socket_path)
+    fe, c = session(d)
     try:
-        fe.connect_and_start(queues=2, queue_size=256)
-        c = FuseClient(fe)
-        c.init()
         entry = c.lookup(ROOT, b"small.txt")
         assert c.read(entry.nodeid, c.open(entry.nodeid).fh, 0, 4096) == SMALL
         create(c, ROOT, b"made-by-guest", 0o640)
