@@ -370,10 +370,8 @@ class PassthroughFS(Filesystem):
         mount = node.mount
         if node.handle is not None and mount is not None:
             return mount.open(node.handle, flags)
-        fd = node.fd
-        if fd < 0:
-            raise _err(errno.EIO, "node not found again after migration")
-        return os.open(str(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        with node.opened() as fd:  # EIO for a node migration did not find
+            return os.open(str(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
 
     # -- session ---------------------------------------------------------
     def init(self, session: SessionInfo) -> None:
