@@ -32,6 +32,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .background import Background
 from .inodes import InodeData, InodeKey
 
 if TYPE_CHECKING:
@@ -41,12 +42,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("virtiofsd_py.migration")
 
 
-class DeferredNodes:
+class DeferredNodes(Background):
     """The placeholders of one load and the thread that finds them."""
+
+    name = "vfsd-migration-find"
 
     def __init__(
         self, fs: PassthroughFS, loader: Loader, pending: dict[int, dict[str, Any]]
     ) -> None:
+        super().__init__()
         self.fs = fs
         self.loader = loader
         #: node id -> its state entry, until found (or given up).
@@ -59,15 +63,9 @@ class DeferredNodes:
             if type(key) is list and len(key) >= 2 and type(key[0]) is type(key[1]) is int:
                 self.by_inode.setdefault((key[0], key[1]), []).append(nodeid)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         #: Set once the background pass is over (every node found, or cancelled).
         self.finished = threading.Event()
-        self._thread: threading.Thread | None = None
         self._started = time.monotonic()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="vfsd-migration-find", daemon=True)
-        self._thread.start()
 
     def ensure(self, node: InodeData) -> None:
         """Find ``node`` now if it is still a placeholder."""
@@ -87,9 +85,7 @@ class DeferredNodes:
 
     def cancel(self) -> None:
         """Stop the background pass (FUSE_DESTROY: the tables are being dropped)."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        self.stop()
         self._close()
 
     def _close(self) -> None:

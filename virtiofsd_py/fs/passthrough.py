@@ -385,7 +385,7 @@ class PassthroughFS(Filesystem):
             deferred.cancel()
         restorer, self.lock_restorer = self.lock_restorer, None
         if restorer is not None:
-            restorer.cancel()
+            restorer.stop()
         self.locks.interrupt()
         self.locks.clear()
         self.handles.clear()

@@ -29,13 +29,13 @@ import logging
 import os
 import socket
 import stat
-import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..fdbudget import DEFAULT_RESERVE, reserve_fd_table
 from . import linux
+from .background import Background
 from .base import ROOT_ID, Lock
 from .deferred_nodes import DeferredNodes
 from .handles import HandleData
@@ -76,7 +76,7 @@ class MigrationError(ValueError):
 
 
 # -- source ---------------------------------------------------------------------------------
-class Preparer:
+class Preparer(Background):
     """Paths worked out while the guest still runs (from LOG_ALL on).
 
     ``namespace_changes`` of the backend counts guest renames/unlinks; a
@@ -85,24 +85,13 @@ class Preparer:
     check and the file-handle fallback).
     """
 
+    name = "vfsd-migration-prep"
+
     def __init__(self, fs: PassthroughFS) -> None:
+        super().__init__()
         self.fs = fs
         self.cache: dict[int, bytes | None] = {}
         self.generation = -1
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.stop()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="vfsd-migration-prep", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
 
     def _run(self) -> None:
         t0 = time.monotonic()
@@ -531,25 +520,16 @@ def _reopen(
     return HandleData(fh, nodeid, fd, flags)
 
 
-class LockRestorer:
+class LockRestorer(Background):
     """Takes the guest's locks again, waiting while the source still holds them."""
 
+    name = "vfsd-lock-restore"
+
     def __init__(self, fs: PassthroughFS, locks: list[Any], timeout: float = 120.0) -> None:
+        super().__init__()
         self.fs = fs
         self.locks = locks
         self.timeout = timeout
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="vfsd-lock-restore", daemon=True)
-        self._thread.start()
-
-    def cancel(self) -> None:
-        """Stop waiting (FUSE_DESTROY: the tables, and the locks, are being dropped)."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
 
     def _run(self) -> None:
         pending = []
