@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = _selected(guest_mod.ROWS, args.only)
         if rows:
             from bench.guestimage import unavailable_reason as image_reason
-            from virtiofsd_py.testing.guest import unavailable_reason
+            from virtiofsd_py.testing.qemu.guest import unavailable_reason
 
             reason = unavailable_reason() or image_reason()
             if reason:
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     if "migration" in suites and _selected(["switchover"], args.only):
         from bench import migswitch
-        from virtiofsd_py.testing.guest import unavailable_reason as guest_reason
+        from virtiofsd_py.testing.qemu.guest import unavailable_reason as guest_reason
 
         reason = guest_reason()
         if reason:

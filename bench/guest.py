@@ -1,6 +1,6 @@
 """In-guest benchmarks: fio, metadata and a real workload on virtio-fs and on the upper bounds.
 
-One QEMU guest (the test harness's, ``virtiofsd_py.testing.guest``, with
+One QEMU guest (the test harness's, ``virtiofsd_py.testing.qemu.guest``, with
 the benchmark image of ``guestimage.py``) carries every target at once, so
 all of them see the same guest, the same moment and the same host:
 
@@ -38,7 +38,7 @@ from bench import procstat
 from bench.daemons import OURS, REF, DaemonSpec
 from bench.guestimage import load_bench_initramfs, load_modules_cmd
 from virtiofsd_py.testing.daemon_proc import DaemonProcess
-from virtiofsd_py.testing.guest import Guest
+from virtiofsd_py.testing.qemu.guest import Guest
 
 SCRIPTS = Path(__file__).resolve().parent / "guest_scripts"
 MNT = "/mnt"

@@ -1,6 +1,6 @@
 """The benchmark guest's initramfs: the programs image plus fio and block-device modules.
 
-The test image (``virtiofsd_py.testing.progimage``) stays as it is; the
+The test image (``virtiofsd_py.testing.qemu.progimage``) stays as it is; the
 benchmark guest boots it followed by one more ``newc`` archive (the kernel
 unpacks concatenated archives in order) holding:
 
@@ -20,16 +20,16 @@ import shutil
 import stat
 from pathlib import Path
 
-from virtiofsd_py.testing.image import cache_dir
-from virtiofsd_py.testing.initramfs import Entry, write_newc
-from virtiofsd_py.testing.kmodules import ModuleTree
-from virtiofsd_py.testing.progimage import (
+from virtiofsd_py.testing.qemu.image import cache_dir
+from virtiofsd_py.testing.qemu.initramfs import Entry, write_newc
+from virtiofsd_py.testing.qemu.kmodules import ModuleTree
+from virtiofsd_py.testing.qemu.progimage import (
     GUEST_LIB_DIR,
     ProgramsUnavailable,
     load_programs_initramfs,
     progroot,
 )
-from virtiofsd_py.testing.progimage import (
+from virtiofsd_py.testing.qemu.progimage import (
     library_closure as _closure,
 )
 

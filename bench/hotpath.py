@@ -35,14 +35,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from virtiofsd_py.fs.base import Context
-from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
+from virtiofsd_py.app.metrics import Metrics
+from virtiofsd_py.fs.api import Context
+from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.fuse.dispatcher import Dispatcher
-from virtiofsd_py.metrics import Metrics
 from virtiofsd_py.vhost.protocol import MemoryRegion, VringAddr
+from virtiofsd_py.vhost.rings import Vring
 from virtiofsd_py.virtio.memory import GuestMemory, map_region
-from virtiofsd_py.virtio.queue_runner import QueueRunner
+from virtiofsd_py.virtio.runner import QueueRunner
 from virtiofsd_py.virtio.virtqueue import (
     DESC,
     U16,
@@ -51,7 +52,6 @@ from virtiofsd_py.virtio.virtqueue import (
     VIRTQ_DESC_F_WRITE,
     SplitQueue,
 )
-from virtiofsd_py.virtio.vring import Vring
 
 PAGE = 4096
 QSIZE = 256

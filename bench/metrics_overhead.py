@@ -16,10 +16,10 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
+from virtiofsd_py.app.metrics import Metrics
+from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.fuse.dispatcher import OUR_MAX_MINOR, Dispatcher
-from virtiofsd_py.metrics import Metrics
 
 Handle = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
 

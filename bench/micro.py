@@ -38,8 +38,8 @@ from bench import procstat
 from bench.daemons import DaemonSpec
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.testing.daemon_proc import DaemonProcess
-from virtiofsd_py.testing.frontend import VhostUserFrontend
-from virtiofsd_py.testing.fuse_client import FuseClient, FuseReply, Pending
+from virtiofsd_py.testing.frontend.fuse_client import FuseClient, FuseReply, Pending
+from virtiofsd_py.testing.frontend.vhost_user import VhostUserFrontend
 
 ROOT = abi.FUSE_ROOT_ID
 DATA_FILE = "data.bin"

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.micro import new_workdir
-from virtiofsd_py.fs.base import Context
-from virtiofsd_py.fs.mountfds import InodeFileHandles
-from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
+from virtiofsd_py.fs.api import Context
+from virtiofsd_py.fs.passthrough.file_handles import InodeFileHandles
+from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fuse.dispatcher import Dispatcher
-from virtiofsd_py.migration.state import DaemonState
+from virtiofsd_py.migration.envelope import DaemonState
 
 CTX = Context(0, 0, 1)
 PER_DIR = 100

@@ -1,6 +1,6 @@
 """Switch-over time of a live migration seen from QEMU, with a guest holding many inodes.
 
-A real guest (``virtiofsd_py.testing.migration.MigrationPair``: two QEMUs,
+A real guest (``virtiofsd_py.testing.qemu.migration.MigrationPair``: two QEMUs,
 each with its own daemon on the same host directory) mounts the share and
 is migrated: first while it holds only the root, then (``--repeat`` times,
 the median reported) after ``find`` has looked up every file of an N-file
@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.daemons import DaemonSpec
 from bench.migstate import PER_DIR, make_tree
-from virtiofsd_py.testing.migration import MigrationPair
+from virtiofsd_py.testing.qemu.migration import MigrationPair
 
 TAG = "share"
 

@@ -53,7 +53,7 @@ STAGES = (
     ("any", "func", "SplitQueue.publish", "vring push: used elem + publish"),
     ("any", "func", "SplitQueue.enable_notification", "vring push: used elem + publish"),
     ("any", "path", "virtiofsd_py/fs/", "backend: fs/ incl. syscalls"),
-    ("inner", "path", "virtiofsd_py/metrics.py", "metrics counters"),
+    ("inner", "path", "virtiofsd_py/app/metrics.py", "metrics counters"),
     ("any", "path", "virtiofsd_py/fuse/", "fuse: parse, dispatch, encode"),
     ("inner", "func", "QueueRunner._on_kick", "kick: eventfd read"),
     ("inner", "path", "virtiofsd_py/", "queue runner, other daemon code"),

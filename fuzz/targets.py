@@ -18,15 +18,15 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from virtiofsd_py.fs.passthrough import PassthroughConfig, PassthroughFS
-from virtiofsd_py.fs.xattrmap import XattrMap
+from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
+from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
-from virtiofsd_py.testing import driver as drv
+from virtiofsd_py.testing.frontend import driver as drv
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
 from virtiofsd_py.virtio.memory import GuestMemory, map_region
-from virtiofsd_py.virtio.queue_runner import QueueRunner
+from virtiofsd_py.virtio.runner import QueueRunner
 from virtiofsd_py.virtio.virtqueue import ChainError, QueueError, SplitQueue
 
 Target = Callable[[bytes], None]

@@ -101,7 +101,7 @@ if [ ! -f "$GUEST_DIR/kernel.json" ] || [ -n "${VIRTIOFSD_PY_GUEST_REFRESH:-}" ]
     (cd "$tmp" && "${APT[@]}" -o APT::Sandbox::User=root download "${target[@]}" "$pkg")
     dpkg-deb -x "$tmp"/*.deb "$tmp/root"
     mkdir -p "$GUEST_DIR"
-    python3 -m virtiofsd_py.testing.image prepare --kernel-root "$tmp/root"
+    python3 -m virtiofsd_py.testing.qemu.image prepare --kernel-root "$tmp/root"
     rm -rf "$tmp"
 fi
 # Programs for the guest's second initramfs (tests/guest/test_programs.py):
@@ -137,4 +137,4 @@ fi
 bash bench/setup-bench-env.sh || log "warning: benchmark guest programs not prepared"
 
 # Builds the initramfs if needed and says whether guests can run.
-python3 -m virtiofsd_py.testing.image check
+python3 -m virtiofsd_py.testing.qemu.image check

@@ -21,8 +21,8 @@ import pytest
 from daemon_support import HostTree, finish_daemon, make_host_tree
 
 from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
-from virtiofsd_py.testing.frontend import VhostUserFrontend
-from virtiofsd_py.testing.fuse_client import FuseClient
+from virtiofsd_py.testing.frontend.fuse_client import FuseClient
+from virtiofsd_py.testing.frontend.vhost_user import VhostUserFrontend
 
 
 def pytest_configure(config: pytest.Config) -> None:

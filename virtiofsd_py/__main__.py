@@ -1,5 +1,5 @@
 import sys
 
-from virtiofsd_py.cli import main
+from virtiofsd_py.app.cli import main
 
 sys.exit(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
-from virtiofsd_py.testing.guest import Guest, unavailable_reason
+from virtiofsd_py.testing.qemu.guest import Guest, unavailable_reason
 
 GUEST_TAG = "share"
 TRACEBACK = "Traceback (most recent call last)"

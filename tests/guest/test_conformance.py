@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from rw_support import MNT, Scenarios, daemon_and_guest, make_host_tools, ours_only, shq
 
-from virtiofsd_py.testing.guest import Guest
+from virtiofsd_py.testing.qemu.guest import Guest
 
 pytestmark = pytest.mark.guest
 

@@ -22,7 +22,7 @@ from escape_ops import SECCOMP, SECRET, Outside, Swapper, watched_outside
 from rw_support import MNT, daemon_and_guest
 
 from virtiofsd_py.testing.daemon_proc import DaemonProcess
-from virtiofsd_py.testing.guest import Guest
+from virtiofsd_py.testing.qemu.guest import Guest
 
 pytestmark = pytest.mark.guest
 XATTRMAP = ":map::user.virtiofs.:"

@@ -15,7 +15,7 @@ import pytest
 from rw_support import MNT, daemon_and_guest
 
 from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
-from virtiofsd_py.testing.guest import Guest
+from virtiofsd_py.testing.qemu.guest import Guest
 
 pytestmark = [
     pytest.mark.guest,

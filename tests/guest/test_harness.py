@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from virtiofsd_py.testing.guest import Guest, GuestError
+from virtiofsd_py.testing.qemu.guest import Guest, GuestError
 
 pytestmark = pytest.mark.guest
 

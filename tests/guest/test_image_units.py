@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from virtiofsd_py.testing.initramfs import Entry, initramfs_entries, write_newc
-from virtiofsd_py.testing.kmodules import ModuleTree, module_depends
-from virtiofsd_py.testing.qmp import QMPClient, QMPError
-from virtiofsd_py.testing.vmlinux import ExtractError, extract_vmlinux, has_pvh_note
+from virtiofsd_py.testing.qemu.initramfs import Entry, initramfs_entries, write_newc
+from virtiofsd_py.testing.qemu.kmodules import ModuleTree, module_depends
+from virtiofsd_py.testing.qemu.qmp import QMPClient, QMPError
+from virtiofsd_py.testing.qemu.vmlinux import ExtractError, extract_vmlinux, has_pvh_note
 
 
 def parse_newc(data: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:

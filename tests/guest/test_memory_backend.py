@@ -15,11 +15,11 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from mount_rig import MEMORY_DIFFERS, SCENARIOS, Scenario
 from rw_support import GUEST_STAT_FMT, boot_programs_guest, guest_view, stop_daemon
-from test_mount import MEMORY_DIFFERS, SCENARIOS, Scenario
 
 from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
-from virtiofsd_py.testing.guest import Guest
+from virtiofsd_py.testing.qemu.guest import Guest
 
 pytestmark = [
     pytest.mark.guest,

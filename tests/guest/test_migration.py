@@ -43,9 +43,9 @@ from pathlib import Path
 import pytest
 
 from virtiofsd_py.testing.daemon_proc import is_own_daemon
-from virtiofsd_py.testing.guest import Guest, GuestError
-from virtiofsd_py.testing.image import cache_dir
-from virtiofsd_py.testing.migration import MigrationError, MigrationPair, Side
+from virtiofsd_py.testing.qemu.guest import Guest, GuestError
+from virtiofsd_py.testing.qemu.image import cache_dir
+from virtiofsd_py.testing.qemu.migration import MigrationError, MigrationPair, Side
 
 pytestmark = pytest.mark.guest
 
@@ -327,7 +327,7 @@ def shared_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _vfsprobe() -> Path | None:
     """The static guest syscall helper, built on the host (None without a compiler)."""
     try:
-        from virtiofsd_py.testing.progimage import ProgramsUnavailable, build_vfsprobe
+        from virtiofsd_py.testing.qemu.progimage import ProgramsUnavailable, build_vfsprobe
     except ImportError:
         return None
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from rw_support import MNT, daemon_and_guest, ours_only, tree
 
-from virtiofsd_py.testing.guest import Guest
+from virtiofsd_py.testing.qemu.guest import Guest
 
 pytestmark = pytest.mark.guest
 

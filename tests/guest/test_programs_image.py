@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from virtiofsd_py.testing.progimage import (
+from virtiofsd_py.testing.qemu.progimage import (
     ProgramsUnavailable,
     elf_deps,
     library_closure,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from virtiofsd_py.testing.guest import Guest
+from virtiofsd_py.testing.qemu.guest import Guest
 
 pytestmark = pytest.mark.guest
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
-from virtiofsd_py.testing.guest import Guest
+from virtiofsd_py.testing.qemu.guest import Guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.ours_only]
 

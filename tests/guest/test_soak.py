@@ -27,7 +27,7 @@ from escape_ops import SECCOMP
 from rw_support import GUEST_STAT_FMT, MNT, daemon_and_guest, guest_view, host_view
 
 from virtiofsd_py.testing.daemon_proc import DaemonProcess
-from virtiofsd_py.testing.guest import Guest
+from virtiofsd_py.testing.qemu.guest import Guest
 
 pytestmark = pytest.mark.guest
 SECONDS = float(os.environ.get("VIRTIOFSD_PY_SOAK_SECONDS", "15"))

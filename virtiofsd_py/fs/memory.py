@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from virtiofsd_py.fs.base import (
+from virtiofsd_py.fs.api import (
     ROOT_ID,
     AttrReply,
     Context,
@@ -46,7 +46,7 @@ from virtiofsd_py.fs.cache import CachePolicy
 from virtiofsd_py.fuse import abi
 
 if TYPE_CHECKING:
-    from virtiofsd_py.options import Options
+    from virtiofsd_py.app.options import Options
 
 #: Cookies of "." and ".."; real entries get cookies from 3 upwards.
 _DOT_COOKIE: Final = 1

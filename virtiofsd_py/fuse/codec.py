@@ -17,10 +17,9 @@ import struct
 from collections.abc import Sequence
 from typing import Final, NamedTuple
 
-from virtiofsd_py.fs.base import Entry
-
-from . import abi, iov
-from .iov import Buffer, Buffers
+from virtiofsd_py.fs.api import Entry
+from virtiofsd_py.fuse import abi, iov
+from virtiofsd_py.fuse.iov import Buffer, Buffers
 
 _U32: Final = 0xFFFF_FFFF
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF

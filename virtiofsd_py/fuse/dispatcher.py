@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
-from virtiofsd_py.fs.base import (
+from virtiofsd_py.fs.api import (
     AttrReply,
     Context,
     Entry,
@@ -36,9 +36,8 @@ from virtiofsd_py.fs.base import (
     SessionInfo,
     SetAttr,
 )
-
-from . import abi, codec, iov
-from .codec import Malformed, ReplyTooLarge
+from virtiofsd_py.fuse import abi, codec, iov
+from virtiofsd_py.fuse.codec import Malformed, ReplyTooLarge
 
 log = logging.getLogger(__name__)
 

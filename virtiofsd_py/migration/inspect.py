@@ -11,7 +11,7 @@ import stat
 import sys
 from typing import Any
 
-from virtiofsd_py.migration.state import StateError, decode
+from virtiofsd_py.migration.envelope import StateError, decode
 
 
 def _name(value: Any) -> str:

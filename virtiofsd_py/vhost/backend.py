@@ -20,14 +20,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from virtiofsd_py.migration.transfer import TransferError, read_all, write_all
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.protocol import Message, ProtocolError, Request
+from virtiofsd_py.vhost.rings import Vring
+from virtiofsd_py.vhost.transfer import TransferError, read_all, write_all
 from virtiofsd_py.virtio.dirty_log import DirtyLog, DirtyLogError, logging_supported
 from virtiofsd_py.virtio.memory import GuestMemory, GuestMemoryError, close_fds, map_region
-from virtiofsd_py.virtio.queue_runner import QueueRunner
+from virtiofsd_py.virtio.runner import QueueRunner
 from virtiofsd_py.virtio.virtqueue import QueueError, SplitQueue, valid_queue_size
-from virtiofsd_py.virtio.vring import Vring
 
 log = logging.getLogger("virtiofsd_py.vhost")
 

@@ -13,7 +13,7 @@ import array
 import logging
 import socket
 
-from virtiofsd_py.fdwait import wait_fd
+from virtiofsd_py.host.fdwait import wait_fd
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.backend import VhostUserBackend
 from virtiofsd_py.virtio.memory import close_fds
