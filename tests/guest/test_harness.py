@@ -21,8 +21,6 @@ from qemu.qmp import ExecuteError, QMPError
 from virtiofsd_py.testing.qemu.guest import QMP, Guest, GuestError
 from virtiofsd_py.testing.qemu.image import qemu_binary, qemu_version
 
-guest = pytest.mark.guest
-
 
 @pytest.fixture(scope="module")
 def bare_guest(guest_support: None) -> Iterator[Guest]:
@@ -32,13 +30,13 @@ def bare_guest(guest_support: None) -> Iterator[Guest]:
     g.shutdown()
 
 
-@guest
+@pytest.mark.guest
 def test_status_and_separate_streams(bare_guest: Guest) -> None:
     res = bare_guest.run("echo out; echo err >&2; exit 3")
     assert (res.rc, res.stdout, res.stderr) == (3, b"out\n", b"err\n")
 
 
-@guest
+@pytest.mark.guest
 def test_binary_and_multiline_output_is_exact(bare_guest: Guest) -> None:
     # Lines that look like frames, bytes that are not UTF-8, no final newline.
     script = b"printf 'a b END 0\\nOUT\\n\\377\\000x'"
@@ -47,13 +45,13 @@ def test_binary_and_multiline_output_is_exact(bare_guest: Guest) -> None:
     assert res.stderr == b""
 
 
-@guest
+@pytest.mark.guest
 def test_large_output(bare_guest: Guest) -> None:
     res = bare_guest.run("seq 1 100000").check()
     assert res.out.split() == [str(i) for i in range(1, 100001)]
 
 
-@guest
+@pytest.mark.guest
 def test_timeout_then_channel_recovers(bare_guest: Guest) -> None:
     with pytest.raises(GuestError, match="timed out"):
         bare_guest.run("sleep 1; echo late", timeout=0.2)
@@ -61,7 +59,7 @@ def test_timeout_then_channel_recovers(bare_guest: Guest) -> None:
     assert bare_guest.run("echo next").check().out == "next\n"
 
 
-@guest
+@pytest.mark.guest
 def test_kernel_panic_fails_fast_with_console(guest_support: None) -> None:
     start = time.monotonic()
     with pytest.raises(GuestError) as info:
@@ -71,7 +69,7 @@ def test_kernel_panic_fails_fast_with_console(guest_support: None) -> None:
     assert time.monotonic() - start < 60
 
 
-@guest
+@pytest.mark.guest
 def test_qemu_error_fails_fast(guest_support: None) -> None:
     with pytest.raises(GuestError, match="no-such-device"):
         Guest.boot(vhost_sockets={}, extra_args=["-device", "no-such-device"], timeout=120)
