@@ -69,10 +69,34 @@ if ! qemu_ok; then
     qemu_ok || { log "QEMU >= 8.2 is still not available"; exit 1; }
 fi
 
+# Whether every requirement of pyproject.toml's dependencies and test extra is
+# installed in a version it accepts (packaging comes with pytest: without it,
+# the test tools are missing anyway).
+requirements_met() {
+    (cd / && python3 - "$1" <<'EOF'
+import importlib.metadata as md, sys, tomllib
+try:
+    from packaging.requirements import Requirement
+except ImportError:
+    sys.exit(1)
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)["project"]
+for text in project["dependencies"] + project["optional-dependencies"]["test"]:
+    req = Requirement(text)
+    try:
+        version = md.version(req.name)
+    except md.PackageNotFoundError:
+        sys.exit(1)
+    if not req.specifier.contains(version, prereleases=True):
+        sys.exit(1)
+EOF
+    )
+}
 # Editable install of this checkout (CI uses a fresh clone elsewhere: reinstall
-# whenever the installed package points at another directory).
+# whenever the installed package points at another directory, or a requirement
+# is missing or too old).
 installed=$(cd / && python3 -c 'import virtiofsd_py, os; print(os.path.dirname(os.path.dirname(virtiofsd_py.__file__)))' 2>/dev/null || true)
-if [ "$installed" != "$PWD" ] || ! (cd / && python3 -c 'import pytest, pytest_asyncio, hypothesis') 2>/dev/null \
+if [ "$installed" != "$PWD" ] || ! requirements_met "$PWD/pyproject.toml" \
     || ! command -v ruff >/dev/null || ! command -v mypy >/dev/null; then
     log "pip install -e .[test] ruff mypy"
     PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore -e '.[test]' ruff mypy

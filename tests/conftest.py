@@ -13,13 +13,15 @@ against another daemon.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_support import HostTree, finish_daemon, make_host_tree
 
+from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.testing.daemon_proc import DaemonProcess, is_own_daemon
 from virtiofsd_py.testing.frontend.fuse_client import FuseClient
 from virtiofsd_py.testing.frontend.vhost_user import VhostUserFrontend
@@ -28,6 +30,11 @@ from virtiofsd_py.testing.frontend.vhost_user import VhostUserFrontend
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "ours_only: checks an extension of our daemon; skipped against another one"
+    )
+    config.addinivalue_line(
+        "markers",
+        "fd_per_node(reason): checks the O_PATH fd each node holds; skipped with"
+        " --inode-file-handles=prefer",
     )
 
 
@@ -38,6 +45,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "ours_only" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["never", "prefer"])
+def inode_file_handles(request: pytest.FixtureRequest) -> str:
+    """``--inode-file-handles`` of the PassthroughFS a test makes with ``make_fs``.
+
+    Every test that makes one runs once with each value: "prefer" keeps nodes
+    as kernel file handles instead of O_PATH fds.  A test marked
+    ``fd_per_node(reason)`` is about those fds and is skipped with "prefer".
+    """
+    mode: str = request.param
+    mark = request.node.get_closest_marker("fd_per_node")
+    if mode == "prefer" and mark is not None:
+        pytest.skip(f"--inode-file-handles=prefer: {mark.args[0]}")
+    return mode
+
+
+@pytest.fixture
+def make_fs(inode_file_handles: str) -> Callable[..., PassthroughFS]:
+    """The one construction point of the passthrough suites: ``make_fs(share, **fields)``
+    is ``PassthroughFS(PassthroughConfig(share, **fields))`` with this run's
+    ``inode_file_handles``."""
+
+    def make(share: Path, **fields: Any) -> PassthroughFS:
+        fs = PassthroughFS(
+            PassthroughConfig(shared_dir=share, inode_file_handles=inode_file_handles, **fields)
+        )
+        # "prefer" falls back to fds where the host makes no handles: that run
+        # would repeat the "never" one.
+        assert inode_file_handles == "never" or fs.file_handles.enabled
+        return fs
+
+    return make
 
 
 @pytest.fixture

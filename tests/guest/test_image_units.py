@@ -1,25 +1,22 @@
 """Unit tests of the guest harness's building blocks (no QEMU needed).
 
 cpio ``newc`` writing, vmlinux extraction from a bzImage, kernel module
-dependency resolution, and the QMP client, each against synthetic input.
+dependency resolution, each against synthetic input (the QMP client is tested
+in test_harness.py).
 """
 
 from __future__ import annotations
 
 import gzip
-import json
 import lzma
-import socket
 import stat
 import struct
-import threading
 from pathlib import Path
 
 import pytest
 
 from virtiofsd_py.testing.qemu.initramfs import Entry, initramfs_entries, write_newc
 from virtiofsd_py.testing.qemu.kmodules import ModuleTree, module_depends
-from virtiofsd_py.testing.qemu.qmp import QMPClient, QMPError
 from virtiofsd_py.testing.qemu.vmlinux import ExtractError, extract_vmlinux, has_pvh_note
 
 
@@ -130,41 +127,3 @@ def test_module_resolution(tmp_path: Path) -> None:
     assert resolved[0][1] == fake_module("")
     with pytest.raises(LookupError, match="missing"):
         tree.resolve(("missing",))
-
-
-def serve_qmp(sock: socket.socket, log: list[dict[str, object]]) -> None:
-    f = sock.makefile("rwb")
-
-    def send(msg: dict[str, object]) -> None:
-        f.write(json.dumps(msg).encode() + b"\r\n")
-        f.flush()
-
-    send({"QMP": {"version": {"qemu": {"major": 10}}, "capabilities": []}})
-    for line in f:
-        req = json.loads(line)
-        log.append(req)
-        if req["execute"] == "query-status":
-            send({"event": "STOP", "timestamp": {}})
-            send({"return": {"status": "paused"}, "id": req["id"]})
-        elif req["execute"] == "qmp_capabilities":
-            send({"return": {}, "id": req["id"]})
-        else:
-            send({"error": {"class": "GenericError", "desc": "nope"}, "id": req["id"]})
-
-
-def test_qmp_client() -> None:
-    ours, theirs = socket.socketpair()
-    log: list[dict[str, object]] = []
-    server = threading.Thread(target=serve_qmp, args=(theirs, log), daemon=True)
-    server.start()
-    client = QMPClient(ours, timeout=10)
-    assert client.greeting["version"] == {"qemu": {"major": 10}}
-    assert client.execute("query-status") == {"status": "paused"}
-    assert client.wait_event("STOP", timeout=10)["event"] == "STOP"
-    with pytest.raises(QMPError, match="GenericError: nope"):
-        client.execute("migrate-incoming", uri="tcp:0:4444")
-    assert log[0]["execute"] == "qmp_capabilities"
-    assert log[-1]["arguments"] == {"uri": "tcp:0:4444"}
-    client.close()
-    theirs.close()
-    server.join(10)

@@ -20,8 +20,9 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_migration_state import CTX, Pair, tables
-from test_migration_state import share as share  # the fixture
+from test_migration_state import CTX, MakePair, Pair, tables
+from test_migration_state import make_pair as make_pair  # the fixtures
+from test_migration_state import share as share
 
 from virtiofsd_py.fs.api import Lock
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughFS
@@ -32,8 +33,8 @@ WAIT = 20.0
 
 
 @pytest.fixture
-def gpair(share: Path) -> Iterator[Pair]:
-    p = Pair(share, on_error="guest-error")
+def gpair(share: Path, make_pair: MakePair) -> Iterator[Pair]:
+    p = make_pair(share, on_error="guest-error")
     yield p
     p.close()
 
@@ -189,8 +190,8 @@ def test_destroy_stops_the_pass(gpair: Pair) -> None:
     assert len(gpair.dst.inodes) == 1
 
 
-def test_abort_finds_every_node_during_the_load(share: Path) -> None:
-    p = Pair(share)
+def test_abort_finds_every_node_during_the_load(share: Path, make_pair: MakePair) -> None:
+    p = make_pair(share)
     try:
         p.lookup("dir/sub/file")
         p.migrate()
@@ -257,12 +258,12 @@ _FIELDS = (
 )
 @pytest.mark.parametrize("on_error", ["abort", "guest-error"])
 def test_hostile_inode_fields_never_break_the_daemon(
-    share: Path, on_error: str, changes: list[tuple[int, str, object]]
+    share: Path, make_pair: MakePair, on_error: str, changes: list[tuple[int, str, object]]
 ) -> None:
     """Any field of any inode, of the open handle, of the held lock or of the
     tables replaced by any value: the load succeeds or is refused with
     StateError; afterwards every request gets an answer or an OSError."""
-    p = Pair(share, on_error=on_error)
+    p = make_pair(share, on_error=on_error)
     try:
         for path in ("dir/sub/file", "append", "link"):
             p.lookup(path)
@@ -306,13 +307,12 @@ def test_lookup_finds_every_placeholder_of_the_inode(gpair: Pair, held: None) ->
     assert gpair.dst.lookup(CTX, 1, b"append").nodeid == a
 
 
+@pytest.mark.fd_per_node("placeholders of file-handle nodes hold no fd")
 def test_placeholders_count_against_the_fd_budget(gpair: Pair, held: None) -> None:
     for path in ("dir/sub/file", "append", "link"):
         gpair.lookup(path)
     gpair.migrate()
     dst = gpair.dst
-    if dst.file_handles.enabled:
-        pytest.skip("placeholders of file-handle nodes will hold no fd")
     deferred = dst.deferred
     assert deferred is not None and len(deferred.pending) == 5
     dst.fd_limit = dst.inodes.fd_nodes + 3  # room for 3 fds; 5 nodes will want one

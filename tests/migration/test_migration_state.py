@@ -8,18 +8,20 @@ msgpack envelope of virtiofsd_py.migration.envelope.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 
 from virtiofsd_py.fs.api import Context, Lock
-from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
+from virtiofsd_py.fs.passthrough.filesystem import PassthroughFS
 from virtiofsd_py.fs.passthrough.migration.load import MigrationConfig
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.migration.envelope import DaemonState, StateError, decode, encode
@@ -29,8 +31,7 @@ CTX = Context(0, 0, 1)
 O_RDWR = os.O_RDWR
 
 
-def make_fs(share: Path, **mig: object) -> PassthroughFS:
-    return PassthroughFS(PassthroughConfig(share, migration=MigrationConfig(**mig)))  # type: ignore[arg-type]
+MakeFS = Callable[..., PassthroughFS]
 
 
 @pytest.fixture
@@ -45,9 +46,9 @@ def share(tmp_path: Path) -> Path:
 
 
 class Pair:
-    def __init__(self, share: Path, **mig: object) -> None:
-        self.src = make_fs(share, **mig)
-        self.dst = make_fs(share, **mig)
+    def __init__(self, make_fs: MakeFS, share: Path, **mig: Any) -> None:
+        self.src = make_fs(share, migration=MigrationConfig(**mig))
+        self.dst = make_fs(share, migration=MigrationConfig(**mig))
         self.src_state = DaemonState(Dispatcher(self.src), self.src, str(share))
         self.dst_state = DaemonState(Dispatcher(self.dst), self.dst, str(share))
 
@@ -67,9 +68,18 @@ class Pair:
         self.dst.close()
 
 
+MakePair = Callable[..., Pair]
+
+
 @pytest.fixture
-def pair(share: Path) -> Iterator[Pair]:
-    p = Pair(share)
+def make_pair(make_fs: MakeFS) -> MakePair:
+    """``make_pair(share, **migration_config)``: a source and a destination."""
+    return functools.partial(Pair, make_fs)
+
+
+@pytest.fixture
+def pair(share: Path, make_pair: MakePair) -> Iterator[Pair]:
+    p = make_pair(share)
     yield p
     p.close()
 
@@ -107,10 +117,10 @@ def test_renamed_directory_is_found_at_its_new_path(pair: Pair, share: Path) -> 
     pair.src.prepare_migration(False)
 
 
-def test_unlinked_flag_with_prepared_paths(share: Path) -> None:
+def test_unlinked_flag_with_prepared_paths(share: Path, make_pair: MakePair) -> None:
     """Nodes with a confirmed path are linked; a guest unlink after prepare is seen
     (whether or not the preparation finished before it)."""
-    p = Pair(share, mode="file-handles")
+    p = make_pair(share, mode="file-handles")
     try:
         kept = p.lookup("dir/sub/file")
         g = p.lookup("gone")
@@ -136,8 +146,8 @@ def test_host_side_rename_is_followed(pair: Pair, share: Path) -> None:
     )
 
 
-def test_unlinked_open_file_with_file_handles(share: Path) -> None:
-    p = Pair(share, mode="file-handles")
+def test_unlinked_open_file_with_file_handles(share: Path, make_pair: MakePair) -> None:
+    p = make_pair(share, mode="file-handles")
     try:
         g = p.lookup("gone")
         fh = p.src.open(CTX, g, O_RDWR).fh
@@ -152,8 +162,10 @@ def test_unlinked_open_file_with_file_handles(share: Path) -> None:
         p.close()
 
 
-def test_unlinked_file_without_a_handle_fails_or_becomes_eio(share: Path) -> None:
-    p = Pair(share)
+def test_unlinked_file_without_a_handle_fails_or_becomes_eio(
+    share: Path, make_pair: MakePair, make_fs: MakeFS
+) -> None:
+    p = make_pair(share)
     try:
         g = p.lookup("gone")
         p.src.unlink(CTX, 1, b"gone")
@@ -163,7 +175,7 @@ def test_unlinked_file_without_a_handle_fails_or_becomes_eio(share: Path) -> Non
             i["handle"] = None  # as a source that cannot make file handles
         with pytest.raises(StateError, match="inode"):
             p.dst_state.load(msgpack.packb(doc))
-        guest_error = make_fs(share, on_error="guest-error")
+        guest_error = make_fs(share, migration=MigrationConfig(on_error="guest-error"))
         try:
             DaemonState(Dispatcher(guest_error), guest_error, "").load(msgpack.packb(doc))
             with pytest.raises(OSError):
@@ -191,8 +203,8 @@ def _host_can_lock(path: Path, kind: str) -> bool:
     return subprocess.run([sys.executable, "-c", code], timeout=20).returncode == 0
 
 
-def test_locks_are_taken_again_once_the_source_lets_go(share: Path) -> None:
-    p = Pair(share)
+def test_locks_are_taken_again_once_the_source_lets_go(share: Path, make_pair: MakePair) -> None:
+    p = make_pair(share)
     try:
         a = p.lookup("append")
         fh = p.src.open(CTX, a, O_RDWR).fh
@@ -365,10 +377,10 @@ def test_rejected_state_is_kept_for_inspection(pair: Pair, tmp_path: Path) -> No
     assert "no/such/file" in describe(decode(kept.read_bytes()))
 
 
-def test_destroy_stops_waiting_for_the_sources_locks(share: Path) -> None:
+def test_destroy_stops_waiting_for_the_sources_locks(share: Path, make_pair: MakePair) -> None:
     """FUSE_DESTROY on the destination while the source still holds a lock: the
     re-taking stops, and once the source lets go nobody holds the lock."""
-    p = Pair(share)
+    p = make_pair(share)
     try:
         a = p.lookup("append")
         fh = p.src.open(CTX, a, O_RDWR).fh

@@ -11,12 +11,15 @@ Gauges (queue depths, open inodes, handles, fds) are not counted on the hot
 path: sources registered with ``add_gauges`` are asked when someone reads.
 
 Two renderings: ``prometheus()`` (text exposition format 0.0.4, served by
-``metrics_server``) and ``summary_lines()`` (what SIGUSR1 writes to the log).
+``metrics_server``; ``prometheus_client`` writes it from the families that
+``PrometheusCollector`` makes of a snapshot) and ``summary_lines()`` (what
+SIGUSR1 writes to the log).
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
+import itertools
 import os
 import struct
 import threading
@@ -24,6 +27,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 from virtiofsd_py.fuse.abi import opcode_name
 
@@ -238,43 +250,7 @@ class Metrics:
     # -- renderings ------------------------------------------------------------
     def prometheus(self) -> str:
         """Prometheus text exposition format (version 0.0.4)."""
-        lines: list[str] = []
-        stats = self.op_stats()
-        _family(lines, "fuse_requests_total", "counter", "FUSE requests handled, by opcode.")
-        for s in stats:
-            lines.append(f'{PREFIX}_fuse_requests_total{{opcode="{_op(s)}"}} {s.requests}')
-        _family(lines, "fuse_errors_total", "counter", "FUSE error replies, by opcode.")
-        for s in stats:
-            lines.append(f'{PREFIX}_fuse_errors_total{{opcode="{_op(s)}"}} {s.errors}')
-        _family(lines, "fuse_errno_total", "counter", "FUSE error replies, by errno.")
-        for e, n in sorted(self.errnos().items()):
-            lines.append(f'{PREFIX}_fuse_errno_total{{errno="{_errno_name(e)}"}} {n}')
-        name = f"{PREFIX}_fuse_request_duration_seconds"
-        _family(
-            lines,
-            "fuse_request_duration_seconds",
-            "histogram",
-            "Time to execute a FUSE request and write its reply, by opcode.",
-        )
-        bounds = bucket_bounds_ns()
-        for s in stats if self.timed else ():
-            op = _op(s)
-            acc = 0
-            for bound, n in zip(bounds, s.buckets, strict=False):
-                acc += n
-                lines.append(f'{name}_bucket{{opcode="{op}",le="{bound / 1e9:.9g}"}} {acc}')
-            lines.append(f'{name}_bucket{{opcode="{op}",le="+Inf"}} {s.requests}')
-            lines.append(f'{name}_sum{{opcode="{op}"}} {s.sum_ns / 1e9:.9g}')
-            lines.append(f'{name}_count{{opcode="{op}"}} {s.requests}')
-        seen: set[str] = set()
-        for g in self.gauges():
-            if g.name not in seen:
-                seen.add(g.name)
-                _family(lines, g.name, "gauge", g.help)
-            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in g.labels)
-            sel = f"{{{labels}}}" if labels else ""
-            lines.append(f"{PREFIX}_{g.name}{sel} {g.value:.9g}")
-        return "\n".join(lines) + "\n"
+        return generate_latest(PrometheusCollector(self)).decode()
 
     def summary_lines(self) -> list[str]:
         """Human-readable one-line records (for the log on SIGUSR1)."""
@@ -298,6 +274,49 @@ class Metrics:
         return out
 
 
+class PrometheusCollector(Collector):
+    """The metric families of one snapshot of ``metrics``, for ``prometheus_client``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        stats = m.op_stats()
+        requests = _counter("fuse_requests", "FUSE requests handled, by opcode.", "opcode")
+        errors = _counter("fuse_errors", "FUSE error replies, by opcode.", "opcode")
+        for s in stats:
+            requests.add_metric([_op(s)], s.requests)
+            errors.add_metric([_op(s)], s.errors)
+        errnos = _counter("fuse_errno", "FUSE error replies, by errno.", "errno")
+        for e, n in sorted(m.errnos().items()):
+            errnos.add_metric([_errno_name(e)], n)
+        duration = HistogramMetricFamily(
+            f"{PREFIX}_fuse_request_duration_seconds",
+            "Time to execute a FUSE request and write its reply, by opcode.",
+            labels=["opcode"],
+        )
+        bounds = [f"{bound / 1e9:.9g}" for bound in bucket_bounds_ns()]
+        for s in stats if m.timed else ():
+            finite = zip(bounds, itertools.accumulate(s.buckets), strict=False)
+            buckets = [*finite, ("+Inf", s.requests)]
+            duration.add_metric([_op(s)], buckets, s.sum_ns / 1e9)
+        yield from (requests, errors, errnos, duration)
+        gauges: dict[str, GaugeMetricFamily] = {}
+        for g in m.gauges():
+            family = gauges.get(g.name)
+            if family is None:
+                labels = [k for k, _ in g.labels]
+                family = GaugeMetricFamily(f"{PREFIX}_{g.name}", g.help, labels=labels)
+                gauges[g.name] = family
+            family.add_metric([v for _, v in g.labels], g.value)
+        yield from gauges.values()
+
+
+def _counter(name: str, help_text: str, label: str) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", help_text, labels=[label])
+
+
 def _op(s: OpStats) -> str:
     return opcode_name(s.opcode) if s.opcode else "OTHER"
 
@@ -306,17 +325,8 @@ def _errno_name(e: int) -> str:
     return errno_mod.errorcode.get(e, str(e))
 
 
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def _label_suffix(labels: tuple[tuple[str, str], ...]) -> str:
     return "".join(f"[{v}]" for _, v in labels)
-
-
-def _family(lines: list[str], name: str, kind: str, help_text: str) -> None:
-    lines.append(f"# HELP {PREFIX}_{name} {help_text}")
-    lines.append(f"# TYPE {PREFIX}_{name} {kind}")
 
 
 def _count_fds(fd_dir: str) -> int:

@@ -8,7 +8,10 @@ guest does, and the daemon has no business listening on a network.
 The server speaks just enough HTTP/1.x for Prometheus and curl: it reads
 the request head, answers ``GET /metrics`` (or ``/``) with the text format
 and closes the connection.  A head without the blank line that ends it
-(the client half-closed) is answered as far as it goes.
+(the client half-closed) is answered as far as it goes.  It is ours, not
+``prometheus_client``'s, because that one binds a TCP address itself and
+serves from threads: see docs/ARCHITECTURE.md, "Hand-written where a
+library would do".
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ import socket
 import stat
 from dataclasses import dataclass
 
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
 from virtiofsd_py.app.metrics import Metrics
 
 log = logging.getLogger("virtiofsd_py.app.metrics")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: What ``Metrics.prometheus()`` writes.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 #: A request head larger than this, or slower than this, is dropped.
 MAX_HEAD = 8192
 HEAD_TIMEOUT = 5.0
@@ -97,7 +103,8 @@ class MetricsServer:
 
     def open(self) -> None:
         """Bind and listen, synchronously: the daemon does this before it enters
-        its sandbox (where the path may be unreachable and seccomp has no bind)."""
+        its sandbox, where the path may be out of reach (pivot_root) and a TCP
+        address would be in the sandbox's own network namespace."""
         if self._sock is not None:
             return
         a = self.address
@@ -111,7 +118,7 @@ class MetricsServer:
             try:
                 sock.bind(a.path)
                 # Removed at exit through this fd: the path may be out of reach
-                # by then (sandbox), and seccomp allows unlinkat, not unlink.
+                # by then (sandbox).
                 self._dir_fd = os.open(
                     os.path.dirname(os.path.abspath(a.path)),
                     os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
@@ -138,8 +145,7 @@ class MetricsServer:
         """Serve on the loop (opening the socket first if ``open`` was not called).
 
         Connections are taken with ``sock_accept`` on the socket ``open``
-        made listen: asyncio's servers would call listen() again, which the
-        seccomp filter forbids.
+        made listen.
         """
         self.open()
         assert self._sock is not None

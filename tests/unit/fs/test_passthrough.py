@@ -8,7 +8,7 @@ import os
 import resource
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,6 @@ import pytest
 from virtiofsd_py.fs.api import ROOT_ID, Context, Entry
 from virtiofsd_py.fs.cache import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from virtiofsd_py.fs.passthrough.filesystem import (
-    PassthroughConfig,
     PassthroughFS,
     ReadOnlyPassthroughFS,
 )
@@ -38,12 +37,14 @@ def tree(tmp_path: Path) -> Path:
     return share
 
 
-def make_fs(share: Path, **kw: object) -> PassthroughFS:
-    return PassthroughFS(PassthroughConfig(shared_dir=share, **kw))  # type: ignore[arg-type]
+MakeFS = Callable[..., PassthroughFS]
+#: For the tests about the O_PATH fds nodes hold (or that lookups run out of);
+#: test_passthrough_handles.py has their file-handle counterparts.
+fd_per_node = pytest.mark.fd_per_node("asserts the O_PATH fds the nodes hold")
 
 
 @pytest.fixture
-def fs(tree: Path) -> Iterator[PassthroughFS]:
+def fs(tree: Path, make_fs: MakeFS) -> Iterator[PassthroughFS]:
     f = make_fs(tree)
     yield f
     f.close()
@@ -82,7 +83,7 @@ def same_stat(a: os.stat_result, b: os.stat_result) -> None:
 # -- construction ------------------------------------------------------------
 
 
-def test_missing_shared_dir_is_a_clear_error(tmp_path: Path) -> None:
+def test_missing_shared_dir_is_a_clear_error(tmp_path: Path, make_fs: MakeFS) -> None:
     with pytest.raises(FileNotFoundError, match="shared directory"):
         make_fs(tmp_path / "nope")
     (tmp_path / "f").write_bytes(b"")
@@ -97,6 +98,7 @@ def test_root_is_node_1(fs: PassthroughFS, tree: Path) -> None:
 # -- lookup / forget -----------------------------------------------------------
 
 
+@fd_per_node
 def test_lookup_counts_and_forget_closes(fs: PassthroughFS, tree: Path) -> None:
     before = open_fds()
     e1 = fs.lookup(CTX, ROOT_ID, b"file")
@@ -419,7 +421,7 @@ def test_destroy_keeps_only_the_root(fs: PassthroughFS) -> None:
     ],
 )
 def test_cache_policy(
-    tree: Path, mode: str, timeout: float, file_flags: int, dir_flags: int
+    tree: Path, make_fs: MakeFS, mode: str, timeout: float, file_flags: int, dir_flags: int
 ) -> None:
     fs = make_fs(tree, cache=mode)
     try:
@@ -433,7 +435,7 @@ def test_cache_policy(
         fs.close()
 
 
-def test_bad_cache_mode(tree: Path) -> None:
+def test_bad_cache_mode(tree: Path, make_fs: MakeFS) -> None:
     with pytest.raises(ValueError, match="cache"):
         make_fs(tree, cache="sometimes")
 
@@ -446,7 +448,7 @@ def test_xattr_off_is_enosys(fs: PassthroughFS) -> None:
     assert errno_of(fs.listxattr, CTX, ROOT_ID) == errno.ENOSYS
 
 
-def test_xattrs(tree: Path) -> None:
+def test_xattrs(tree: Path, make_fs: MakeFS) -> None:
     os.setxattr(tree / "file", "user.colour", b"blue")
     os.setxattr(tree / "file", "user.shape", b"")
     os.symlink("file", tree / "sym")
@@ -525,6 +527,7 @@ def test_symlinks_out_of_the_share_are_never_followed(
     assert len(fs.handles) == 0
 
 
+@fd_per_node
 def test_escape_attempts_never_read_outside(fs: PassthroughFS, tree: Path) -> None:
     """Try every way in this slice to reach ../outside/secret; none returns its bytes."""
     os.symlink(tree.parent / "outside", tree / "out")
@@ -574,6 +577,7 @@ def test_device_node_is_never_opened(fs: PassthroughFS, tree: Path) -> None:
     assert len(fs.handles) == 0
 
 
+@fd_per_node
 def test_emfile_goes_to_the_request_and_the_daemon_keeps_serving(
     fs: PassthroughFS, tree: Path
 ) -> None:
@@ -620,7 +624,7 @@ def test_emfile_goes_to_the_request_and_the_daemon_keeps_serving(
 # -- read-only ---------------------------------------------------------------------
 
 
-def test_readonly_share(tree: Path) -> None:
+def test_readonly_share(tree: Path, make_fs: MakeFS) -> None:
     fs = make_fs(tree, readonly=True)
     try:
         assert isinstance(fs, ReadOnlyPassthroughFS) and fs.readonly
@@ -655,7 +659,9 @@ def submount(tree: Path) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("announce", [False, True])
-def test_submounts_are_announced_on_request(tree: Path, submount: Path, announce: bool) -> None:
+def test_submounts_are_announced_on_request(
+    tree: Path, make_fs: MakeFS, submount: Path, announce: bool
+) -> None:
     (submount / "f").write_bytes(b"")
     fs = make_fs(tree, announce_submounts=announce)
     try:
@@ -667,6 +673,7 @@ def test_submounts_are_announced_on_request(tree: Path, submount: Path, announce
         fs.close()
 
 
+@fd_per_node
 def test_guest_fd_budget_gives_enfile_and_recovers(fs: PassthroughFS, tree: Path) -> None:
     for i in range(6):
         (tree / f"b{i}").write_bytes(b"b")

@@ -10,14 +10,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from virtiofsd_py.fs.api import ROOT_ID, Context, Lock, SessionInfo, SetAttr
 from virtiofsd_py.fs.passthrough.creds import IS_ROOT, Credentials, thread_ids
-from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
+from virtiofsd_py.fs.passthrough.filesystem import PassthroughFS
 from virtiofsd_py.fs.passthrough.idmap import IdMap
 from virtiofsd_py.fs.passthrough.locks import OFFSET_MAX
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
@@ -29,8 +29,7 @@ USER = Context(uid=1000, gid=1000, pid=2)
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="credential switching needs root")
 
 
-def make_fs(share: Path, **kw: object) -> PassthroughFS:
-    return PassthroughFS(PassthroughConfig(shared_dir=share, **kw))  # type: ignore[arg-type]
+MakeFS = Callable[..., PassthroughFS]
 
 
 @pytest.fixture
@@ -44,7 +43,7 @@ def share(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def fs(share: Path) -> Iterator[PassthroughFS]:
+def fs(share: Path, make_fs: MakeFS) -> Iterator[PassthroughFS]:
     f = make_fs(share)
     yield f
     f.close()
@@ -275,7 +274,7 @@ def test_write_from_several_buffers_and_append(fs: PassthroughFS, share: Path) -
     assert errno_of(fs.write, ROOT, e.nodeid, r.fh, 0, mv(b"x"), 0) == errno.EBADF
 
 
-def test_writeback_opens_write_only_files_readable(share: Path) -> None:
+def test_writeback_opens_write_only_files_readable(share: Path, make_fs: MakeFS) -> None:
     fs = make_fs(share)
     try:
         fs.init(session(abi.FUSE_WRITEBACK_CACHE))
@@ -292,7 +291,7 @@ def test_writeback_opens_write_only_files_readable(share: Path) -> None:
 
 @needs_root
 @pytest.mark.parametrize("killpriv", [False, True])
-def test_kill_suidgid_on_write_truncate_open(share: Path, killpriv: bool) -> None:
+def test_kill_suidgid_on_write_truncate_open(share: Path, make_fs: MakeFS, killpriv: bool) -> None:
     fs = make_fs(share, killpriv_v2=killpriv)
     p = share / "file"
     try:
@@ -470,7 +469,7 @@ def test_without_supp_group_extension_the_guest_checks_dirs(fs: PassthroughFS, s
 
 
 @needs_root
-def test_credentials_never_leak_between_threads(share: Path) -> None:
+def test_credentials_never_leak_between_threads(share: Path, make_fs: MakeFS) -> None:
     fs = make_fs(share)
     os.chmod(share, 0o777)
     errors: list[BaseException] = []
@@ -521,7 +520,7 @@ def test_credentials_restore_on_error_and_cost() -> None:
 
 
 @needs_root
-def test_translate_uid_gid(share: Path) -> None:
+def test_translate_uid_gid(share: Path, make_fs: MakeFS) -> None:
     os.chmod(share, 0o777)
     os.chown(share / "file", 5000, 0)
     fs = make_fs(
@@ -549,7 +548,7 @@ def test_translate_uid_gid(share: Path) -> None:
 # -- xattrs ------------------------------------------------------------------------------------
 
 
-def test_setxattr_removexattr(share: Path) -> None:
+def test_setxattr_removexattr(share: Path, make_fs: MakeFS) -> None:
     fs = make_fs(share, xattr=True)
     try:
         e = fs.lookup(ROOT, ROOT_ID, b"file")
@@ -579,7 +578,7 @@ def test_setxattr_removexattr(share: Path) -> None:
         off.close()
 
 
-def test_xattrmap_applied(share: Path) -> None:
+def test_xattrmap_applied(share: Path, make_fs: MakeFS) -> None:
     os.setxattr(share / "file", "user.host_only", b"h")
     xm = XattrMap(
         ":prefix:all:trusted.:user.virtiofs.: :bad:server::trusted.:"
@@ -605,7 +604,7 @@ def test_xattrmap_applied(share: Path) -> None:
 
 
 @needs_root
-def test_security_label_on_create(share: Path) -> None:
+def test_security_label_on_create(share: Path, make_fs: MakeFS) -> None:
     fs = make_fs(share, xattr=True)
     try:
         ctx = Context(uid=0, gid=0, pid=1, security_ctx=(b"user.label", b"lbl\0"))
@@ -822,7 +821,7 @@ def test_lock_argument_errors(fs: PassthroughFS) -> None:
 # -- read-only -----------------------------------------------------------------------------------
 
 
-def test_readonly_refuses_every_change(share: Path) -> None:
+def test_readonly_refuses_every_change(share: Path, make_fs: MakeFS) -> None:
     fs = make_fs(share, readonly=True, xattr=True)
     try:
         f = fs.lookup(ROOT, ROOT_ID, b"file")

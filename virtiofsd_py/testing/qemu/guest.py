@@ -10,7 +10,8 @@ Used by tests/guest and by benchmarks. A guest gets:
 - a virtio-serial port used only for commands: the initramfs's init serves
   it (see ``initramfs.py``), so command output is never mixed with kernel
   messages,
-- a QMP socket (``qmp.QMPClient``), for migration tests.
+- a QMP socket (:class:`QMP`, QEMU's own ``qemu.qmp`` client), for
+  migration tests.
 
 QEMU connects to sockets this process listens on (chardev ``server=off``),
 so there is no race with socket creation. Every wait selects on the socket
@@ -21,6 +22,7 @@ console log in the exception.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -32,17 +34,20 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+
+from qemu.qmp import Message, QMPClient, QMPError, Runstate
 
 from virtiofsd_py.testing.qemu.image import load_image, qemu_binary, unavailable_reason
 from virtiofsd_py.testing.qemu.initramfs import CONTROL_PORT, READY_MARK
-from virtiofsd_py.testing.qemu.qmp import QMPClient
 
-__all__ = ["CmdResult", "Guest", "GuestError", "accel_args", "unavailable_reason"]
+__all__ = ["QMP", "CmdResult", "Guest", "GuestError", "accel_args", "unavailable_reason"]
+
+_T = TypeVar("_T")
 
 KERNEL_CMDLINE = (
     "console=ttyS0 panic=-1 oops=panic reboot=t tsc=reliable no_timer_check "
@@ -106,6 +111,91 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 
+class QMP:
+    """QEMU's QMP client (``qemu.qmp.QMPClient``, qmp-spec.rst) for synchronous callers.
+
+    Each call drives the client on a loop of its own (``asyncio.Runner``) until
+    its result is in, so nothing depends on the caller's thread having an event
+    loop, or on which one.  The client queues events as they are read;
+    ``wait_event`` keeps those of other names for later waits.
+
+    Errors: ``qemu.qmp.ExecuteError`` (a QMPError) when QEMU answers a command
+    with an error (``error_class``, the message is its ``desc``); other
+    QMPErrors for protocol and connection state (a command cut off by a
+    hang-up is ``ExecInterruptedError``); ``ConnectionError`` when QEMU hangs
+    up during ``wait_event``; ``TimeoutError``.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        """Take over ``sock``: read the greeting and negotiate capabilities."""
+        self._runner = asyncio.Runner(loop_factory=asyncio.SelectorEventLoop)
+        self._client = QMPClient("guest")
+        self._kept: list[dict[str, Any]] = []
+        self._closed = False
+        try:
+            self._run(self._client.connect(sock), timeout, "greeting")
+        except BaseException:
+            self._runner.close()
+            raise
+
+    def _run(self, step: Awaitable[_T], timeout: float, what: str) -> _T:
+        try:
+            return self._runner.run(asyncio.wait_for(step, timeout))
+        except TimeoutError:
+            raise TimeoutError(f"QMP: no {what} within {timeout:g} s") from None
+
+    def execute(self, command: str, timeout: float = 60, **arguments: Any) -> Any:
+        """Run ``command``; its ``return`` value."""
+        return self._run(
+            self._client.execute(command, arguments or None), timeout, f"answer to {command}"
+        )
+
+    def wait_event(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        """Remove and return the first received or arriving event ``name``."""
+        for i, event in enumerate(self._kept):
+            if event["event"] == name:
+                return self._kept.pop(i)
+        return self._run(self._next_event(name), timeout, f"{name} event")
+
+    def clear_events(self) -> None:
+        """Forget the events received so far."""
+        self._kept.clear()
+        self._client.events.clear()
+
+    async def _next_event(self, name: str) -> dict[str, Any]:
+        while True:
+            event = dict(await self._event())
+            if event["event"] == name:
+                return event
+            self._kept.append(event)
+
+    async def _event(self) -> Message:
+        """The next event; ConnectionError once the connection is down, not a wait."""
+        get = asyncio.ensure_future(self._client.events.get())
+        try:
+            while not get.done():
+                if self._client.runstate is not Runstate.RUNNING:
+                    raise ConnectionError("QMP connection closed")
+                changed = asyncio.ensure_future(self._client.runstate_changed())
+                try:
+                    await asyncio.wait((get, changed), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+            return get.result()
+        finally:
+            get.cancel()
+
+    def close(self) -> None:
+        """Hang up and release the loop (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            # Re-raises whatever ended a connection that failed: of no use here.
+            self._run(self._client.disconnect(), 5, "hang-up")
+        self._runner.close()
+
+
 class Guest:
     """A running QEMU guest; create with ``Guest.boot``."""
 
@@ -118,7 +208,7 @@ class Guest:
         self._pidfd = os.pidfd_open(proc.pid)
         self._ctl: socket.socket | None = None
         self._buf = b""
-        self._qmp: QMPClient | None = None
+        self._qmp: QMP | None = None
         self.release = ""
 
     # -- construction ------------------------------------------------------
@@ -191,8 +281,8 @@ class Guest:
             if qmp:
                 conn = guest._accept(listeners["qmp"], deadline)
                 try:
-                    guest._qmp = QMPClient(conn, timeout=max(1.0, deadline - time.monotonic()))
-                except (OSError, ValueError) as e:
+                    guest._qmp = QMP(conn, timeout=max(1.0, deadline - time.monotonic()))
+                except (QMPError, OSError) as e:
                     conn.close()
                     raise guest._failure(f"QMP handshake failed: {e}", exiting=True) from e
             if incoming is None:
@@ -305,7 +395,7 @@ class Guest:
         return self._qmp.execute(command, **args)
 
     @property
-    def qmp_client(self) -> QMPClient:
+    def qmp_client(self) -> QMP:
         """The QMP client, for events (``wait_event``)."""
         if self._qmp is None:
             raise GuestError("guest was booted without QMP")
@@ -320,14 +410,14 @@ class Guest:
             if self._qmp is not None:
                 try:
                     running = bool(self._qmp.execute("query-status", timeout=5)["running"])
-                except (OSError, TimeoutError, ValueError):
+                except (QMPError, OSError):
                     running = False
             try:
                 if running and self._ctl is not None:
                     self._ctl.sendall(b"poweroff " + base64.b64encode(b"sync; poweroff -f") + b"\n")
                 elif self._qmp is not None:
                     self._qmp.execute("quit", timeout=5)
-            except (OSError, TimeoutError, ValueError):
+            except (QMPError, OSError):
                 pass
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import QMPError
+
 from virtiofsd_py.testing.daemon_proc import DaemonProcess
 from virtiofsd_py.testing.qemu.guest import Guest, GuestError
-from virtiofsd_py.testing.qemu.qmp import QMPError
 
 __all__ = ["MigrationError", "MigrationPair", "MigrationResult", "RetiredSide", "Side"]
 
@@ -271,7 +272,7 @@ class MigrationPair:
         src = self.source
         dst = self.destination or self.prepare_destination()
         deadline = time.monotonic() + timeout
-        src.guest.qmp_client.events.clear()
+        src.guest.qmp_client.clear_events()
         try:
             src.guest.qmp("migrate", uri=f"unix:{dst.migration_socket}")
             if while_active is not None:

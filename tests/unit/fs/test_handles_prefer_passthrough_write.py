@@ -1,6 +1,0 @@
-"""tests/test_passthrough_write.py again, with ``--inode-file-handles=prefer``."""
-
-from __future__ import annotations
-
-from handles_prefer import prefer_handles  # noqa: F401
-from test_passthrough_write import *  # noqa: F403
