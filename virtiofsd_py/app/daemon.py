@@ -187,7 +187,7 @@ def build_filesystem(opts: Options) -> PassthroughFS | MemoryFS:
             PassthroughConfig(
                 shared_dir=shared_dir,
                 proc_self_fd=proc_self_fd,
-                cache=opts.cache,  # type: ignore[arg-type]
+                cache=opts.cache,
                 readonly=opts.readonly,
                 xattr=opts.xattr,
                 allow_direct_io=opts.allow_direct_io,
@@ -199,12 +199,12 @@ def build_filesystem(opts: Options) -> PassthroughFS | MemoryFS:
                 uid_map=IdMap(opts.translate_uid),
                 gid_map=IdMap(opts.translate_gid),
                 migration=MigrationConfig(
-                    mode=opts.migration_mode,  # type: ignore[arg-type]
-                    on_error=opts.migration_on_error,  # type: ignore[arg-type]
+                    mode=opts.migration_mode,
+                    on_error=opts.migration_on_error,
                     verify_handles=opts.migration_verify_handles,
                     confirm_paths=opts.migration_confirm_paths,
                 ),
-                inode_file_handles=opts.inode_file_handles,  # type: ignore[arg-type]
+                inode_file_handles=opts.inode_file_handles,
             )
         )
     except OSError as e:

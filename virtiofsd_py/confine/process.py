@@ -31,13 +31,22 @@ class ConfinementError(Exception):
 
 
 class _Opts(Protocol):
-    shared_dir: str | None
-    backend: str
-    sandbox: str
-    seccomp: str
-    modcaps: str | None
-    uid_map: tuple[str, ...]
-    gid_map: tuple[str, ...]
+    """The options confinement reads (``app/options.Options``)."""
+
+    @property
+    def shared_dir(self) -> str | None: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def sandbox(self) -> str: ...
+    @property
+    def seccomp(self) -> str: ...
+    @property
+    def modcaps(self) -> str | None: ...
+    @property
+    def uid_map(self) -> tuple[str, ...]: ...
+    @property
+    def gid_map(self) -> tuple[str, ...]: ...
 
 
 class _Listener(Protocol):

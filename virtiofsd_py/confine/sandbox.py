@@ -74,11 +74,12 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, get_args
 
 from virtiofsd_py.host import syscalls as libc
 
-MODES: Final = ("namespace", "chroot", "none")
+SandboxMode = Literal["namespace", "chroot", "none"]
+MODES: Final[tuple[SandboxMode, ...]] = get_args(SandboxMode)
 #: Where the share and proc appear inside the namespace sandbox.
 JAIL_SHARED: Final = "/shared"
 JAIL_PROC: Final = "/proc"
