@@ -1,4 +1,4 @@
-"""``virtiofsd-py`` entry point: parse options, set up logging, run the daemon."""
+"""``virtiofsd-py`` entry point: parse options, set up logging, run the daemon or the mount."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import logging
 import logging.handlers
 import sys
 import time
+from typing import Final
 
-from virtiofsd_py.app.options import OptionError, Options, parse_args
+from virtiofsd_py.app.daemon import run as daemon_run
+from virtiofsd_py.app.errors import StartupError
+from virtiofsd_py.app.mount import run as mount_run
+from virtiofsd_py.app.options import LogLevel, OptionError, Options, parse_args
+from virtiofsd_py.migration.inspect import main as inspect_main
 
-_LEVELS = {
+_LEVELS: Final[dict[LogLevel, int]] = {
     "error": logging.ERROR,
     "warn": logging.WARNING,
     "info": logging.INFO,
@@ -47,32 +52,29 @@ def setup_logging(opts: Options) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    """The command line: ``inspect-state``, ``mount`` or the daemon; its exit status
+    (2: bad command line, 1: start-up failed, said in one log line)."""
+    args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["inspect-state"]:
-        from virtiofsd_py.migration.inspect import main as inspect_main
-
         return inspect_main(args[1:])
-    if args[:1] == ["mount"]:
-        from virtiofsd_py.app.mount import run as mount_run
-
-        return mount_run(args[1:])
+    mount = args[:1] == ["mount"]
+    prog = "virtiofsd-py mount" if mount else "virtiofsd-py"
     try:
-        opts = parse_args(argv)
+        opts = parse_args(args[1:] if mount else args, mount=mount)
     except OptionError as e:
-        print(f"virtiofsd-py: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     if opts.print_capabilities:
         print(json.dumps(capabilities(), indent=2))
         return 0
     setup_logging(opts)
+    log = logging.getLogger("virtiofsd_py")
     for note in opts.deprecations:
-        logging.getLogger("virtiofsd_py").warning("%s", note)
-    from virtiofsd_py.app.daemon import StartupError, run
-
+        log.warning("%s", note)
     try:
-        return run(opts)
+        return mount_run(opts) if mount else daemon_run(opts)
     except StartupError as e:
-        logging.getLogger("virtiofsd_py").error("%s", e)
+        log.error("%s", e)
         return 1
     except KeyboardInterrupt:
         return 0

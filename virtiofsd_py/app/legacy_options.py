@@ -6,16 +6,19 @@ scripts carry it too.  The Rust virtiofsd accepts it (with a deprecation
 warning) and so do we: ``apply`` rewrites the parsed namespace as if the
 modern options had been given, returning the warnings to log.
 
-Option names are those of QEMU's docs/tools/virtiofsd.rst (the C daemon);
-``loglevel`` is the Rust daemon's spelling of ``log_level``.  An option
-whose meaning we cannot give (``timeout``, ``norace``, enabling ``modcaps``)
-is refused, never dropped.
+Which item sets which option is declared with the option itself, in the
+table of ``options.py`` (its ``legacy`` items); this module knows only the
+syntax.  Item names are those of QEMU's docs/tools/virtiofsd.rst (the C
+daemon); ``loglevel`` is the Rust daemon's spelling of ``log_level``.  An
+item whose meaning we cannot give (``timeout``, ``norace``, ...) is refused,
+never dropped.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 DEPRECATED_O = (
     "use of the deprecated option format '-o': please give options separately "
@@ -26,6 +29,32 @@ DEPRECATED_D = "use of the deprecated flag '-d': please use '--log-level debug'"
 
 class LegacyOptionError(ValueError):
     """An ``-o`` item we do not know or cannot honour."""
+
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """``-o NAME``: sets its option to ``value``."""
+
+    name: str
+    value: object
+
+
+@dataclass(frozen=True, slots=True)
+class Valued:
+    """``-o NAME=VALUE``: the legacy spellings accepted, each with the value it
+    stands for; None: any text, taken as it is."""
+
+    name: str
+    values: Mapping[str, str] | None = None
+
+
+Item = Switch | Valued
+
+
+def switches(name: str, *, negated: bool = True) -> tuple[Switch, ...]:
+    """``NAME`` turns a switch on and (``negated``) ``no_NAME`` turns it off."""
+    on = Switch(name, True)
+    return (on, Switch(f"no_{name}", False)) if negated else (on,)
 
 
 def split_items(value: str) -> list[str]:
@@ -50,96 +79,39 @@ def split_items(value: str) -> list[str]:
     return [item for item in items if item]
 
 
-_CACHE = {"none": "never", "auto": "auto", "always": "always", "metadata": "metadata"}
-_LOG_LEVELS = {"err": "error", "error": "error", "warn": "warn", "info": "info", "debug": "debug"}
-_SANDBOX = ("namespace", "chroot", "none")
-
-#: Flags: item -> (namespace attribute, value).
-_FLAGS: dict[str, tuple[str, object]] = {
-    "xattr": ("xattr", True),
-    "no_xattr": ("xattr", False),
-    "readdirplus": ("no_readdirplus", False),
-    "no_readdirplus": ("no_readdirplus", True),
-    "writeback": ("writeback", True),
-    "no_writeback": ("writeback", False),
-    "allow_direct_io": ("allow_direct_io", True),
-    "no_allow_direct_io": ("allow_direct_io", False),
-    "announce_submounts": ("announce_submounts", True),
-    "killpriv_v2": ("killpriv_v2", True),
-    "no_killpriv_v2": ("killpriv_v2", False),
-    "posix_acl": ("posix_acl", True),
-    "no_posix_acl": ("posix_acl", False),
-    "security_label": ("security_label", True),
-    "no_security_label": ("security_label", False),
-    # Lock forwarding to the host: on by default here, as posix_lock was in
-    # the C daemon; "no_*" keeps the guest's locks local to the guest.
-    "flock": ("flock_locks", True),
-    "no_flock": ("flock_locks", False),
-    "posix_lock": ("posix_locks", True),
-    "no_posix_lock": ("posix_locks", False),
-    "debug": ("log_level", "debug"),
-}
+def _set(ns: argparse.Namespace, dest: str, item: Item, arg: str | None) -> None:
+    if isinstance(item, Switch):
+        setattr(ns, dest, item.value)
+        return
+    assert arg is not None
+    if item.values is not None:
+        if arg not in item.values:
+            raise LegacyOptionError(f"invalid value {arg!r} for '-o {item.name}'")
+        arg = item.values[arg]
+    setattr(ns, dest, arg)
 
 
-def _choice(table: dict[str, str] | tuple[str, ...], key: str) -> Callable[[str], str]:
-    def conv(value: str) -> str:
-        if value not in table:
-            raise LegacyOptionError(f"invalid value {value!r} for '-o {key}'")
-        return table[value] if isinstance(table, dict) else value
+def apply(ns: argparse.Namespace, items: Mapping[str, tuple[str, Item]]) -> list[str]:
+    """Fold ``ns.o`` (the ``-o`` values) and ``ns.d`` into modern options.
 
-    return conv
-
-
-def _text(value: str) -> str:
-    return value
-
-
-#: Valued items: key -> (namespace attribute, converter, appends).
-_VALUED: dict[str, tuple[str, Callable[[str], str], bool]] = {
-    "source": ("shared_dir", _text, False),
-    "cache": ("cache", _choice(_CACHE, "cache"), False),
-    "log_level": ("log_level", _choice(_LOG_LEVELS, "log_level"), False),
-    "loglevel": ("log_level", _choice(_LOG_LEVELS, "loglevel"), False),
-    "sandbox": ("sandbox", _choice(_SANDBOX, "sandbox"), False),
-    "xattrmap": ("xattrmap", _text, False),
-    "modcaps": ("modcaps", _text, True),
-}
-
-
-def apply(ns: argparse.Namespace) -> list[str]:
-    """Fold ``ns.o`` (list of ``-o`` values) and ``ns.d`` into modern options.
-
-    As in the Rust virtiofsd, ``-o`` items win over separate options given
-    on the same command line.  Returns the deprecation warnings to log.
+    ``items``: item name -> (namespace attribute, item), from the options
+    table.  As in the Rust virtiofsd, ``-o`` items win over separate options
+    given on the same command line.  Returns the deprecation warnings to log.
     """
     warnings: list[str] = []
     values: list[str] = getattr(ns, "o", None) or []
     for value in values:
-        for item in split_items(value):
-            key, eq, arg = item.partition("=")
-            if eq:
-                if key not in _VALUED:
-                    raise LegacyOptionError(f"unsupported compat option '-o {item}'")
-                attr, conv, appends = _VALUED[key]
-                converted = conv(arg)
-                if appends:
-                    setattr(ns, attr, [*(getattr(ns, attr, None) or []), converted])
-                else:
-                    setattr(ns, attr, converted)
-            elif item in _FLAGS:
-                attr, flag = _FLAGS[item]
-                setattr(ns, attr, flag)
-            else:
-                raise LegacyOptionError(f"unsupported compat option '-o {item}'")
+        for text in split_items(value):
+            key, eq, arg = text.partition("=")
+            entry = items.get(key)
+            if entry is None or isinstance(entry[1], Valued) != bool(eq):
+                raise LegacyOptionError(f"unsupported compat option '-o {text}'")
+            dest, item = entry
+            _set(ns, dest, item, arg if eq else None)
     if values:
         warnings.append(DEPRECATED_O)
     ns.o = None
     if getattr(ns, "d", False):
         ns.log_level = "debug"
         warnings.append(DEPRECATED_D)
-    if getattr(ns, "inode_file_handles", None) == "fallback":
-        ns.inode_file_handles = "prefer"
-        warnings.append(
-            "use of the deprecated value 'fallback' for '--inode-file-handles': please use 'prefer'"
-        )
     return warnings

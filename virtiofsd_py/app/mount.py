@@ -38,13 +38,16 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
 from collections.abc import Sequence
 from typing import Final
 
+from virtiofsd_py.app.errors import StartupError, describe
+from virtiofsd_py.app.options import Options
+from virtiofsd_py.app.startup import start_mount
+from virtiofsd_py.confine.process import ConfinementError, install_seccomp
 from virtiofsd_py.fuse.dispatcher import Dispatcher
-from virtiofsd_py.host import seccomp
+from virtiofsd_py.host import syscalls as libc
 
 log = logging.getLogger("virtiofsd_py.app.mount")
 
@@ -157,8 +160,6 @@ class FuseMount:
             self.fd = _fusermount_open(self.mountpoint, opts)
             self._via_fusermount = True
             return
-        from virtiofsd_py.host import syscalls as libc
-
         try:
             fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -246,8 +247,6 @@ class FuseMount:
             tool = shutil.which("fusermount3") or "fusermount3"
             subprocess.run([tool, "-u", "-z", "--", self.mountpoint], check=False)
             return
-        from virtiofsd_py.host import syscalls as libc
-
         try:
             libc.umount2(self.mountpoint, 0)
         except OSError as e:
@@ -271,36 +270,17 @@ class FuseMount:
             self.fd = -1
 
 
-def run(argv: Sequence[str]) -> int:
-    """``virtiofsd-py mount``: mount, serve until unmounted or signalled, clean up."""
-    from virtiofsd_py.app.cli import setup_logging
-    from virtiofsd_py.app.daemon import (
-        StartupError,
-        build_filesystem,
-        fuse_config,
-        raise_nofile_limit,
-    )
-    from virtiofsd_py.app.options import OptionError, parse_args
-    from virtiofsd_py.fs.passthrough.creds import drop_supplementary_groups
+def run(opts: Options) -> int:
+    """``virtiofsd-py mount``: mount, serve until unmounted or signalled, clean up.
 
-    try:
-        opts = parse_args(list(argv), mount=True)
-    except OptionError as e:
-        print(f"virtiofsd-py mount: {e}", file=sys.stderr)
-        return 2
-    setup_logging(opts)
+    Raises ``StartupError`` when the mount cannot be set up.
+    """
     assert opts.mountpoint is not None
-    try:
-        raise_nofile_limit(opts.rlimit_nofile)
-        drop_supplementary_groups()
-        fs = build_filesystem(opts)
-    except StartupError as e:
-        log.error("%s", e)
-        return 1
-    dispatcher = Dispatcher(fs, fuse_config(opts, fs))
+    backend = start_mount(opts)
+    fs = backend.fs
     source = opts.shared_dir if opts.backend == "passthrough" else opts.backend
     fm = FuseMount(
-        dispatcher,
+        Dispatcher(fs, backend.fuse),
         opts.mountpoint,
         fsname=source or "virtiofsd-py",
         threads=opts.thread_pool_size or 4,
@@ -311,20 +291,16 @@ def run(argv: Sequence[str]) -> int:
     try:
         fm.mount()
     except MountError as e:
-        log.error("%s", e)
-        fs.close()
-        return 1
+        backend.close()
+        raise StartupError(str(e)) from None
     try:
         fm.prepare_unmount()
-        seccomp.install(opts.seccomp, MOUNT_SYSCALLS)
-    except (OSError, seccomp.SeccompError) as e:
-        log.error("%s", e)
+        install_seccomp(opts.seccomp, MOUNT_SYSCALLS)
+    except (OSError, ConfinementError) as e:
         fm.unmount()
         fm.close()
-        fs.close()
-        return 1
-    if opts.seccomp != "none":
-        log.debug("seccomp filter installed (action %s)", opts.seccomp)
+        backend.close()
+        raise StartupError(describe(e) if isinstance(e, OSError) else str(e)) from None
     try:
         fm.start()
         fm.wait_ready()
@@ -344,5 +320,5 @@ def run(argv: Sequence[str]) -> int:
     finally:
         fm.close()
         fs.destroy()
-        fs.close()
+        backend.close()
     return 1 if fm.errors else 0

@@ -1,276 +1,410 @@
 """Command-line options, named and spelled as the Rust virtiofsd names them.
 
 Existing QEMU and libvirt command lines must keep working, so every option
-the Rust virtiofsd has is recognised.  Options whose feature is built act;
-options not built yet are accepted only where ignoring them cannot change
-what the guest sees or weaken isolation, and otherwise refused with a clear
-message (``OptionError``), never silently ignored.
+the Rust virtiofsd has is recognised and acts.  Each option is declared
+once, as a field of :class:`Options`: its type (``bool``: a switch;
+``int``; a ``Literal``: the words it takes; ``tuple[str, ...]``: repeatable)
+and its :class:`Opt` record (flags, help, the man page's group, the legacy
+``-o`` items that set it).  From that one table come the argparse parser
+and ``--help`` (:func:`build_parser`), the typed result (:func:`parse_args`),
+the man page (``app/manpage.py``) and the legacy syntax (``legacy_options``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-from dataclasses import dataclass
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from virtiofsd_py import __version__
 from virtiofsd_py.app import legacy_options
+from virtiofsd_py.app.legacy_options import Item, Switch, Valued, switches
+from virtiofsd_py.app.metrics_server import AddressError, parse_address
+from virtiofsd_py.confine.process import ConfinementError, check_options
+from virtiofsd_py.confine.sandbox import MODES as SANDBOX_MODES
+from virtiofsd_py.confine.sandbox import SandboxMode
+from virtiofsd_py.fs.cache import CacheMode
+from virtiofsd_py.fs.passthrough.file_handles import InodeFileHandles
+from virtiofsd_py.fs.passthrough.idmap import IdMap, IdMapError
+from virtiofsd_py.fs.passthrough.migration.load import MigrationMode, OnError
+from virtiofsd_py.fs.passthrough.xattrmap import XattrMap, XattrMapError
+from virtiofsd_py.host.capabilities import CapabilityError
 
-CACHE_MODES = ("auto", "always", "metadata", "never")
-SD_LISTEN_FDS_START = 3
-LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
-BACKENDS = ("passthrough", "memory")
-MOUNT_HELP = (
+Backend = Literal["passthrough", "memory"]
+LogLevel = Literal["error", "warn", "info", "debug", "trace", "off"]
+#: The ``--seccomp`` actions (``host/seccomp.py`` ACTIONS).
+SeccompAction = Literal["none", "kill", "log", "trap"]
+
+SD_LISTEN_FDS_START: Final = 3
+MOUNT_HELP: Final = (
     "Serve the backend through the host kernel's FUSE on MOUNTPOINT instead of a "
     "vhost-user socket (SHARED_DIR is the passthrough's --shared-dir)"
 )
 
+# The groups of --help and of the man page's OPTIONS, in this order.
+SOCKET: Final = "Socket"
+SHARE: Final = "Share"
+GUEST: Final = "Guest features"
+CONFINEMENT: Final = "Confinement"
+MIGRATION: Final = "Migration"
+PROCESS: Final = "Process"
+LEGACY: Final = "Legacy syntax"
+GROUPS: Final = (SOCKET, SHARE, GUEST, CONFINEMENT, MIGRATION, PROCESS, LEGACY)
+
+
+#: The C daemon's log levels (``-o log_level=``), with the names they have here.
+_LEGACY_LOG_LEVELS: Final = {
+    "err": "error", "error": "error", "warn": "warn", "info": "info", "debug": "debug",
+}  # fmt: skip
+
 
 class OptionError(Exception):
-    pass
+    """A bad command line; the message is for the operator (exit status 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Opt:
+    """How one option is spelled, documented and reached through ``-o``.
+
+    The type and default are those of its :class:`Options` field.  An entry
+    of :data:`EXTRA` (no field of its own) names its argparse ``action`` and,
+    where it sets a field, the field as ``dest``.
+    """
+
+    flags: tuple[str, ...]
+    help: str
+    group: str
+    metavar: str | None = None
+    #: ``-o`` items of the legacy C virtiofsd that set this option.
+    legacy: tuple[Item, ...] = ()
+    #: Deprecated words still accepted, each with the word that replaced it.
+    renamed: Mapping[str, str] = field(default_factory=dict)
+    action: str | None = None
+    dest: str | None = None
+
+
+_T = TypeVar("_T")
+
+
+def opt(
+    default: _T,
+    *flags: str,
+    help: str,
+    group: str,
+    metavar: str | None = None,
+    legacy: tuple[Item, ...] = (),
+    renamed: Mapping[str, str] | None = None,
+) -> _T:
+    """A field of :class:`Options` declared as a command-line option."""
+    record = Opt(flags, help, group, metavar, legacy, dict(renamed or {}))
+    return field(default=default, metadata={"opt": record})
 
 
 @dataclass(slots=True)
 class Options:
-    shared_dir: str | None
-    socket_path: str | None
-    fd: int | None
-    socket_group: str | None
-    tag: str | None
-    thread_pool_size: int
-    cache: str
-    readonly: bool
-    xattr: bool
-    readdirplus: bool
-    allow_direct_io: bool
-    rlimit_nofile: int | None
-    log_level: str
-    syslog: bool
-    print_capabilities: bool
-    sandbox: str
-    seccomp: str
-    inode_file_handles: str
-    xattrmap: str | None = None
-    posix_acl: bool = False
-    security_label: bool = False
-    writeback: bool = False
-    allow_mmap: bool = False
-    killpriv_v2: bool = False
-    announce_submounts: bool = False
-    preserve_noatime: bool = False
-    translate_uid: tuple[str, ...] = ()
-    translate_gid: tuple[str, ...] = ()
-    migration_mode: str = "find-paths"
-    migration_on_error: str = "abort"
-    migration_verify_handles: bool = False
-    migration_confirm_paths: bool = False
-    #: Forward the guest's flock()/fcntl() locks to the host (legacy -o no_flock/no_posix_lock).
-    flock_locks: bool = True
-    posix_locks: bool = True
-    #: --metrics ADDR (see metrics_server.parse_address).
-    metrics: str | None = None
-    #: Deprecated syntax used on the command line: warnings to log at startup.
+    """The daemon's options: the table every other form is made from."""
+
+    # -- socket ---------------------------------------------------------------------
+    socket_path: str | None = opt(
+        None, "--socket-path", "--socket", metavar="PATH", group=SOCKET,
+        help="vhost-user socket path (--socket is its deprecated name)",
+    )  # fmt: skip
+    socket_group: str | None = opt(
+        None, "--socket-group", metavar="GROUP", group=SOCKET,
+        help="Name of the group to own the socket",
+    )  # fmt: skip
+    fd: int | None = opt(
+        None, "--fd", metavar="FD", group=SOCKET,
+        help="File descriptor of an already listening socket",
+    )  # fmt: skip
+    tag: str | None = opt(
+        None, "--tag", metavar="TAG", group=SOCKET,
+        help="Tag the virtio device advertises (offers VHOST_USER_PROTOCOL_F_CONFIG)",
+    )  # fmt: skip
+    # -- what is shared -------------------------------------------------------------
+    shared_dir: str | None = opt(
+        None, "--shared-dir", metavar="DIR", group=SHARE, legacy=(Valued("source"),),
+        help="Shared directory path",
+    )  # fmt: skip
+    backend: Backend = opt(
+        "passthrough", "--backend", group=SHARE,
+        help="virtiofsd-py only: what to serve, the shared directory (passthrough) "
+        "or a file system held in memory (memory; no --shared-dir)",
+    )  # fmt: skip
+    cache: CacheMode = opt(
+        "auto", "--cache", group=SHARE,
+        legacy=(Valued("cache", {"none": "never", "auto": "auto", "always": "always",
+                                 "metadata": "metadata"}),),
+        help="Cache policy",
+    )  # fmt: skip
+    readonly: bool = opt(
+        False, "--readonly", group=SHARE, help="Share is read-only: every change gets EROFS"
+    )
+    xattr: bool = opt(
+        False, "--xattr", group=SHARE, legacy=switches("xattr"),
+        help="Enable extended attributes",
+    )  # fmt: skip
+    xattrmap: str | None = opt(
+        None, "--xattrmap", metavar="RULES", group=SHARE, legacy=(Valued("xattrmap"),),
+        help="Rules translating xattr names between guest and host (implies --xattr)",
+    )  # fmt: skip
+    posix_acl: bool = opt(
+        False, "--posix-acl", group=SHARE, legacy=switches("posix_acl"),
+        help="Enable POSIX ACLs (implies --xattr)",
+    )  # fmt: skip
+    security_label: bool = opt(
+        False, "--security-label", group=SHARE, legacy=switches("security_label"),
+        help="Set the guest's security label on new nodes (implies --xattr)",
+    )  # fmt: skip
+    translate_uid: tuple[str, ...] = opt(
+        (), "--translate-uid", metavar="MAP", group=SHARE,
+        help="UID translation: guest|host|squash-guest|squash-host|map:A:B:N, forbid-guest:A:N",
+    )  # fmt: skip
+    translate_gid: tuple[str, ...] = opt(
+        (), "--translate-gid", metavar="MAP", group=SHARE,
+        help="GID translation, as --translate-uid",
+    )  # fmt: skip
+    inode_file_handles: InodeFileHandles = opt(
+        "never", "--inode-file-handles", group=SHARE, renamed={"fallback": "prefer"},
+        help="Keep inodes as file handles instead of fds; 'prefer' falls back to fds, "
+        "'mandatory' refuses to start without them",
+    )  # fmt: skip
+    announce_submounts: bool = opt(
+        False, "--announce-submounts", group=SHARE,
+        legacy=switches("announce_submounts", negated=False),
+        help="Tell the guest about host mounts inside the share (FUSE_ATTR_SUBMOUNT)",
+    )  # fmt: skip
+    allow_direct_io: bool = opt(
+        False, "--allow-direct-io", group=SHARE, legacy=switches("allow_direct_io"),
+        help="Honor O_DIRECT from the guest (default: strip it)",
+    )  # fmt: skip
+    preserve_noatime: bool = opt(
+        False, "--preserve-noatime", group=SHARE, help="Keep O_NOATIME from the guest"
+    )
+    # -- what FUSE_INIT offers the guest --------------------------------------------
+    readdirplus: bool = opt(
+        True, "--no-readdirplus", group=GUEST, legacy=switches("readdirplus"),
+        help="Disable READDIRPLUS",
+    )  # fmt: skip
+    writeback: bool = opt(
+        False, "--writeback", group=GUEST, legacy=switches("writeback"),
+        help="Enable the guest's writeback cache",
+    )  # fmt: skip
+    allow_mmap: bool = opt(
+        False, "--allow-mmap", group=GUEST,
+        help="Allow shared mmap of files opened with direct I/O",
+    )  # fmt: skip
+    killpriv_v2: bool = opt(
+        False, "--killpriv-v2", group=GUEST, legacy=switches("killpriv_v2"),
+        help="Let the daemon clear set-id bits on write/truncate (FUSE_HANDLE_KILLPRIV_V2)",
+    )  # fmt: skip
+    flock_locks: bool = opt(
+        True, group=GUEST, legacy=switches("flock"),
+        help="Forward the guest's flock() locks to the host (the default; no_flock keeps "
+        "them in the guest)",
+    )  # fmt: skip
+    posix_locks: bool = opt(
+        True, group=GUEST, legacy=switches("posix_lock"),
+        help="Forward the guest's fcntl() locks to the host (the default; no_posix_lock "
+        "keeps them in the guest)",
+    )  # fmt: skip
+    # -- confinement ------------------------------------------------------------------
+    sandbox: SandboxMode = opt(
+        "namespace", "--sandbox", group=CONFINEMENT,
+        legacy=(Valued("sandbox", {m: m for m in SANDBOX_MODES}),),
+        help="Sandbox mechanism: namespace (pid/mount/net namespaces, pivot_root), "
+        "chroot (root only), none",
+    )  # fmt: skip
+    seccomp: SeccompAction = opt(
+        "kill", "--seccomp", group=CONFINEMENT,
+        help="Action on a system call outside the allow-list",
+    )  # fmt: skip
+    modcaps: str | None = opt(
+        None, "--modcaps", metavar="CAPS", group=CONFINEMENT, legacy=(Valued("modcaps"),),
+        help="Modify the kept capabilities, e.g. +sys_admin:-mknod",
+    )  # fmt: skip
+    uid_map: tuple[str, ...] = opt(
+        (), "--uid-map", metavar=":NS_UID:HOST_UID:COUNT:", group=CONFINEMENT,
+        help="UID map of the user namespace (unprivileged --sandbox namespace)",
+    )  # fmt: skip
+    gid_map: tuple[str, ...] = opt(
+        (), "--gid-map", metavar=":NS_GID:HOST_GID:COUNT:", group=CONFINEMENT,
+        help="GID map of the user namespace (unprivileged --sandbox namespace)",
+    )  # fmt: skip
+    # -- migration --------------------------------------------------------------------
+    migration_mode: MigrationMode = opt(
+        "find-paths", "--migration-mode", group=MIGRATION,
+        help="Source: send paths or file handles to find inodes after migration",
+    )  # fmt: skip
+    migration_on_error: OnError = opt(
+        "abort", "--migration-on-error", group=MIGRATION,
+        help="Destination: an inode not found fails the migration (abort) or gets EIO",
+    )  # fmt: skip
+    migration_verify_handles: bool = opt(
+        False, "--migration-verify-handles", group=MIGRATION,
+        help="Destination: require each inode found to have the source's file handle",
+    )  # fmt: skip
+    migration_confirm_paths: bool = opt(
+        False, "--migration-confirm-paths", group=MIGRATION,
+        help="Source: re-check every path at switch-over",
+    )  # fmt: skip
+    # -- the process ------------------------------------------------------------------
+    thread_pool_size: int = opt(
+        0, "--thread-pool-size", metavar="N", group=PROCESS,
+        help="Worker threads for requests; 0 runs them on the event loop",
+    )  # fmt: skip
+    rlimit_nofile: int | None = opt(
+        None, "--rlimit-nofile", metavar="N", group=PROCESS,
+        help="Raise RLIMIT_NOFILE to N (default: the hard limit)",
+    )  # fmt: skip
+    log_level: LogLevel = opt(
+        "info", "--log-level", group=PROCESS,
+        legacy=(
+            Valued("log_level", _LEGACY_LOG_LEVELS),
+            Valued("loglevel", _LEGACY_LOG_LEVELS),
+            Switch("debug", "debug"),
+        ),
+        help="Log level",
+    )  # fmt: skip
+    syslog: bool = opt(False, "--syslog", group=PROCESS, help="Log to syslog instead of stderr")
+    metrics: str | None = opt(
+        None, "--metrics", metavar="ADDR", group=PROCESS,
+        help="Serve Prometheus metrics on a unix socket (PATH, unix:PATH) or a loopback "
+        "TCP port ([127.0.0.1:|[::1]:]PORT); SIGUSR1 logs them in any case",
+    )  # fmt: skip
+    print_capabilities: bool = opt(
+        False, "--print-capabilities", group=PROCESS,
+        help="Print vhost-user.json backend program capabilities and exit",
+    )  # fmt: skip
+    # -- not options: what parsing concluded ------------------------------------------
+    #: Deprecated syntax used on the command line: warnings to log at start-up.
     deprecations: tuple[str, ...] = ()
-    #: ``--backend``: "passthrough" (--shared-dir) or "memory" (fs/memory.py).
-    backend: str = "passthrough"
     #: ``virtiofsd-py mount``: where the host mount goes (mount.py).
     mountpoint: str | None = None
-    #: ``--modcaps`` (capabilities.py), ``--uid-map``/``--gid-map`` (sandbox.py).
-    modcaps: str | None = None
-    uid_map: tuple[str, ...] = ()
-    gid_map: tuple[str, ...] = ()
+
+
+#: Parser entries that are no field of their own.
+EXTRA: Final = (
+    Opt(("--no-killpriv-v2",), "Disable KILLPRIV V2 support [default]", GUEST,
+        action="store_false", dest="killpriv_v2"),
+    Opt(("-h", "--help"), "Print the options and exit", PROCESS, action="help"),
+    Opt(("-V", "--version"), "Print the version and exit", PROCESS, action="version"),
+    Opt(("-o",), "Options in the legacy C virtiofsd format, e.g. source=DIR,cache=none,xattr "
+        "[deprecated]", LEGACY, metavar="OPT[,OPT...]", action="append"),
+    Opt(("-d",), "Same as --log-level debug [deprecated]", LEGACY, action="store_true"),
+    Opt(("-f", "--foreground"), "No effect [deprecated]", LEGACY, action="store_true"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One row of the table: an option with its field's type and default."""
+
+    name: str
+    opt: Opt
+    hint: Any
+    default: Any
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The words a ``Literal`` option takes (renamed ones not included)."""
+        return get_args(self.hint) if get_origin(self.hint) is Literal else ()
+
+    @property
+    def base(self) -> Any:
+        """The type without ``| None``."""
+        if isinstance(self.hint, types.UnionType):
+            kept = [a for a in get_args(self.hint) if a is not type(None)]
+            return kept[0] if len(kept) == 1 else self.hint
+        return self.hint
+
+    @property
+    def help(self) -> str:
+        """The help text, with the default and the renamed words appended."""
+        text = self.opt.help
+        if (self.choices or self.base is int) and self.default is not None:
+            text += f" (default {self.default})"
+        for old, new in self.opt.renamed.items():
+            text += f"; '{old}' is a deprecated name of '{new}'"
+        return text
+
+
+@functools.cache
+def table() -> tuple[Entry, ...]:
+    """Every field of :class:`Options` declared as an option, in declaration order."""
+    hints = get_type_hints(Options)
+    return tuple(
+        Entry(f.name, f.metadata["opt"], hints[f.name], f.default)
+        for f in fields(Options)
+        if "opt" in f.metadata
+    )
+
+
+@functools.cache
+def legacy_items() -> dict[str, tuple[str, Item]]:
+    """``-o`` item name -> (field, item), from the table."""
+    return {item.name: (e.name, item) for e in table() for item in e.opt.legacy}
+
+
+def _arguments(e: Entry) -> dict[str, Any]:
+    kw: dict[str, Any] = {"dest": e.name, "help": e.help, "default": e.default}
+    if e.base is bool:
+        kw["action"] = "store_false" if e.default else "store_true"
+    elif e.choices:
+        kw["choices"] = (*e.choices, *e.opt.renamed)
+    elif get_origin(e.base) is tuple:
+        kw.update(action="append", default=[], metavar=e.opt.metavar)
+    else:
+        kw["metavar"] = e.opt.metavar
+        if e.base is int:
+            kw["type"] = int
+    return kw
 
 
 def build_parser(*, mount: bool = False) -> argparse.ArgumentParser:
+    """The parser of the daemon's command line, or (``mount``) of ``virtiofsd-py mount``."""
     ap = argparse.ArgumentParser(
         prog="virtiofsd-py mount" if mount else "virtiofsd-py",
         description="vhost-user virtio-fs back-end (a Python virtiofsd).",
         allow_abbrev=False,
-    )
-    add = ap.add_argument
-    add("--shared-dir", metavar="DIR", help="Shared directory path")
-    add(
-        "--backend",
-        choices=BACKENDS,
-        default="passthrough",
-        help="virtiofsd-py only: what to serve, the shared directory (passthrough, default) "
-        "or a file system held in memory (memory; no --shared-dir)",
+        add_help=False,
     )
     if mount:
-        add("paths", nargs="+", metavar="[SHARED_DIR] MOUNTPOINT", help=MOUNT_HELP)
-    add("--tag", help="Tag the virtio device advertises (offers VHOST_USER_PROTOCOL_F_CONFIG)")
-    add("--socket-path", metavar="PATH", help="vhost-user socket path")
-    add("--socket", dest="socket_path", metavar="PATH", help="Same as --socket-path [deprecated]")
-    add("--socket-group", metavar="GROUP", help="Name of the group to own the socket")
-    add("--fd", type=int, metavar="FD", help="File descriptor of an already listening socket")
-    add(
-        "--thread-pool-size",
-        type=int,
-        default=0,
-        metavar="N",
-        help="Worker threads for requests; 0 runs them on the event loop (default 0)",
-    )
-    add("--cache", choices=CACHE_MODES, default="auto", help="Cache policy (default auto)")
-    add("--readonly", action="store_true", help="Share is read-only: every change gets EROFS")
-    add("--xattr", action="store_true", help="Enable extended attributes")
-    add(
-        "--xattrmap",
-        metavar="RULES",
-        help="Rules translating xattr names between guest and host (implies --xattr)",
-    )
-    add("--posix-acl", action="store_true", help="Enable POSIX ACLs (implies --xattr)")
-    add(
-        "--security-label",
-        action="store_true",
-        help="Set the guest's security label on new nodes (implies --xattr)",
-    )
-    add("--writeback", action="store_true", help="Enable the guest's writeback cache")
-    add(
-        "--allow-mmap",
-        action="store_true",
-        help="Allow shared mmap of files opened with direct I/O",
-    )
-    add(
-        "--killpriv-v2",
-        action="store_true",
-        help="Let the daemon clear set-id bits on write/truncate (FUSE_HANDLE_KILLPRIV_V2)",
-    )
-    add(
-        "--no-killpriv-v2",
-        dest="killpriv_v2",
-        action="store_false",
-        help="Disable KILLPRIV V2 support [default]",
-    )
-    add(
-        "--announce-submounts",
-        action="store_true",
-        help="Tell the guest about host mounts inside the share (FUSE_ATTR_SUBMOUNT)",
-    )
-    add("--preserve-noatime", action="store_true", help="Keep O_NOATIME from the guest")
-    add(
-        "--translate-uid",
-        action="append",
-        default=[],
-        metavar="MAP",
-        help="UID translation: guest|host|squash-guest|squash-host|map:A:B:N, forbid-guest:A:N",
-    )
-    add(
-        "--translate-gid",
-        action="append",
-        default=[],
-        metavar="MAP",
-        help="GID translation, as --translate-uid",
-    )
-    add("--no-readdirplus", action="store_true", help="Disable READDIRPLUS")
-    add(
-        "--allow-direct-io",
-        action="store_true",
-        help="Honor O_DIRECT from the guest (default: strip it)",
-    )
-    add(
-        "--rlimit-nofile",
-        type=int,
-        metavar="N",
-        help="Raise RLIMIT_NOFILE to N (default: the hard limit)",
-    )
-    add("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default info)")
-    add("--syslog", action="store_true", help="Log to syslog instead of stderr")
-    add(
-        "--print-capabilities",
-        action="store_true",
-        help="Print vhost-user.json backend program capabilities and exit",
-    )
-    add(
-        "--sandbox",
-        choices=("namespace", "chroot", "none"),
-        default="namespace",
-        help="Sandbox mechanism: namespace (default: pid/mount/net namespaces, pivot_root), "
-        "chroot, none",
-    )
-    add(
-        "--seccomp",
-        choices=("none", "kill", "log", "trap"),
-        default="kill",
-        help="Action on a system call outside the allow-list (default kill)",
-    )
-    add(
-        "--modcaps",
-        metavar="CAPS",
-        help="Modify the kept capabilities, e.g. +sys_admin:-mknod",
-    )
-    add(
-        "--uid-map",
-        action="append",
-        default=[],
-        metavar=":NS_UID:HOST_UID:COUNT:",
-        help="UID map of the user namespace (unprivileged --sandbox namespace)",
-    )
-    add(
-        "--gid-map",
-        action="append",
-        default=[],
-        metavar=":NS_GID:HOST_GID:COUNT:",
-        help="GID map of the user namespace (unprivileged --sandbox namespace)",
-    )
-    add(
-        "--inode-file-handles",
-        choices=("never", "prefer", "mandatory", "fallback"),
-        default="never",
-        help="Keep inodes as file handles instead of fds; 'prefer' falls back to fds, "
-        "'mandatory' refuses to start without them (default never); "
-        "'fallback' is a deprecated name of 'prefer'",
-    )
-    add(
-        "--migration-mode",
-        choices=("find-paths", "file-handles"),
-        default="find-paths",
-        help="Source: send paths (default) or file handles to find inodes after migration",
-    )
-    add(
-        "--migration-on-error",
-        choices=("abort", "guest-error"),
-        default="abort",
-        help="Destination: an inode not found fails the migration (default) or gets EIO",
-    )
-    add(
-        "--migration-verify-handles",
-        action="store_true",
-        help="Destination: require each inode found to have the source's file handle",
-    )
-    add(
-        "--migration-confirm-paths",
-        action="store_true",
-        help="Source: re-check every path at switch-over",
-    )
-    add(
-        "--metrics",
-        metavar="ADDR",
-        help="Serve Prometheus metrics on a unix socket (PATH, unix:PATH) or a loopback "
-        "TCP port ([127.0.0.1:|[::1]:]PORT); SIGUSR1 logs them in any case",
-    )
-    add(
-        "-o",
-        action="append",
-        metavar="OPT[,OPT...]",
-        help="Options in the legacy C virtiofsd format, e.g. source=DIR,cache=none,xattr "
-        "[deprecated]",
-    )
-    add("-d", action="store_true", help="Same as --log-level debug [deprecated]")
-    add("-f", "--foreground", action="store_true", help="No effect [deprecated]")
-    add("-V", "--version", action="version", version="virtiofsd-py 0.1.0")
-    # Recognised but not built yet: each refused with a message when used.
-    not_built = "Recognised, not implemented yet in virtiofsd-py: refused"
-    for flag in _NOT_BUILT_FLAGS:
-        add(flag, action="store_true", help=not_built)
-    for opt in _NOT_BUILT_VALUES:
-        add(opt, action="append", metavar="VALUE", help=not_built)
-    ap.set_defaults(flock_locks=True, posix_locks=True)
+        ap.add_argument("paths", nargs="+", metavar="[SHARED_DIR] MOUNTPOINT", help=MOUNT_HELP)
+    groups = {title: ap.add_argument_group(title) for title in GROUPS}
+    for e in table():
+        if e.opt.flags:
+            groups[e.opt.group].add_argument(*e.opt.flags, **_arguments(e))
+        else:  # set through -o only
+            ap.set_defaults(**{e.name: e.default})
+    for x in EXTRA:
+        kw: dict[str, Any] = {"action": x.action, "help": x.help}
+        if x.action == "version":
+            kw["version"] = f"virtiofsd-py {__version__}"
+        if x.dest is not None:
+            kw["dest"] = x.dest
+        if x.metavar is not None:
+            kw["metavar"] = x.metavar
+        groups[x.group].add_argument(*x.flags, **kw)
     return ap
 
 
-#: Options whose absence of implementation would change what the guest sees
-#: or what isolation the operator asked for.
-_NOT_BUILT_FLAGS: tuple[str, ...] = ()
-_NOT_BUILT_VALUES: tuple[str, ...] = ()
+def _renamed_values(ns: argparse.Namespace) -> list[str]:
+    """Replace deprecated words by their new names; the warnings to log."""
+    warnings = []
+    for e in table():
+        old = getattr(ns, e.name)
+        if e.opt.renamed and old in e.opt.renamed:
+            setattr(ns, e.name, e.opt.renamed[old])
+            warnings.append(
+                f"use of the deprecated value '{old}' for '{e.opt.flags[0]}': "
+                f"please use '{e.opt.renamed[old]}'"
+            )
+    return warnings
 
 
 def systemd_listen_fd() -> int | None:
@@ -307,32 +441,18 @@ def _mount_paths(opts: Options, paths: list[str]) -> None:
     opts.mountpoint = paths[-1]
 
 
-def _dest(opt: str) -> str:
-    return opt.lstrip("-").replace("-", "_")
-
-
-def _check_maps(opts: Options) -> None:
-    """Refuse malformed --xattrmap / --translate-* at startup, with the parser's message."""
-    from virtiofsd_py.fs.passthrough.idmap import IdMap, IdMapError
-    from virtiofsd_py.fs.passthrough.xattrmap import XattrMap, XattrMapError
-
+def _check_values(opts: Options) -> None:
+    """Refuse malformed values at start-up, with their parser's message:
+    --xattrmap, --translate-*, --metrics and the confinement options."""
     try:
         if opts.xattrmap is not None:
             XattrMap(opts.xattrmap)
         IdMap(opts.translate_uid)
         IdMap(opts.translate_gid)
-    except (XattrMapError, IdMapError) as e:
-        raise OptionError(str(e)) from None
-
-
-def _check_confinement(opts: Options) -> None:
-    """--sandbox/--seccomp/--modcaps/--uid-map/--gid-map (confinement.py)."""
-    from virtiofsd_py.confine.process import ConfinementError, check_options
-    from virtiofsd_py.host.capabilities import CapabilityError
-
-    try:
         check_options(opts)
-    except (ConfinementError, CapabilityError) as e:
+        if opts.metrics is not None:
+            parse_address(opts.metrics)
+    except (XattrMapError, IdMapError, ConfinementError, CapabilityError, AddressError) as e:
         raise OptionError(str(e)) from None
 
 
@@ -340,72 +460,21 @@ def parse_args(argv: list[str] | None = None, *, mount: bool = False) -> Options
     """Options of the daemon, or of ``virtiofsd-py mount`` (``mount``: no socket, paths)."""
     ns = build_parser(mount=mount).parse_args(argv)
     try:
-        deprecations = legacy_options.apply(ns)
+        deprecations = legacy_options.apply(ns, legacy_items())
     except legacy_options.LegacyOptionError as e:
         raise OptionError(str(e)) from None
-    used = [f for f in _NOT_BUILT_FLAGS if getattr(ns, _dest(f))]
-    used += [o for o in _NOT_BUILT_VALUES if getattr(ns, _dest(o))]
-    if used:
-        raise OptionError(
-            f"{', '.join(used)}: not implemented yet in virtiofsd-py; refusing to start "
-            "rather than ignore it"
-        )
-    opts = Options(
-        shared_dir=ns.shared_dir,
-        socket_path=ns.socket_path,
-        fd=ns.fd,
-        socket_group=ns.socket_group,
-        tag=ns.tag,
-        thread_pool_size=ns.thread_pool_size,
-        cache=ns.cache,
-        readonly=ns.readonly,
-        xattr=ns.xattr,
-        readdirplus=not ns.no_readdirplus,
-        allow_direct_io=ns.allow_direct_io,
-        rlimit_nofile=ns.rlimit_nofile,
-        log_level=ns.log_level,
-        syslog=ns.syslog,
-        print_capabilities=ns.print_capabilities,
-        sandbox=ns.sandbox,
-        seccomp=ns.seccomp,
-        inode_file_handles=ns.inode_file_handles,
-        xattrmap=ns.xattrmap,
-        posix_acl=ns.posix_acl,
-        security_label=ns.security_label,
-        writeback=ns.writeback,
-        allow_mmap=ns.allow_mmap,
-        killpriv_v2=ns.killpriv_v2,
-        announce_submounts=ns.announce_submounts,
-        preserve_noatime=ns.preserve_noatime,
-        translate_uid=tuple(ns.translate_uid),
-        translate_gid=tuple(ns.translate_gid),
-        migration_mode=ns.migration_mode,
-        migration_on_error=ns.migration_on_error,
-        migration_verify_handles=ns.migration_verify_handles,
-        migration_confirm_paths=ns.migration_confirm_paths,
-        flock_locks=ns.flock_locks,
-        posix_locks=ns.posix_locks,
-        metrics=ns.metrics,
-        deprecations=tuple(deprecations),
-        backend=ns.backend,
-        modcaps=ns.modcaps,
-        uid_map=tuple(ns.uid_map),
-        gid_map=tuple(ns.gid_map),
-    )
+    deprecations += _renamed_values(ns)
+    values = {row.name: getattr(ns, row.name) for row in table()}
+    for row in table():
+        if get_origin(row.base) is tuple:
+            values[row.name] = tuple(values[row.name])
+    opts = Options(**values, deprecations=tuple(deprecations))
     # As the Rust virtiofsd: these need xattrs, and ACLs rule out id translation.
     if opts.xattrmap is not None or opts.posix_acl or opts.security_label:
         opts.xattr = True
     if opts.posix_acl and (opts.translate_uid or opts.translate_gid):
         raise OptionError("--translate-uid/--translate-gid cannot be used with --posix-acl")
-    _check_maps(opts)
-    _check_confinement(opts)
-    if opts.metrics is not None:
-        from virtiofsd_py.app.metrics_server import AddressError, parse_address
-
-        try:
-            parse_address(opts.metrics)
-        except AddressError as e:
-            raise OptionError(str(e)) from None
+    _check_values(opts)
     if opts.print_capabilities:
         return opts
     if opts.backend == "memory":
@@ -423,9 +492,9 @@ def parse_args(argv: list[str] | None = None, *, mount: bool = False) -> Options
         raise OptionError("--shared-dir is required")
     elif opts.backend != "passthrough" and opts.shared_dir:
         raise OptionError(f"--shared-dir makes no sense with --backend {opts.backend}")
+    if opts.thread_pool_size < 0:
+        raise OptionError("--thread-pool-size must be >= 0")
     if mount:
-        if opts.thread_pool_size < 0:
-            raise OptionError("--thread-pool-size must be >= 0")
         return opts
     if opts.socket_path is not None and opts.fd is not None:
         raise OptionError("--socket-path and --fd are mutually exclusive")
@@ -433,8 +502,6 @@ def parse_args(argv: list[str] | None = None, *, mount: bool = False) -> Options
         opts.fd = systemd_listen_fd()
         if opts.fd is None:
             raise OptionError("one of --socket-path and --fd is required (or systemd's LISTEN_FDS)")
-    if opts.thread_pool_size < 0:
-        raise OptionError("--thread-pool-size must be >= 0")
     if opts.tag is not None and not 0 < len(opts.tag.encode()) <= 36:
         raise OptionError("--tag must be 1 to 36 bytes")
     return opts

@@ -1,7 +1,9 @@
 """What the daemon shows its operator: sd_notify, metrics, SIGUSR1 dumps.
 
-``daemon.serve`` calls these hooks at the points of its lifecycle; all the
-operator-facing logic lives here so the wiring in daemon.py stays a few lines.
+:func:`prepare` (in the start-up sequence, before the sandbox) returns the
+:class:`ServiceHooks`; ``daemon.serve`` calls them at the points of its
+lifecycle, so all the operator-facing logic lives here and the wiring in
+daemon.py stays a few lines.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from virtiofsd_py.app import sdnotify
+from virtiofsd_py.app.backends import TableSizes
+from virtiofsd_py.app.errors import StartupError, describe
 from virtiofsd_py.app.metrics import Handler, Metrics, ring_gauges, table_gauges
 from virtiofsd_py.app.metrics_server import MetricsServer, parse_address
 from virtiofsd_py.app.options import Options
@@ -20,41 +24,33 @@ from virtiofsd_py.app.options import Options
 log = logging.getLogger("virtiofsd_py")
 
 
-#: The metrics server opened by ``prepare``, waiting for ``ServiceHooks``.
-_prepared: MetricsServer | None = None
+def _startup_error(server: MetricsServer, e: OSError) -> StartupError:
+    return StartupError(f"--metrics {server.address}: {describe(e)}")
 
 
-def _startup_error(server: MetricsServer, e: OSError) -> Exception:
-    from virtiofsd_py.app.daemon import StartupError
-
-    return StartupError(f"--metrics {server.address}: {e.strerror or e}")
-
-
-def prepare(opts: Options) -> None:
+def prepare(opts: Options) -> ServiceHooks:
     """Before the sandbox: connect to systemd's notify socket and bind the
     metrics socket, which the sandbox (mount namespace, seccomp without
     ``bind``) would no longer allow."""
-    global _prepared
     sdnotify.prepare()
-    if opts.metrics is not None and _prepared is None:
-        server = MetricsServer(Metrics(), parse_address(opts.metrics))
-        try:
-            server.open()
-        except OSError as e:
-            raise _startup_error(server, e) from None
-        _prepared = server
+    if opts.metrics is None:
+        return ServiceHooks(None)
+    server = MetricsServer(Metrics(), parse_address(opts.metrics))
+    try:
+        server.open()
+    except OSError as e:
+        raise _startup_error(server, e) from None
+    return ServiceHooks(server)
 
 
 class ServiceHooks:
-    """Created once per daemon; ``start`` before listening, ``close`` at exit."""
+    """Made once per daemon by :func:`prepare`; ``start`` before listening,
+    ``close`` at exit, both on the event loop."""
 
-    def __init__(self, opts: Options, loop: asyncio.AbstractEventLoop) -> None:
-        global _prepared
-        self._loop = loop
-        self.server, _prepared = _prepared, None
-        if self.server is None and opts.metrics is not None:
-            self.server = MetricsServer(Metrics(), parse_address(opts.metrics))
-        self.metrics = self.server.metrics if self.server is not None else Metrics()
+    def __init__(self, server: MetricsServer | None) -> None:
+        self.server = server
+        self.metrics = server.metrics if server is not None else Metrics()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Serve ``--metrics`` (if asked) and dump the metrics on SIGUSR1."""
@@ -63,6 +59,7 @@ class ServiceHooks:
                 await self.server.start()
             except OSError as e:
                 raise _startup_error(self.server, e) from None
+        self._loop = asyncio.get_running_loop()
         self._loop.add_signal_handler(signal.SIGUSR1, self.dump)
 
     def dump(self) -> None:
@@ -78,19 +75,19 @@ class ServiceHooks:
         SIGUSR1), timed only with ``--metrics`` (the clock reads are the cost)."""
         return self.metrics.instrument(handler, timed=self.server is not None)
 
-    def serving(self, rings: Callable[[], Sequence[Any]], fs: Any) -> None:
-        """A front-end is connected: expose its queues and the filesystem's tables."""
+    def serving(
+        self, rings: Callable[[], Sequence[Any]], fd_dir: str, tables: TableSizes | None
+    ) -> None:
+        """A front-end is connected: expose its queues and the back-end's tables."""
         self.metrics.add_gauges(ring_gauges(rings))
-        fd_dir = getattr(getattr(fs, "config", None), "proc_self_fd", None)
-        if isinstance(fd_dir, str):
-            self.metrics.fd_dir = fd_dir
-        inodes, handles = getattr(fs, "inodes", None), getattr(fs, "handles", None)
-        if inodes is not None and handles is not None:
-            self.metrics.add_gauges(table_gauges(inodes.__len__, handles.__len__))
+        self.metrics.fd_dir = fd_dir
+        if tables is not None:
+            self.metrics.add_gauges(table_gauges(tables.inodes, tables.handles))
         sdnotify.status("serving a vhost-user front-end")
 
     async def close(self) -> None:
         sdnotify.stopping("shutting down")
-        self._loop.remove_signal_handler(signal.SIGUSR1)
+        if self._loop is not None:
+            self._loop.remove_signal_handler(signal.SIGUSR1)
         if self.server is not None:
             await self.server.close()

@@ -1,14 +1,14 @@
 """Start-up confinement, in order: sandbox (may fork), capabilities, seccomp.
 
-``daemon.run`` calls :func:`confine` after opening the listening socket and
-before the event loop exists.  The order matters: the sandbox needs
+``app/startup.py`` calls :func:`confine` after opening the listening socket
+and before the event loop exists.  The order matters: the sandbox needs
 CAP_SYS_ADMIN for its mounts, so capabilities are dropped after it; the
 seccomp filter comes last, and every thread created afterwards (the event
 loop's, the worker pool) inherits both.
 
-The confinement is process-wide, so the paths the file system must use
-inside it are kept here (:func:`fs_paths`) rather than threaded through
-every caller.
+:func:`confine` returns the :class:`~virtiofsd_py.confine.sandbox.SandboxView`
+of the serving process: the paths the file system must use from then on
+are the caller's to pass on, not kept here.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from virtiofsd_py.confine import sandbox
-from virtiofsd_py.confine.sandbox import Confinement, IdMapping
+from virtiofsd_py.confine import chroot, sandbox
+from virtiofsd_py.confine.sandbox import IdMapping, SandboxView
 from virtiofsd_py.host import capabilities, seccomp
 
 log = logging.getLogger("virtiofsd_py")
@@ -31,13 +31,22 @@ class ConfinementError(Exception):
 
 
 class _Opts(Protocol):
-    shared_dir: str | None
-    backend: str
-    sandbox: str
-    seccomp: str
-    modcaps: str | None
-    uid_map: tuple[str, ...]
-    gid_map: tuple[str, ...]
+    """The options confinement reads (``app/options.Options``)."""
+
+    @property
+    def shared_dir(self) -> str | None: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def sandbox(self) -> str: ...
+    @property
+    def seccomp(self) -> str: ...
+    @property
+    def modcaps(self) -> str | None: ...
+    @property
+    def uid_map(self) -> tuple[str, ...]: ...
+    @property
+    def gid_map(self) -> tuple[str, ...]: ...
 
 
 class _Listener(Protocol):
@@ -45,9 +54,6 @@ class _Listener(Protocol):
     sock: socket.socket
 
     def close(self) -> None: ...
-
-
-_current: Confinement | None = None
 
 
 def parse_id_maps(values: Sequence[str], what: str) -> list[IdMapping]:
@@ -70,67 +76,87 @@ def check_options(opts: _Opts) -> None:
         raise ConfinementError(str(e)) from None
 
 
-def fs_paths(shared_dir: str) -> tuple[str, str]:
-    """(shared directory, /proc/self/fd) as the serving process sees them now."""
-    if _current is None or _current.mode == "none":
-        return shared_dir, "/proc/self/fd"
-    return _current.shared_dir, _current.proc_self_fd
+def check_shared_dir(shared_dir: str) -> None:
+    """Refuse a share that is no directory we can open, before anything is set up."""
+    try:
+        sandbox.check_shared_dir(shared_dir)
+    except sandbox.SandboxError as e:
+        raise ConfinementError(str(e)) from None
 
 
-def _reachable_from_fd_dir(paths: Sequence[str]) -> list[str]:
-    """``paths`` as a chroot'ed process names them: ``N/name`` from its working
-    directory, the fd directory; the directory fds stay open for good."""
-    return [sandbox.fd_relative(p)[1] for p in paths]
+def _enter(opts: _Opts) -> SandboxView:
+    """Enter the sandbox ``opts.sandbox`` names (checked by ``check_options``)."""
+    shared_dir = opts.shared_dir if opts.backend == "passthrough" else None
+    if opts.sandbox == "none":
+        return sandbox.unconfined(shared_dir)
+    if shared_dir is not None:
+        shared_dir = sandbox.check_shared_dir(shared_dir)
+    sandbox.preload()
+    if opts.sandbox == "chroot":
+        return chroot.enter_chroot(shared_dir)
+    return sandbox.enter_namespace(
+        shared_dir,
+        parse_id_maps(opts.uid_map, "--uid-map"),
+        parse_id_maps(opts.gid_map, "--gid-map"),
+    )
 
 
-def confine(opts: _Opts, listener: _Listener) -> Confinement | int:
+def install_seccomp(action: str, extra: Iterable[str] = ()) -> None:
+    """The seccomp filter (``--seccomp``) over the daemon's allow-list plus ``extra``."""
+    if action != "none":
+        # libuv would set up an io_uring (a large kernel surface) for its
+        # epoll batching; plain epoll is what the allow-list covers.
+        os.environ["UV_USE_IO_URING"] = "0"
+    try:
+        seccomp.install(action, frozenset(extra))
+    except (OSError, seccomp.SeccompError) as e:
+        raise ConfinementError(str(e)) from None
+    if action != "none":
+        log.debug("seccomp filter installed (action %s)", action)
+
+
+def confine(opts: _Opts, listener: _Listener) -> SandboxView | int:
     """Enter the sandbox and restrict the process.
 
-    Returns the :class:`Confinement` in the process that goes on to serve.
-    In the supervising parent of a namespace sandbox it returns the exit
-    code to exit with once the sandboxed child has ended (``-N``: killed by
-    signal N, see :func:`sandbox.exit_like`).
+    Returns what the process that goes on to serve sees.  In the supervising
+    parent of a namespace sandbox it returns the exit code to exit with once
+    the sandboxed child has ended (``-N``: killed by signal N, see
+    :func:`sandbox.exit_like`).
     """
-    global _current
     capabilities.last_cap()  # read while /proc is a path (a chroot hides it)
     try:
         check_options(opts)
         relative = _reachable_from_fd_dir(listener.created) if opts.sandbox == "chroot" else None
-        where = sandbox.enter(
-            opts.sandbox,
-            opts.shared_dir if opts.backend == "passthrough" else None,
-            parse_id_maps(opts.uid_map, "--uid-map"),
-            parse_id_maps(opts.gid_map, "--gid-map"),
-        )
+        view = _enter(opts)
     except (sandbox.SandboxError, capabilities.CapabilityError) as e:
         raise ConfinementError(str(e)) from None
-    if where.child_pid is not None:
-        log.debug("sandboxed daemon is pid %d", where.child_pid)
+    if view.child_pid is not None:
+        log.debug("sandboxed daemon is pid %d", view.child_pid)
         # Only the child accepts: a second front-end must not queue on our copy.
         listener.sock.close()
-        return sandbox.supervise(where.child_pid, listener.close)
+        return sandbox.supervise(view.child_pid, listener.close)
     if relative is not None:
         listener.created[:] = relative  # an absolute path would name a file in the share
-    elif where.mode != "none":
+    elif view.mode != "none":
         listener.created.clear()  # not reachable from inside; the parent removes them
-    _current = where
-    if where.mode == "none":
+    if view.mode == "none":
         log.warning("running without a sandbox (--sandbox none): confinement is by *at() only")
+    elif view.shared_dir is None:
+        log.info("sandbox %s: no host directory", view.mode)
     else:
-        shown = opts.shared_dir if opts.backend == "passthrough" else "no host directory"
-        log.info("sandbox %s: serving %s as %s", where.mode, shown, where.shared_dir)
+        log.info("sandbox %s: serving %s as %s", view.mode, opts.shared_dir, view.shared_dir)
     try:
         _, permitted = capabilities.get()
         if permitted:
             kept = capabilities.restrict(capabilities.parse_modcaps(opts.modcaps))
             log.debug("capabilities kept: %s", ", ".join(capabilities.names(kept)) or "none")
-        if opts.seccomp != "none":
-            # libuv would set up an io_uring (a large kernel surface) for its
-            # epoll batching; plain epoll is what the allow-list covers.
-            os.environ["UV_USE_IO_URING"] = "0"
-        seccomp.install(opts.seccomp)
-    except (OSError, capabilities.CapabilityError, seccomp.SeccompError) as e:
+    except (OSError, capabilities.CapabilityError) as e:
         raise ConfinementError(str(e)) from None
-    if opts.seccomp != "none":
-        log.debug("seccomp filter installed (action %s)", opts.seccomp)
-    return where
+    install_seccomp(opts.seccomp)
+    return view
+
+
+def _reachable_from_fd_dir(paths: Sequence[str]) -> list[str]:
+    """``paths`` as a chroot'ed process names them: ``N/name`` from its working
+    directory, the fd directory; the directory fds stay open for good."""
+    return [chroot.fd_relative(p)[1] for p in paths]

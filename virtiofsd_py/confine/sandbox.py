@@ -1,8 +1,13 @@
-"""``--sandbox namespace|chroot|none``: confine the daemon to the shared directory.
+"""``--sandbox namespace``, and what every sandbox mode shares.
 
-The *at()-relative, no-symlink-following confinement of ``fs/passthrough.py``
+The *at()-relative, no-symlink-following confinement of ``fs/passthrough/``
 is the first line; the sandbox is the second, for the day the first has a
 hole: a daemon that escaped the share finds nothing worth having.
+
+Shared by the modes (``chroot.py`` is the other one; ``process.py`` picks
+one): the option rules (:func:`check_request`), the check of the share,
+:func:`preload`, and :class:`SandboxView`, what the serving process sees
+afterwards.
 
 ``namespace`` (the default, as in the Rust virtiofsd) follows the order of
 its ``sandbox.rs``:
@@ -26,34 +31,6 @@ node never resolves ``..`` (passthrough refuses it), so a tmpfs holding a
 private ``/proc`` beside the share costs nothing and keeps ``/proc`` an
 ordinary path for the few readers outside the file system.
 
-``chroot`` (root only, as in the Rust virtiofsd; meant for containers whose
-runtime already made the namespaces): no namespaces and no fork.  The
-process opens ``/proc/self/fd`` and the share first, chroot(2)s into the
-share and then ``fchdir``s to the fd directory, which stays its working
-directory for good.  The passthrough reaches ``/proc`` only through
-``PassthroughConfig.proc_self_fd``, so it is given ``"."``: magic links are
-``./N``, fdinfo ``./../fdinfo/N`` -- paths built from fd numbers only.  Why
-the working directory rather than only a directory fd: xattr calls on a
-symlink or device node need a *path* (f*xattr() refuse O_PATH fds), and the
-``*xattrat()`` calls that take a directory fd exist only from Linux 6.13,
-so they would need this as a fallback anyway; the Rust virtiofsd does the
-same (it ``fchdir``s to its ``/proc/self/fd`` fd around those calls).  The
-working directory is per fs_struct; worker threads that unshare theirs
-(``creds.Umask``) copy it, so it is set before any thread exists.
-
-What a working directory outside the chroot means: a relative path is
-resolved from it and ``..`` there is *not* stopped by the chroot (the
-process root is never crossed), so ``../../..`` reaches the host's ``/``.
-Nothing in the daemon resolves a guest-supplied path against the working
-directory: every guest name is one component (``/`` and NUL refused) used
-with the ``dir_fd`` of a node, ``..`` at the share's root is answered from
-the root itself, migration resolves paths from the root fd, and the only
-relative paths without a ``dir_fd`` are the ``./N`` ones above and the
-socket/pid files' ``N/name`` (:func:`fd_relative`).  A daemon running
-arbitrary code can walk out the same way (as from the Rust virtiofsd's
-``/proc/self/fd`` fd): chroot is a second line against path confusions,
-not against a compromised process -- ``namespace`` is that.
-
 Python and uvloop must start after this: ``unshare(CLONE_NEWUSER)`` fails
 in a process with more than one thread, and the event loop is created in
 the child only.  Modules are imported before the pivot (:func:`preload`),
@@ -74,11 +51,12 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, get_args
 
 from virtiofsd_py.host import syscalls as libc
 
-MODES: Final = ("namespace", "chroot", "none")
+SandboxMode = Literal["namespace", "chroot", "none"]
+MODES: Final[tuple[SandboxMode, ...]] = get_args(SandboxMode)
 #: Where the share and proc appear inside the namespace sandbox.
 JAIL_SHARED: Final = "/shared"
 JAIL_PROC: Final = "/proc"
@@ -87,9 +65,6 @@ CHROOT_NEEDS_ROOT: Final = (
     "--sandbox chroot needs root (chroot(2) needs CAP_SYS_CHROOT); "
     "use --sandbox namespace, which works unprivileged in a user namespace"
 )
-#: ``proc_self_fd`` inside the chroot: the working directory is the fd directory.
-CHROOT_PROC_SELF_FD: Final = "."
-
 #: Signals the supervising parent passes on to the sandboxed child.
 FORWARDED_SIGNALS: Final = (
     signal.SIGTERM,
@@ -151,16 +126,22 @@ class IdMapping:
 
 
 @dataclass(frozen=True, slots=True)
-class Confinement:
-    """What the serving process should use once the sandbox is in place."""
+class SandboxView:
+    """What the serving process sees once the sandbox is in place: the paths it
+    must use for the share and for its own fds (the host's are gone)."""
 
-    mode: str
-    #: Path of the shared directory as this process now sees it.
-    shared_dir: str
+    mode: SandboxMode
+    #: Path of the shared directory as this process now sees it (None: no host directory).
+    shared_dir: str | None
     #: Path of this process's fd directory (``PassthroughConfig.proc_self_fd``).
     proc_self_fd: str = "/proc/self/fd"
     #: Set in the supervising parent only: the pid of the sandboxed child.
     child_pid: int | None = None
+
+
+def unconfined(shared_dir: str | None) -> SandboxView:
+    """``--sandbox none`` (and the host mount): the host's own paths."""
+    return SandboxView("none", shared_dir)
 
 
 def check_request(mode: str, uid_map: Sequence[IdMapping], gid_map: Sequence[IdMapping]) -> None:
@@ -179,41 +160,42 @@ def check_request(mode: str, uid_map: Sequence[IdMapping], gid_map: Sequence[IdM
 
 def preload() -> None:
     """Import every module the daemon may import lazily, while sys.path is reachable."""
-    import virtiofsd_py
-
     for name in _PRELOAD_STDLIB:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
-    for info in pkgutil.walk_packages(virtiofsd_py.__path__, "virtiofsd_py."):
-        if info.name.startswith(("virtiofsd_py.testing", "virtiofsd_py.__main__")):
+    # Every module of this distribution, found from where this file is (no import
+    # of the layers above confine/).
+    top = __name__.partition(".")[0]
+    tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for info in pkgutil.walk_packages([tree], f"{top}."):
+        if info.name.startswith((f"{top}.testing", f"{top}.__main__")):
             continue
         importlib.import_module(info.name)
     tempfile.gettempdir()  # probes the host's temp directories once, and caches the answer
 
 
-def enter(
-    mode: str,
+def check_shared_dir(shared_dir: str) -> str:
+    """The absolute path of ``shared_dir``, refused unless it is a directory we can open."""
+    path = os.path.abspath(shared_dir)
+    try:
+        os.close(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    except OSError as e:
+        raise SandboxError(f"shared directory {path}: {e.strerror}") from None
+    return path
+
+
+def enter_namespace(
     shared_dir: str | None,
     uid_map: Sequence[IdMapping] = (),
     gid_map: Sequence[IdMapping] = (),
-) -> Confinement:
-    """Set up the sandbox; for ``namespace`` this forks (see :class:`Confinement`).
+) -> SandboxView:
+    """Enter the namespace sandbox: this forks; both processes return (the parent's
+    view has ``child_pid``).
 
-    ``shared_dir`` None (a back-end without a host directory): nothing of
-    the host is bound into the sandbox.
+    ``shared_dir`` (absolute, checked) None: a back-end without a host
+    directory, nothing of the host is bound into the sandbox.  Call
+    :func:`preload` first.
     """
-    check_request(mode, uid_map, gid_map)
-    shared_dir = None if shared_dir is None else os.path.abspath(shared_dir)
-    if mode == "none":
-        return Confinement(mode, shared_dir or "")
-    if shared_dir is not None:
-        try:
-            os.close(os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        except OSError as e:
-            raise SandboxError(f"shared directory {shared_dir}: {e.strerror}") from None
-    preload()
-    if mode == "chroot":
-        return _enter_chroot(shared_dir)
     try:
         if os.geteuid() != 0:
             _enter_user_namespace(uid_map, gid_map)
@@ -232,7 +214,7 @@ def enter(
     child = os.fork()
     if child:
         os.close(lifeline_r)
-        return Confinement(mode, shared_dir or "", child_pid=child)
+        return SandboxView("namespace", shared_dir, child_pid=child)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     try:
         os.close(lifeline_w)
@@ -244,49 +226,9 @@ def enter(
     except BaseException as e:  # the parent reports our exit status
         _report_child_failure(e)
         os._exit(1)
-    return Confinement(mode, JAIL_SHARED, JAIL_PROC + "/self/fd")
-
-
-def _enter_chroot(shared_dir: str | None) -> Confinement:
-    """chroot(2) into the share, working directory on our ``/proc/self/fd``.
-
-    ``shared_dir`` None (no host directory): an empty directory, removed
-    once we are inside (a removed directory cannot gain entries).
-    """
-    empty = tempfile.mkdtemp(prefix="virtiofsd-py-root-") if shared_dir is None else None
-    dir_flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-    parent_fd = proc_fd = root_fd = -1
-    try:
-        if empty is not None:
-            parent_fd = os.open(os.path.dirname(empty), dir_flags)
-        proc_fd = os.open("/proc/self/fd", dir_flags)
-        root_fd = os.open(shared_dir or str(empty), dir_flags)
-        # By fd: the path may have been swapped since it was checked.
-        os.fchdir(root_fd)
-        os.chroot(".")
-        os.fchdir(proc_fd)
-    except OSError as e:
-        raise SandboxError(f"--sandbox chroot: {e}") from None
-    finally:
-        if parent_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.basename(str(empty)), dir_fd=parent_fd)
-        for fd in (root_fd, proc_fd, parent_fd):
-            if fd >= 0:
-                os.close(fd)
-    return Confinement("chroot", "/", CHROOT_PROC_SELF_FD)
-
-
-def fd_relative(path: str) -> tuple[int, str]:
-    """An O_PATH fd of ``path``'s directory and ``"N/name"``, the same file named from
-    a working directory that is our fd directory (how a chroot'ed process reaches
-    its socket and pid files); the caller keeps the fd open."""
-    head, name = os.path.split(os.path.abspath(path))
-    try:
-        fd = os.open(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise SandboxError(f"{head}: {e.strerror}") from None
-    return fd, f"{fd}/{name}"
+    return SandboxView(
+        "namespace", None if shared_dir is None else JAIL_SHARED, JAIL_PROC + "/self/fd"
+    )
 
 
 def _parent_alive(lifeline: int) -> bool:

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from virtiofsd_py.fs.api import (
     ROOT_ID,
@@ -44,9 +44,6 @@ from virtiofsd_py.fs.api import (
 )
 from virtiofsd_py.fs.cache import CachePolicy
 from virtiofsd_py.fuse import abi
-
-if TYPE_CHECKING:
-    from virtiofsd_py.app.options import Options
 
 #: Cookies of "." and ".."; real entries get cookies from 3 upwards.
 _DOT_COOKIE: Final = 1
@@ -843,8 +840,3 @@ class MemoryFS(Filesystem):
             n.touch(now, data=True)
         for n in (src, dst):
             n.touch(now, data=False)
-
-
-def memory_fs_from_options(opts: Options) -> MemoryFS:
-    """``--backend memory``: the options that apply to it (cache, readonly, xattr)."""
-    return MemoryFS(MemoryConfig(cache=opts.cache, readonly=opts.readonly, xattr=opts.xattr))
