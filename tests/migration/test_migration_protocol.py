@@ -59,7 +59,7 @@ class MigRig(Rig):
 
     async def set_log_base(self) -> None:
         reply = await self.send(
-            p.Request.SET_LOG_BASE, p.LOG_DESC.pack(self.log_size, 0), [os.dup(self.log_fd)]
+            p.MessageType.SET_LOG_BASE, p.LOG_DESC.pack(self.log_size, 0), [os.dup(self.log_fd)]
         )
         assert u64_of(reply) == 0
 
@@ -92,28 +92,28 @@ async def mig() -> AsyncIterator[MigRig]:
 
 
 async def test_migration_features_offered(mig: MigRig) -> None:
-    assert u64_of(await mig.send(p.Request.GET_FEATURES)) & F_LOG_ALL
-    proto = u64_of(await mig.send(p.Request.GET_PROTOCOL_FEATURES))
+    assert u64_of(await mig.send(p.MessageType.GET_FEATURES)) & F_LOG_ALL
+    proto = u64_of(await mig.send(p.MessageType.GET_PROTOCOL_FEATURES))
     assert proto & p.bit(p.ProtocolFeature.LOG_SHMFD)
     assert proto & p.bit(p.ProtocolFeature.DEVICE_STATE)
 
 
 async def test_no_migration_without_state_provider(rig: Rig) -> None:
-    assert not u64_of(await rig.send(p.Request.GET_FEATURES)) & F_LOG_ALL
-    proto = u64_of(await rig.send(p.Request.GET_PROTOCOL_FEATURES))
+    assert not u64_of(await rig.send(p.MessageType.GET_FEATURES)) & F_LOG_ALL
+    proto = u64_of(await rig.send(p.MessageType.GET_PROTOCOL_FEATURES))
     assert not proto & p.bit(p.ProtocolFeature.DEVICE_STATE)
 
 
 async def test_logs_exactly_the_pages_written(mig: MigRig) -> None:
     await mig.setup(protocol=PROTO)
     q = await mig.start_ring(1)
-    await mig.send(p.Request.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
+    await mig.send(p.MessageType.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
     await mig.set_log_base()
     # Before LOG_ALL: nothing is logged.
     mig.submit(q, b"a" * 100)
     await mig.completions(q)
     assert mig.dirty_pages() == set()
-    await mig.u64(p.Request.SET_FEATURES, F_BASE | F_PROTO | F_LOG_ALL)
+    await mig.u64(p.MessageType.SET_FEATURES, F_BASE | F_PROTO | F_LOG_ALL)
     assert mig.state.log_events == [True]
     # A reply spanning page boundaries dirties exactly its pages.
     data = b"b" * 6000
@@ -125,21 +125,21 @@ async def test_logs_exactly_the_pages_written(mig: MigRig) -> None:
     await mig.completions(q)
     assert mig.dirty_pages() == set(range(out >> 12, ((out + 5999) >> 12) + 1))
     assert len(mig.dirty_pages()) == 3
-    await mig.u64(p.Request.SET_FEATURES, F_BASE | F_PROTO)
+    await mig.u64(p.MessageType.SET_FEATURES, F_BASE | F_PROTO)
     assert mig.state.log_events == [True, False]
 
 
 async def test_used_ring_logged_with_vring_f_log(mig: MigRig) -> None:
     await mig.setup(protocol=PROTO)
     q = await mig.start_ring(1)
-    await mig.send(p.Request.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
+    await mig.send(p.MessageType.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
     await mig.set_log_base()
-    await mig.u64(p.Request.SET_FEATURES, F_BASE | F_PROTO | F_LOG_ALL)
+    await mig.u64(p.MessageType.SET_FEATURES, F_BASE | F_PROTO | F_LOG_ALL)
     u = mig.dmem.gpa_to_user
     # QEMU re-sends the ring address with VHOST_VRING_F_LOG and the used
     # ring's guest-physical address while the ring runs.
     await mig.send(
-        p.Request.SET_VRING_ADDR,
+        p.MessageType.SET_VRING_ADDR,
         p.VRING_ADDR.pack(
             1, p.VRING_F_LOG, u(q.desc_gpa), u(q.used_gpa), u(q.avail_gpa), q.used_gpa
         ),
@@ -168,13 +168,13 @@ async def test_dirty_log_bits_are_or_ed() -> None:
 
 async def set_state_fd(rig: Rig, direction: int, fd: int) -> int:
     reply = await rig.send(
-        p.Request.SET_DEVICE_STATE_FD, p.DEVICE_STATE_PARAMS.pack(direction, 0), [fd]
+        p.MessageType.SET_DEVICE_STATE_FD, p.DEVICE_STATE_PARAMS.pack(direction, 0), [fd]
     )
     return u64_of(reply)
 
 
 async def check(rig: Rig) -> int:
-    return u64_of(await rig.send(p.Request.CHECK_DEVICE_STATE))
+    return u64_of(await rig.send(p.MessageType.CHECK_DEVICE_STATE))
 
 
 async def test_save_streams_a_state_bigger_than_the_pipe(mig: MigRig) -> None:
@@ -226,9 +226,11 @@ async def test_transfer_refused_while_running_or_bad_params(mig: MigRig) -> None
     assert reply & 0xFF and reply & p.VRING_NOFD_MASK
     with pytest.raises(OSError):
         os.fstat(w)  # the fd was closed, not kept
-    await mig.send(p.Request.GET_VRING_BASE, p.VRING_STATE.pack(1, 0))
+    await mig.send(p.MessageType.GET_VRING_BASE, p.VRING_STATE.pack(1, 0))
     r2, w2 = os.pipe()
-    reply = await mig.send(p.Request.SET_DEVICE_STATE_FD, p.DEVICE_STATE_PARAMS.pack(0, 7), [w2])
+    reply = await mig.send(
+        p.MessageType.SET_DEVICE_STATE_FD, p.DEVICE_STATE_PARAMS.pack(0, 7), [w2]
+    )
     assert u64_of(reply) & 0xFF  # unknown phase
     assert await check(mig) != 0  # nothing to check
     os.close(r)

@@ -14,6 +14,7 @@ from virtiofsd_py.testing.frontend import driver as drv
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.backend import BackendConfig, Reply, VhostUserBackend
 from virtiofsd_py.virtio.runner import QueueRunner
+from virtiofsd_py.virtio.types import MemoryRegion
 
 GPA_BASE = 0x4000_0000
 F_PROTO = p.bit(p.VHOST_USER_F_PROTOCOL_FEATURES)
@@ -53,26 +54,26 @@ class Rig:
         return await self.send(request, p.U64.pack(value), **kw)  # type: ignore[arg-type]
 
     async def setup(self, features: int = F_BASE | F_PROTO, protocol: int = REPLY_ACK) -> None:
-        await self.u64(p.Request.SET_PROTOCOL_FEATURES, protocol)
-        await self.send(p.Request.SET_OWNER)
-        await self.u64(p.Request.SET_FEATURES, features)
-        region = p.MemoryRegion(GPA_BASE, self.dmem.size, self.dmem.user_addr, 0)
+        await self.u64(p.MessageType.SET_PROTOCOL_FEATURES, protocol)
+        await self.send(p.MessageType.SET_OWNER)
+        await self.u64(p.MessageType.SET_FEATURES, features)
+        region = MemoryRegion(GPA_BASE, self.dmem.size, self.dmem.user_addr, 0)
         await self.send(
-            p.Request.ADD_MEM_REG, p.encode_single_region(region), [os.dup(self.dmem.fd)]
+            p.MessageType.ADD_MEM_REG, p.encode_single_region(region), [os.dup(self.dmem.fd)]
         )
 
     async def start_ring(self, index: int, size: int = 16) -> drv.SplitQueue:
         q = drv.SplitQueue(self.dmem, index, size)
         self.queues[index] = q
-        await self.send(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(index, size))
-        await self.send(p.Request.SET_VRING_BASE, p.VRING_STATE.pack(index, 0))
+        await self.send(p.MessageType.SET_VRING_NUM, p.VRING_STATE.pack(index, size))
+        await self.send(p.MessageType.SET_VRING_BASE, p.VRING_STATE.pack(index, 0))
         u = self.dmem.gpa_to_user
         await self.send(
-            p.Request.SET_VRING_ADDR,
+            p.MessageType.SET_VRING_ADDR,
             p.VRING_ADDR.pack(index, 0, u(q.desc_gpa), u(q.used_gpa), u(q.avail_gpa), 0),
         )
-        await self.u64(p.Request.SET_VRING_CALL, index, fds=[os.dup(q.call_fd)])
-        await self.u64(p.Request.SET_VRING_KICK, index, fds=[os.dup(q.kick_fd)])
+        await self.u64(p.MessageType.SET_VRING_CALL, index, fds=[os.dup(q.call_fd)])
+        await self.u64(p.MessageType.SET_VRING_KICK, index, fds=[os.dup(q.kick_fd)])
         return q
 
     def submit(self, q: drv.SplitQueue, data: bytes) -> drv.Chain:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from virtiofsd_py.vhost import protocol as p
-from virtiofsd_py.vhost.protocol import Message, ProtocolError, Request
+from virtiofsd_py.vhost.protocol import Message, MessageType, ProtocolError
 from virtiofsd_py.vhost.rings import Vring
 from virtiofsd_py.vhost.transfer import TransferError, read_all, write_all
 from virtiofsd_py.virtio.dirty_log import DirtyLog, DirtyLogError, logging_supported
@@ -93,17 +93,17 @@ def offered_protocol_features(config: BackendConfig) -> int:
 #: Messages whose reply carries a body: they never get an extra REPLY_ACK.
 _REPLY_BODY = frozenset(
     {
-        Request.GET_FEATURES,
-        Request.GET_PROTOCOL_FEATURES,
-        Request.GET_VRING_BASE,
-        Request.GET_QUEUE_NUM,
-        Request.GET_CONFIG,
-        Request.GET_MAX_MEM_SLOTS,
-        Request.SET_DEVICE_STATE_FD,
-        Request.CHECK_DEVICE_STATE,
-        Request.GET_INFLIGHT_FD,
-        Request.GET_STATUS,
-        Request.GET_SHARED_OBJECT,
+        MessageType.GET_FEATURES,
+        MessageType.GET_PROTOCOL_FEATURES,
+        MessageType.GET_VRING_BASE,
+        MessageType.GET_QUEUE_NUM,
+        MessageType.GET_CONFIG,
+        MessageType.GET_MAX_MEM_SLOTS,
+        MessageType.SET_DEVICE_STATE_FD,
+        MessageType.CHECK_DEVICE_STATE,
+        MessageType.GET_INFLIGHT_FD,
+        MessageType.GET_STATUS,
+        MessageType.GET_SHARED_OBJECT,
     }
 )
 
@@ -178,12 +178,12 @@ class VhostUserBackend:
 
     def _nak(self, msg: Message) -> Reply | None:
         """Failure reply: REPLY_ACK error, or an error-shaped body where one is due."""
-        if msg.request == Request.SET_DEVICE_STATE_FD:
+        if msg.request == MessageType.SET_DEVICE_STATE_FD:
             return Reply(p.encode_u64_reply(msg.request, 1 | p.VRING_NOFD_MASK))
-        if msg.request == Request.GET_VRING_BASE:
+        if msg.request == MessageType.GET_VRING_BASE:
             index = msg.payload[:4] if len(msg.payload) >= 4 else b"\0\0\0\0"
             return Reply(p.encode_reply(msg.request, index + b"\0\0\0\0"))
-        if msg.request == Request.GET_CONFIG:
+        if msg.request == MessageType.GET_CONFIG:
             return Reply(p.encode_reply(msg.request, b""))
         if msg.request in _REPLY_BODY:
             return Reply(p.encode_u64_reply(msg.request, 1 if msg.request in _U64_ERR else 0))
@@ -594,34 +594,34 @@ def _take_fds(msg: Message) -> list[int]:
     return fds
 
 
-_U64_ERR = frozenset({Request.CHECK_DEVICE_STATE})
+_U64_ERR = frozenset({MessageType.CHECK_DEVICE_STATE})
 
 _HANDLERS: dict[int, Handler] = {
-    Request.GET_FEATURES: VhostUserBackend._get_features,
-    Request.SET_FEATURES: VhostUserBackend._set_features,
-    Request.SET_OWNER: VhostUserBackend._set_owner,
-    Request.RESET_OWNER: VhostUserBackend._reset_owner,
-    Request.RESET_DEVICE: VhostUserBackend._reset_device,
-    Request.GET_PROTOCOL_FEATURES: VhostUserBackend._get_protocol_features,
-    Request.SET_PROTOCOL_FEATURES: VhostUserBackend._set_protocol_features,
-    Request.GET_QUEUE_NUM: VhostUserBackend._get_queue_num,
-    Request.SET_MEM_TABLE: VhostUserBackend._set_mem_table,
-    Request.GET_MAX_MEM_SLOTS: VhostUserBackend._get_max_mem_slots,
-    Request.ADD_MEM_REG: VhostUserBackend._add_mem_reg,
-    Request.REM_MEM_REG: VhostUserBackend._rem_mem_reg,
-    Request.SET_VRING_NUM: VhostUserBackend._set_vring_num,
-    Request.SET_VRING_ADDR: VhostUserBackend._set_vring_addr,
-    Request.SET_VRING_BASE: VhostUserBackend._set_vring_base,
-    Request.GET_VRING_BASE: VhostUserBackend._get_vring_base,
-    Request.SET_VRING_KICK: VhostUserBackend._set_vring_kick,
-    Request.SET_VRING_CALL: VhostUserBackend._set_vring_call,
-    Request.SET_VRING_ERR: VhostUserBackend._set_vring_err,
-    Request.SET_VRING_ENABLE: VhostUserBackend._set_vring_enable,
-    Request.SET_BACKEND_REQ_FD: VhostUserBackend._set_backend_req_fd,
-    Request.GET_CONFIG: VhostUserBackend._get_config,
-    Request.SET_CONFIG: VhostUserBackend._set_config,
-    Request.SET_LOG_BASE: VhostUserBackend._set_log_base,
-    Request.SET_LOG_FD: VhostUserBackend._set_log_fd,
-    Request.SET_DEVICE_STATE_FD: VhostUserBackend._set_device_state_fd,
-    Request.CHECK_DEVICE_STATE: VhostUserBackend._check_device_state,
+    MessageType.GET_FEATURES: VhostUserBackend._get_features,
+    MessageType.SET_FEATURES: VhostUserBackend._set_features,
+    MessageType.SET_OWNER: VhostUserBackend._set_owner,
+    MessageType.RESET_OWNER: VhostUserBackend._reset_owner,
+    MessageType.RESET_DEVICE: VhostUserBackend._reset_device,
+    MessageType.GET_PROTOCOL_FEATURES: VhostUserBackend._get_protocol_features,
+    MessageType.SET_PROTOCOL_FEATURES: VhostUserBackend._set_protocol_features,
+    MessageType.GET_QUEUE_NUM: VhostUserBackend._get_queue_num,
+    MessageType.SET_MEM_TABLE: VhostUserBackend._set_mem_table,
+    MessageType.GET_MAX_MEM_SLOTS: VhostUserBackend._get_max_mem_slots,
+    MessageType.ADD_MEM_REG: VhostUserBackend._add_mem_reg,
+    MessageType.REM_MEM_REG: VhostUserBackend._rem_mem_reg,
+    MessageType.SET_VRING_NUM: VhostUserBackend._set_vring_num,
+    MessageType.SET_VRING_ADDR: VhostUserBackend._set_vring_addr,
+    MessageType.SET_VRING_BASE: VhostUserBackend._set_vring_base,
+    MessageType.GET_VRING_BASE: VhostUserBackend._get_vring_base,
+    MessageType.SET_VRING_KICK: VhostUserBackend._set_vring_kick,
+    MessageType.SET_VRING_CALL: VhostUserBackend._set_vring_call,
+    MessageType.SET_VRING_ERR: VhostUserBackend._set_vring_err,
+    MessageType.SET_VRING_ENABLE: VhostUserBackend._set_vring_enable,
+    MessageType.SET_BACKEND_REQ_FD: VhostUserBackend._set_backend_req_fd,
+    MessageType.GET_CONFIG: VhostUserBackend._get_config,
+    MessageType.SET_CONFIG: VhostUserBackend._set_config,
+    MessageType.SET_LOG_BASE: VhostUserBackend._set_log_base,
+    MessageType.SET_LOG_FD: VhostUserBackend._set_log_fd,
+    MessageType.SET_DEVICE_STATE_FD: VhostUserBackend._set_device_state_fd,
+    MessageType.CHECK_DEVICE_STATE: VhostUserBackend._check_device_state,
 }

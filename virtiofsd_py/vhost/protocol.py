@@ -14,6 +14,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from virtiofsd_py.virtio.types import MemoryRegion, VringAddr
+
 # -- "Header" (vhost-user.rst, Message format) ---------------------------
 HEADER = struct.Struct("=III")  # request, flags, size; native byte order
 HEADER_SIZE = HEADER.size
@@ -29,7 +31,7 @@ MAX_PAYLOAD = 4096
 MAX_FDS = 8
 
 
-class Request(enum.IntEnum):
+class MessageType(enum.IntEnum):
     """Front-end message types (vhost-user.rst, "Front-end message types")."""
 
     GET_FEATURES = 1
@@ -79,7 +81,7 @@ class Request(enum.IntEnum):
 
 def request_name(request: int) -> str:
     try:
-        return Request(request).name
+        return MessageType(request).name
     except ValueError:
         return f"UNKNOWN({request})"
 
@@ -242,24 +244,6 @@ def encode_u64_reply(request: int, value: int) -> bytes:
 
 
 # -- typed payloads ------------------------------------------------------------
-@dataclass(slots=True, frozen=True)
-class MemoryRegion:
-    guest_phys_addr: int
-    size: int
-    userspace_addr: int
-    mmap_offset: int
-
-
-@dataclass(slots=True, frozen=True)
-class VringAddr:
-    index: int
-    flags: int
-    desc_user_addr: int
-    used_user_addr: int
-    avail_user_addr: int
-    log_guest_addr: int
-
-
 @dataclass(slots=True, frozen=True)
 class ConfigSpace:
     offset: int

@@ -14,7 +14,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 
-from virtiofsd_py.vhost.protocol import VringAddr
+from virtiofsd_py.virtio.types import VringAddr
 from virtiofsd_py.virtio.virtqueue import SplitQueue
 
 

@@ -18,7 +18,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from virtiofsd_py.vhost.protocol import MemoryRegion
+from virtiofsd_py.virtio.types import MemoryRegion
 
 
 class GuestMemoryError(Exception):

@@ -22,8 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-from virtiofsd_py.vhost.protocol import VringAddr
 from virtiofsd_py.virtio.memory import GuestMemory, GuestMemoryError
+from virtiofsd_py.virtio.types import VringAddr
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next (2.7.5)
 U16 = struct.Struct("<H")  # ring fields nobody writes concurrently (avail ring entries)
