@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtiofsd_py.fuse.abi import opcode_name
+from virtiofsd_py.virtio.runner import ChainHandler
 
-Handler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
+Handler = ChainHandler
 
 #: Counter slots: every FUSE opcode the kernel sends is below 64; the rest
 #: (CUSE_INIT, garbage) share slot 0, which no real request uses.
