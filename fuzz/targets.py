@@ -25,6 +25,7 @@ from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
 from virtiofsd_py.testing.frontend import driver as drv
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
+from virtiofsd_py.vhost.connection import StateTransfers
 from virtiofsd_py.virtio.memory import GuestMemory, map_region
 from virtiofsd_py.virtio.runner import QueueRunner
 from virtiofsd_py.virtio.types import MemoryRegion, VringAddr
@@ -288,6 +289,7 @@ async def _run_backend(data: bytes) -> None:
     runner = QueueRunner(loop, lambda readable, writable: 0)
     backend = VhostUserBackend(runner, BackendConfig(max_queues=3, tag="fuzz"), state=_NullState())
     mem = drv.GuestMemory(BACKEND_MEM, gpa_base=0)
+    transfers = StateTransfers()
     b = Bytes(data)
     try:
         while len(b):
@@ -301,6 +303,8 @@ async def _run_backend(data: bytes) -> None:
                 fds += _fds("event", mem.fd)  # an fd nobody asked for
             msg = p.Message(request, flags, payload, fds)
             reply = await asyncio.wait_for(backend.handle(msg), 5)
+            if reply is not None and reply.transfer is not None:
+                transfers.start(reply.transfer)  # as the connection does, once replied
             assert all(fd < 0 or fd not in fds for fd in msg.fds), "fd kept in the message"
             if reply is not None:
                 r_req, r_flags, r_size = p.HEADER.unpack_from(reply.data)
@@ -309,6 +313,7 @@ async def _run_backend(data: bytes) -> None:
                 for fd in reply.fds:
                     os.close(fd)
     finally:
+        await asyncio.wait_for(transfers.cancel(), 5)
         await asyncio.wait_for(backend.close(), 5)
         runner.close()
         mem.close()

@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
-from vhost_rig import F_BASE, F_PROTO, GPA_BASE, Rig, u64_of
+from vhost_rig import F_BASE, F_PROTO, GPA_BASE, Rig, echo, u64_of
 
 from virtiofsd_py.testing.frontend import driver as drv
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
+from virtiofsd_py.vhost.connection import VhostUserConnection
 from virtiofsd_py.virtio.dirty_log import DirtyLog
+from virtiofsd_py.virtio.runner import QueueRunner
 
 F_LOG_ALL = p.bit(p.VHOST_F_LOG_ALL)
 PROTO = (
@@ -250,3 +253,99 @@ async def test_oversized_state_is_refused() -> None:
         assert state.loaded is None
     finally:
         await rig.close()
+
+
+async def test_the_backend_asks_for_the_transfer_and_does_not_run_it(mig: MigRig) -> None:
+    """SET_DEVICE_STATE_FD's reply carries the transfer; the pipe stays untouched
+    until whoever sends the reply runs it (the connection, here the rig)."""
+    await mig.setup(protocol=PROTO)
+    r, w = os.pipe()
+    params = p.DEVICE_STATE_PARAMS.pack(p.DEVICE_STATE_SAVE, p.DEVICE_STATE_PHASE_STOPPED)
+    msg = p.Message(p.MessageType.SET_DEVICE_STATE_FD, p.VERSION, params, [w])
+    reply = await mig.backend.handle(msg)
+    assert reply is not None and u64_of(reply) == p.VRING_NOFD_MASK
+    job = reply.transfer
+    assert job is not None and job.direction == p.DEVICE_STATE_SAVE and job.fd == w
+    await asyncio.sleep(0.05)
+    os.set_blocking(r, False)
+    with pytest.raises(BlockingIOError):
+        os.read(r, 1)  # nothing written: the back-end only asked
+    os.set_blocking(r, True)
+    mig.transfers.start(job)
+    got = bytearray()
+    loop = asyncio.get_running_loop()
+    while chunk := await loop.run_in_executor(None, os.read, r, 1 << 20):
+        got += chunk
+    os.close(r)
+    assert bytes(got) == mig.state.blob
+    assert await check(mig) == 0
+
+
+async def test_second_transfer_while_one_runs_is_refused(mig: MigRig) -> None:
+    await mig.setup(protocol=PROTO)
+    r, w = os.pipe()
+    assert await set_state_fd(mig, p.DEVICE_STATE_LOAD, r) == p.VRING_NOFD_MASK
+    # The LOAD waits for our EOF: a second SET_DEVICE_STATE_FD is an error.
+    r2, w2 = os.pipe()
+    reply = await set_state_fd(mig, p.DEVICE_STATE_SAVE, w2)
+    assert reply & 0xFF and reply & p.VRING_NOFD_MASK
+    with pytest.raises(OSError):
+        os.fstat(w2)  # the refused fd was closed, not kept
+    os.close(r2)
+    # The first transfer is unharmed and CHECK_DEVICE_STATE reports it.
+    blob = b"first" * 1000
+    await asyncio.get_running_loop().run_in_executor(None, _write_and_close, w, blob)
+    assert await check(mig) == 0
+    assert mig.state.loaded == blob
+
+
+async def test_a_transfer_cancelled_before_it_ran_closes_its_fd(mig: MigRig) -> None:
+    await mig.setup(protocol=PROTO)
+    r, w = os.pipe()
+    await set_state_fd(mig, p.DEVICE_STATE_LOAD, r)
+    await mig.transfers.cancel()  # before the task took its first step
+    with pytest.raises(BrokenPipeError):
+        os.write(w, b"x")  # our read end is gone
+    os.close(w)
+    assert await check(mig) != 0
+    assert mig.state.loaded is None
+
+
+async def _frontend_exchange(sock: socket.socket, data: bytes, fds: list[int], reply: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, socket.send_fds, sock, [data], fds)
+    for fd in fds:
+        os.close(fd)
+    got = b""
+    while len(got) < reply:
+        chunk = await loop.run_in_executor(None, sock.recv, reply - len(got))
+        assert chunk
+        got += chunk
+    return got
+
+
+async def test_closing_the_connection_cancels_the_transfer() -> None:
+    """The connection runs the transfer after its reply, and ends it with itself."""
+    state = FakeState()
+    runner = QueueRunner(asyncio.get_running_loop(), echo)
+    backend = VhostUserBackend(runner, BackendConfig(max_queues=3), state=state)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    serving = asyncio.ensure_future(VhostUserConnection(ours, backend).serve())
+    r, w = os.pipe()
+    try:
+        hello = p.encode_message(p.MessageType.SET_PROTOCOL_FEATURES, p.U64.pack(PROTO))
+        await _frontend_exchange(theirs, hello, [], 0)
+        params = p.DEVICE_STATE_PARAMS.pack(p.DEVICE_STATE_LOAD, p.DEVICE_STATE_PHASE_STOPPED)
+        ask = p.encode_message(p.MessageType.SET_DEVICE_STATE_FD, params)
+        reply = await _frontend_exchange(theirs, ask, [r], p.HEADER_SIZE + 8)
+        assert p.U64.unpack_from(reply, p.HEADER_SIZE)[0] == p.VRING_NOFD_MASK
+        os.write(w, b"half a state")  # the transfer runs: it reads this
+        theirs.close()  # the front-end goes away mid-transfer
+        await asyncio.wait_for(serving, 5)
+        with pytest.raises(BrokenPipeError):
+            os.write(w, b"x")  # the back-end's end of the pipe is closed
+        assert state.loaded is None
+    finally:
+        theirs.close()
+        os.close(w)
+        runner.close()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from virtiofsd_py.testing.frontend import driver as drv
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.backend import BackendConfig, Reply, VhostUserBackend
+from virtiofsd_py.vhost.connection import StateTransfers
 from virtiofsd_py.virtio.runner import QueueRunner
 from virtiofsd_py.virtio.types import MemoryRegion
 
@@ -39,6 +40,8 @@ class Rig:
         self.backend = VhostUserBackend(self.runner, BackendConfig(max_queues=3, tag=tag))
         self.dmem = drv.GuestMemory(8 << 20, gpa_base=GPA_BASE)
         self.queues: dict[int, drv.SplitQueue] = {}
+        #: Device-state transfers run as the connection runs them: after the reply.
+        self.transfers = StateTransfers()
 
     async def send(
         self,
@@ -48,7 +51,10 @@ class Rig:
         need_reply: bool = False,
     ) -> Reply | None:
         flags = p.VERSION | (p.FLAG_NEED_REPLY if need_reply else 0)
-        return await self.backend.handle(p.Message(request, flags, payload, fds or []))
+        reply = await self.backend.handle(p.Message(request, flags, payload, fds or []))
+        if reply is not None and reply.transfer is not None:
+            self.transfers.start(reply.transfer)
+        return reply
 
     async def u64(self, request: int, value: int, **kw: object) -> Reply | None:
         return await self.send(request, p.U64.pack(value), **kw)  # type: ignore[arg-type]
@@ -90,6 +96,7 @@ class Rig:
         )
 
     async def close(self) -> None:
+        await self.transfers.cancel()
         await self.backend.close()
         self.runner.close()
         for q in self.queues.values():

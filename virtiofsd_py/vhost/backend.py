@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Protocol
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.protocol import Message, MessageType, ProtocolError
 from virtiofsd_py.vhost.rings import Vring
-from virtiofsd_py.vhost.transfer import TransferError, read_all, write_all
+from virtiofsd_py.vhost.transfer import StateStore, TransferError, TransferRequest
 from virtiofsd_py.virtio.dirty_log import DirtyLog, DirtyLogError, logging_supported
 from virtiofsd_py.virtio.memory import GuestMemory, GuestMemoryError, close_fds, map_region
 from virtiofsd_py.virtio.runner import QueueRunner
@@ -50,14 +49,9 @@ class BackendConfig:
     max_state_size: int = 1 << 30
 
 
-class DeviceState(Protocol):
-    """What the back-end's internal state transfer needs from the daemon."""
-
-    def save(self) -> bytes:
-        """Serialize the state (called while the device is suspended)."""
-
-    def load(self, data: bytes) -> None:
-        """Adopt a serialized state; raise with a clear message if it is unusable."""
+class DeviceState(StateStore, Protocol):
+    """What migration needs from the daemon: the state to move, and a notice
+    when dirty logging starts or stops."""
 
     def log_all_changed(self, enabled: bool) -> None:
         """Migration starts (LOG_ALL on) or is cancelled (off): prepare or stop."""
@@ -109,13 +103,20 @@ _REPLY_BODY = frozenset(
 
 
 class Reply:
-    """What handling one message produced: bytes to send and fds to pass."""
+    """What handling one message produced: bytes to send and fds to pass, and
+    a device-state transfer to run once they are sent."""
 
-    __slots__ = ("data", "fds")
+    __slots__ = ("data", "fds", "transfer")
 
-    def __init__(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        fds: tuple[int, ...] = (),
+        transfer: TransferRequest | None = None,
+    ) -> None:
         self.data = data
         self.fds = fds
+        self.transfer = transfer
 
 
 Handler = Callable[["VhostUserBackend", Message], Awaitable[Reply | None]]
@@ -141,7 +142,8 @@ class VhostUserBackend:
         self.dirty_log: DirtyLog | None = None
         self.log_fd: int | None = None
         self._logging = False
-        self._transfer: asyncio.Task[None] | None = None
+        #: The transfer asked for by the last SET_DEVICE_STATE_FD, until checked.
+        self._transfer: TransferRequest | None = None
         self.runner = runner
         self.memory = GuestMemory()
         self.features = 0
@@ -522,56 +524,45 @@ class VhostUserBackend:
                 raise ProtocolError(f"unknown transfer direction {direction}")
             if not self.suspended:
                 raise ProtocolError("device state transfer while rings are running")
-            if self._transfer is not None and not self._transfer.done():
+            if self._transfer is not None and not self._transfer.outcome.done():
                 raise ProtocolError("a device state transfer is already in progress")
         except ProtocolError:
             if fd is not None:
                 close_fds([fd])
             raise
         assert self.state is not None
-        job = self._save(fd) if direction == p.DEVICE_STATE_SAVE else self._load(fd)
-        # Reply first: QEMU starts reading/writing the pipe only after it.
-        self._transfer = asyncio.ensure_future(job)
-        return Reply(p.encode_u64_reply(msg.request, p.VRING_NOFD_MASK))
-
-    async def _save(self, fd: int) -> None:
-        assert self.state is not None
-        try:
-            data = await asyncio.get_running_loop().run_in_executor(None, self.state.save)
-            await write_all(fd, data)
-            log.info("device state saved: %d bytes", len(data))
-        finally:
-            os.close(fd)
-
-    async def _load(self, fd: int) -> None:
-        assert self.state is not None
-        try:
-            data = await read_all(fd, self.config.max_state_size)
-        finally:
-            os.close(fd)
-        await asyncio.get_running_loop().run_in_executor(None, self.state.load, data)
-        log.info("device state loaded: %d bytes", len(data))
+        self._transfer = TransferRequest(
+            direction,
+            fd,
+            self.state,
+            self.config.max_state_size,
+            asyncio.get_running_loop().create_future(),
+        )
+        # Reply first: QEMU starts reading/writing the pipe only after it, so
+        # the connection runs the transfer once this reply is sent.
+        return Reply(p.encode_u64_reply(msg.request, p.VRING_NOFD_MASK), transfer=self._transfer)
 
     async def _check_device_state(self, msg: Message) -> Reply:
         job, self._transfer = self._transfer, None
         if job is None:
             log.error("CHECK_DEVICE_STATE without a transfer")
             return Reply(p.encode_u64_reply(msg.request, 1))
-        try:
-            await job
-        except (TransferError, OSError, ValueError) as e:
-            log.error("device state transfer failed: %s", e)
-            return Reply(p.encode_u64_reply(msg.request, 1))
-        except Exception:
-            log.exception("device state transfer failed")
-            return Reply(p.encode_u64_reply(msg.request, 1))
-        return Reply(p.encode_u64_reply(msg.request, 0))
+        await asyncio.wait((job.outcome,))
+        error = TransferError("cancelled") if job.outcome.cancelled() else job.outcome.result()
+        if error is None:
+            return Reply(p.encode_u64_reply(msg.request, 0))
+        if isinstance(error, (TransferError, OSError, ValueError)):
+            log.error("device state transfer failed: %s", error)
+        else:
+            log.error("device state transfer failed", exc_info=error)
+        return Reply(p.encode_u64_reply(msg.request, 1))
 
     async def close(self) -> None:
-        """Connection gone: stop every ring and release everything."""
-        if self._transfer is not None:
-            self._transfer.cancel()
-            self._transfer = None
+        """Connection gone: stop every ring and release everything.
+
+        A running transfer belongs to the connection, which cancels it.
+        """
+        self._transfer = None
         for r in self.rings:
             await self._stop_ring(r)
             r.close()
