@@ -266,6 +266,7 @@ async def test_the_backend_asks_for_the_transfer_and_does_not_run_it(mig: MigRig
     assert reply is not None and u64_of(reply) == p.VRING_NOFD_MASK
     job = reply.transfer
     assert job is not None and job.direction == p.DEVICE_STATE_SAVE and job.fd == w
+    assert reply.fds == ()  # never a channel of our own (bit 8 says so)
     await asyncio.sleep(0.05)
     os.set_blocking(r, False)
     with pytest.raises(BlockingIOError):
@@ -349,3 +350,32 @@ async def test_closing_the_connection_cancels_the_transfer() -> None:
         theirs.close()
         os.close(w)
         runner.close()
+
+
+async def test_device_state_messages_need_device_state(mig: MigRig) -> None:
+    await mig.setup(protocol=PROTO & ~p.bit(p.ProtocolFeature.DEVICE_STATE))
+    r, w = os.pipe()
+    reply = await set_state_fd(mig, p.DEVICE_STATE_LOAD, r)
+    assert reply & 0xFF and reply & p.VRING_NOFD_MASK
+    with pytest.raises(OSError):
+        os.fstat(r)  # closed, not kept
+    os.close(w)
+    assert await check(mig) != 0
+
+
+async def test_a_finished_unchecked_transfer_is_replaced(mig: MigRig) -> None:
+    """Phase "finished": a new SET_DEVICE_STATE_FD drops the unchecked outcome."""
+    await mig.setup(protocol=PROTO)
+    mig.state.fail_load = True
+    r, w = os.pipe()
+    await set_state_fd(mig, p.DEVICE_STATE_LOAD, r)
+    _write_and_close(w, b"bad")
+    while mig.backend._transfer is not None and not mig.backend._transfer.outcome.done():
+        await asyncio.sleep(0.01)
+    mig.state.fail_load = False
+    r, w = os.pipe()
+    assert await set_state_fd(mig, p.DEVICE_STATE_LOAD, r) == p.VRING_NOFD_MASK
+    _write_and_close(w, b"good")
+    assert await check(mig) == 0  # the second transfer's outcome
+    assert mig.state.loaded == b"good"
+    assert await check(mig) != 0  # checked: back to no transfer

@@ -4,7 +4,7 @@ The only module that touches the front-end's unix socket.  Reads exactly one
 header, then exactly its payload, with ``recvmsg`` so that file descriptors
 (SCM_RIGHTS, sent with the first byte of a message) stay attached to the
 message they came with.  Framing errors end the connection: after a corrupt
-header the stream cannot be resynchronised (vhost-user.rst, "Message format").
+header the stream cannot be resynchronised (vhost-user.rst, "Message Specification").
 
 When a reply asks for a device-state transfer, it is started here once the
 reply is sent (vhost-user.rst, "Migrating back-end state": the front-end

@@ -2,8 +2,8 @@
 
 Plain values shared by the transport (vhost/ decodes them off the wire) and
 the device side (virtio/ maps and walks them), so that virtio/ needs nothing
-from vhost/.  Field meanings: vhost-user.rst, "Vring address description"
-and "Memory region description".
+from vhost/.  Field meanings: vhost-user.rst, "A vring address description"
+and "Memory regions description".
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from vhost_rig import F_BASE, F_PROTO, GPA_BASE, REPLY_ACK, Rig, echo, u64_of
 
 from virtiofsd_py.testing.frontend import driver as drv
 from virtiofsd_py.vhost import protocol as p
-from virtiofsd_py.vhost.backend import offered_features
+from virtiofsd_py.vhost.device import offered_features
 from virtiofsd_py.virtio.types import MemoryRegion
 
 
@@ -214,3 +214,99 @@ async def test_config_space_with_tag() -> None:
         assert int.from_bytes(space.data[36:40], "little") == 2
     finally:
         await rig.close()
+
+
+# -- the rules header of vhost/backend.py, row by row ---------------------------------
+async def test_enabled_state_is_kept_while_stopped(rig: Rig) -> None:
+    """ "Ring states": SET_VRING_ENABLE before the ring starts takes effect once it does."""
+    await rig.setup()
+    await rig.send(p.MessageType.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
+    ring = rig.backend.rings[1]
+    assert ring.enabled and not ring.started
+    q = await rig.start_ring(1)
+    rig.submit(q, b"early")
+    (used,) = await rig.completions(q)
+    assert used.length == 5
+
+
+async def test_set_vring_kick_counts_as_a_kick(rig: Rig) -> None:
+    """Chains made available before SET_VRING_KICK are served without a kick."""
+    await rig.setup()
+    await rig.send(p.MessageType.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
+    q = drv.SplitQueue(rig.dmem, 1, 16)
+    rig.queues[1] = q
+    gpa = rig.dmem.alloc(4)
+    rig.dmem.write(gpa, b"kept")
+    out = rig.dmem.alloc(4)
+    q.add([drv.Buffer(gpa, 4)], [drv.Buffer(out, 4)])
+    q.publish()  # made available, never kicked
+    await rig.send(p.MessageType.SET_VRING_NUM, p.VRING_STATE.pack(1, 16))
+    u = rig.dmem.gpa_to_user
+    await rig.send(
+        p.MessageType.SET_VRING_ADDR,
+        p.VRING_ADDR.pack(1, 0, u(q.desc_gpa), u(q.used_gpa), u(q.avail_gpa), 0),
+    )
+    await rig.u64(p.MessageType.SET_VRING_CALL, 1, fds=[os.dup(q.call_fd)])
+    await rig.u64(p.MessageType.SET_VRING_KICK, 1, fds=[os.dup(q.kick_fd)])
+    assert rig.backend.rings[1].started
+    (used,) = await rig.completions(q)
+    assert used.length == 4
+
+
+async def test_reset_stops_and_disables_every_ring(rig: Rig) -> None:
+    resets: list[bool] = []
+    rig.backend.on_reset = lambda: resets.append(True)
+    await rig.setup()
+    await rig.start_ring(1)
+    await rig.send(p.MessageType.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
+    await rig.send(p.MessageType.RESET_DEVICE)
+    assert all(not r.started and not r.enabled for r in rig.backend.rings)
+    assert rig.backend.suspended and rig.backend.features == 0 and resets == [True]
+
+
+async def test_a_reply_body_replaces_the_reply_ack(rig: Rig) -> None:
+    await rig.u64(p.MessageType.SET_PROTOCOL_FEATURES, REPLY_ACK)
+    reply = await rig.send(p.MessageType.GET_FEATURES, need_reply=True)
+    assert u64_of(reply) == offered_features()  # the body, not an ack of 0
+
+
+async def test_set_vring_enable_needs_protocol_features(rig: Rig) -> None:
+    await rig.setup(features=F_BASE)  # without F_PROTOCOL_FEATURES (rings enabled)
+    await rig.u64(p.MessageType.SET_PROTOCOL_FEATURES, REPLY_ACK)
+    reply = await rig.send(
+        p.MessageType.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 0), need_reply=True
+    )
+    assert u64_of(reply) == 1
+    assert rig.backend.rings[1].enabled  # still: the message was refused
+
+
+async def test_set_vring_base_is_refused_while_started(rig: Rig) -> None:
+    await rig.setup()
+    q = await rig.start_ring(1)
+    reply = await rig.send(p.MessageType.SET_VRING_BASE, p.VRING_STATE.pack(1, 9), need_reply=True)
+    assert u64_of(reply) == 1
+    assert rig.backend.rings[1].base == 0
+    await rig.send(p.MessageType.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
+    rig.submit(q, b"x")
+    (used,) = await rig.completions(q)  # indices untouched: the ring still serves
+    assert used.length == 1
+
+
+async def test_set_log_base_needs_log_shmfd(rig: Rig) -> None:
+    await rig.setup()  # REPLY_ACK only
+    fd = os.memfd_create("log")
+    os.ftruncate(fd, 4096)
+    reply = await rig.send(
+        p.MessageType.SET_LOG_BASE, p.LOG_DESC.pack(4096, 0), [fd], need_reply=True
+    )
+    assert u64_of(reply) == 1 and rig.backend.dirty_log is None
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed, not kept
+
+
+async def test_get_config_without_a_tag_gets_an_empty_config(rig: Rig) -> None:
+    req = p.encode_config(p.ConfigSpace(0, 40, 0, b"\0" * 40))
+    reply = await rig.send(p.MessageType.GET_CONFIG, req)
+    assert reply is not None
+    _request, flags, size = p.HEADER.unpack_from(reply.data)
+    assert flags & p.FLAG_REPLY and size == 0
