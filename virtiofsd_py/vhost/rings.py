@@ -108,7 +108,7 @@ class Vring:
     def notify(self) -> None:
         """Signal the driver (call eventfd); no-op without one."""
         if self.call_fd is not None:
-            try:  # noqa: SIM105 (contextlib.suppress costs ~1 us: once per batch)
+            try:  # noqa: SIM105 (on the request path: a plain try is cheaper)
                 os.eventfd_write(self.call_fd, 1)
             except OSError:
                 pass
