@@ -1,6 +1,6 @@
 """Migration plumbing of the back-end: dirty log and device state transfer.
 
-In process, with the echo handler of test_vhost_backend and a fake state
+In process, with the echo handler of vhost_rig and a fake state
 provider; the state format itself is tested in test_migration_state.py.
 """
 
