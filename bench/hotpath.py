@@ -40,10 +40,10 @@ from virtiofsd_py.fs.api import Context
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.fuse.dispatcher import Dispatcher
-from virtiofsd_py.vhost.protocol import MemoryRegion, VringAddr
 from virtiofsd_py.vhost.rings import Vring
 from virtiofsd_py.virtio.memory import GuestMemory, map_region
 from virtiofsd_py.virtio.runner import QueueRunner
+from virtiofsd_py.virtio.types import MemoryRegion, VringAddr
 from virtiofsd_py.virtio.virtqueue import (
     DESC,
     U16,

@@ -25,8 +25,10 @@ from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
 from virtiofsd_py.testing.frontend import driver as drv
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
+from virtiofsd_py.vhost.connection import StateTransfers
 from virtiofsd_py.virtio.memory import GuestMemory, map_region
 from virtiofsd_py.virtio.runner import QueueRunner
+from virtiofsd_py.virtio.types import MemoryRegion, VringAddr
 from virtiofsd_py.virtio.virtqueue import ChainError, QueueError, SplitQueue
 
 Target = Callable[[bytes], None]
@@ -123,7 +125,7 @@ class _Ring:
     def __init__(self) -> None:
         self.dmem = drv.GuestMemory(VQ_MEM, gpa_base=VQ_GPA)
         self.mem = GuestMemory()
-        region = p.MemoryRegion(VQ_GPA, self.dmem.size, self.dmem.user_addr, 0)
+        region = MemoryRegion(VQ_GPA, self.dmem.size, self.dmem.user_addr, 0)
         self.mem.add(map_region(region, self.dmem.fd))
         self.desc = VQ_GPA
         self.avail = VQ_GPA + 16 * VQ_SIZE
@@ -131,7 +133,7 @@ class _Ring:
 
     def queue(self, event_idx: bool) -> SplitQueue:
         u = self.dmem.gpa_to_user
-        addr = p.VringAddr(0, 0, u(self.desc), u(self.used), u(self.avail), 0)
+        addr = VringAddr(0, 0, u(self.desc), u(self.used), u(self.avail), 0)
         return SplitQueue(self.mem, VQ_SIZE, addr, event_idx=event_idx, base=0)
 
     def close(self) -> None:
@@ -200,18 +202,18 @@ def virtqueue(data: bytes) -> None:
 
 # -- vhost-user back-end state machine ------------------------------------------------
 _FD_REQUESTS = {
-    p.Request.SET_MEM_TABLE: "mem",
-    p.Request.ADD_MEM_REG: "mem",
-    p.Request.REM_MEM_REG: "mem",
-    p.Request.SET_VRING_KICK: "event",
-    p.Request.SET_VRING_CALL: "event",
-    p.Request.SET_VRING_ERR: "event",
-    p.Request.SET_LOG_FD: "event",
-    p.Request.SET_LOG_BASE: "mem",
-    p.Request.SET_BACKEND_REQ_FD: "event",
-    p.Request.SET_DEVICE_STATE_FD: "pipe",
+    p.MessageType.SET_MEM_TABLE: "mem",
+    p.MessageType.ADD_MEM_REG: "mem",
+    p.MessageType.REM_MEM_REG: "mem",
+    p.MessageType.SET_VRING_KICK: "event",
+    p.MessageType.SET_VRING_CALL: "event",
+    p.MessageType.SET_VRING_ERR: "event",
+    p.MessageType.SET_LOG_FD: "event",
+    p.MessageType.SET_LOG_BASE: "mem",
+    p.MessageType.SET_BACKEND_REQ_FD: "event",
+    p.MessageType.SET_DEVICE_STATE_FD: "pipe",
 }
-_REQUESTS = sorted(int(r) for r in p.Request)
+_REQUESTS = sorted(int(r) for r in p.MessageType)
 BACKEND_MEM = 1 << 20
 
 
@@ -234,7 +236,7 @@ def _payload(b: Bytes, request: int, memfd_user: int) -> bytes:
     kind = b.int(1)
     if kind & 0xC0 == 0xC0:
         return b.take(b.int(1) % 64)
-    if request in (p.Request.SET_MEM_TABLE,):
+    if request in (p.MessageType.SET_MEM_TABLE,):
         n = b.int(1) % 3
         regions = [
             p.MEM_REGION.pack(
@@ -243,26 +245,30 @@ def _payload(b: Bytes, request: int, memfd_user: int) -> bytes:
             for _ in range(n)
         ]
         return struct.pack("<II", n, 0) + b"".join(regions)
-    if request in (p.Request.ADD_MEM_REG, p.Request.REM_MEM_REG):
+    if request in (p.MessageType.ADD_MEM_REG, p.MessageType.REM_MEM_REG):
         size = (b.int(1) % 3) << 19 or 4096
         return struct.pack("<Q", 0) + p.MEM_REGION.pack(b.int(1) << 20, size, memfd_user, 0)
-    if request in (p.Request.SET_VRING_ADDR,):
+    if request in (p.MessageType.SET_VRING_ADDR,):
         return p.VRING_ADDR.pack(
             b.int(1) % 4, b.int(1) & 1, *(memfd_user + b.int(2) * 16 for _ in range(3)), b.int(2)
         )
-    if request in (p.Request.SET_LOG_BASE,):
+    if request in (p.MessageType.SET_LOG_BASE,):
         return struct.pack("<QQ", b.int(3), b.int(2))
-    if request in (p.Request.SET_DEVICE_STATE_FD,):
+    if request in (p.MessageType.SET_DEVICE_STATE_FD,):
         return struct.pack("<II", b.int(1) % 3, b.int(1) % 2)
-    if request in (p.Request.GET_CONFIG, p.Request.SET_CONFIG):
+    if request in (p.MessageType.GET_CONFIG, p.MessageType.SET_CONFIG):
         return struct.pack("<III", b.int(1), b.int(1), 0) + b.take(b.int(1) % 32)
-    if request in (p.Request.SET_VRING_NUM, p.Request.SET_VRING_BASE, p.Request.GET_VRING_BASE):
+    if request in (
+        p.MessageType.SET_VRING_NUM,
+        p.MessageType.SET_VRING_BASE,
+        p.MessageType.GET_VRING_BASE,
+    ):
         return p.VRING_STATE.pack(b.int(1) % 4, 1 << (b.int(1) % 12) if kind & 1 else b.int(2))
     if request in (
-        p.Request.SET_VRING_KICK,
-        p.Request.SET_VRING_CALL,
-        p.Request.SET_VRING_ERR,
-        p.Request.SET_VRING_ENABLE,
+        p.MessageType.SET_VRING_KICK,
+        p.MessageType.SET_VRING_CALL,
+        p.MessageType.SET_VRING_ERR,
+        p.MessageType.SET_VRING_ENABLE,
     ):
         return p.U64.pack((b.int(1) % 4) | (b.int(1) & 1) << 8)
     return p.U64.pack(b.int(8))
@@ -283,19 +289,22 @@ async def _run_backend(data: bytes) -> None:
     runner = QueueRunner(loop, lambda readable, writable: 0)
     backend = VhostUserBackend(runner, BackendConfig(max_queues=3, tag="fuzz"), state=_NullState())
     mem = drv.GuestMemory(BACKEND_MEM, gpa_base=0)
+    transfers = StateTransfers()
     b = Bytes(data)
     try:
         while len(b):
             request = _REQUESTS[b.int(1) % len(_REQUESTS)]
             flags = p.VERSION | (p.FLAG_NEED_REPLY if b.int(1) & 1 else 0)
             payload = _payload(b, request, mem.user_addr)
-            kind = _FD_REQUESTS.get(p.Request(request))
+            kind = _FD_REQUESTS.get(p.MessageType(request))
             extra = b.int(1)
             fds = _fds(kind, mem.fd) if kind and not extra & 0x80 else []
             if extra & 0x40:
                 fds += _fds("event", mem.fd)  # an fd nobody asked for
             msg = p.Message(request, flags, payload, fds)
             reply = await asyncio.wait_for(backend.handle(msg), 5)
+            if reply is not None and reply.transfer is not None:
+                transfers.start(reply.transfer)  # as the connection does, once replied
             assert all(fd < 0 or fd not in fds for fd in msg.fds), "fd kept in the message"
             if reply is not None:
                 r_req, r_flags, r_size = p.HEADER.unpack_from(reply.data)
@@ -304,6 +313,7 @@ async def _run_backend(data: bytes) -> None:
                 for fd in reply.fds:
                     os.close(fd)
     finally:
+        await asyncio.wait_for(transfers.cancel(), 5)
         await asyncio.wait_for(backend.close(), 5)
         runner.close()
         mem.close()

@@ -40,7 +40,7 @@ from virtiofsd_py.vhost.protocol import (
     VERSION,
     VRING_ADDR,
     VRING_STATE,
-    Request,
+    MessageType,
 )
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def test_unknown_message(
 
 
 def test_truncated_header_then_eof(started: VhostUserFrontend, daemon: DaemonProcess) -> None:
-    started.send_raw(HEADER.pack(Request.GET_FEATURES, VERSION, 0)[:6])
+    started.send_raw(HEADER.pack(MessageType.GET_FEATURES, VERSION, 0)[:6])
     started.sock.shutdown(socket.SHUT_WR)
     expect_clean_exit(started, daemon)
 
@@ -136,7 +136,7 @@ def test_truncated_header_then_eof(started: VhostUserFrontend, daemon: DaemonPro
 def test_payload_shorter_than_size_then_eof(
     started: VhostUserFrontend, daemon: DaemonProcess
 ) -> None:
-    started.send(Request.SET_VRING_NUM, VRING_STATE.pack(1, 64), size=100)
+    started.send(MessageType.SET_VRING_NUM, VRING_STATE.pack(1, 64), size=100)
     started.sock.shutdown(socket.SHUT_WR)
     expect_clean_exit(started, daemon)
 
@@ -148,26 +148,29 @@ def test_huge_size_field_closes(
     """No sane message is that large: the stream is unusable, the daemon must hang up
     (without trying to allocate or wait for gigabytes)."""
     started.send(
-        Request.SET_VRING_NUM, VRING_STATE.pack(1, 64), size=size, flags=VERSION | FLAG_NEED_REPLY
+        MessageType.SET_VRING_NUM,
+        VRING_STATE.pack(1, 64),
+        size=size,
+        flags=VERSION | FLAG_NEED_REPLY,
     )
     expect_clean_exit(started, daemon, logged="SET_VRING_NUM")
 
 
 def test_bad_version_closes(started: VhostUserFrontend, daemon: DaemonProcess) -> None:
     """vhost-user.rst: version 1 is the only one; the framing cannot be trusted."""
-    started.send(Request.GET_FEATURES, flags=0x2)
+    started.send(MessageType.GET_FEATURES, flags=0x2)
     expect_clean_exit(started, daemon, logged="GET_FEATURES")
 
 
 @pytest.mark.parametrize(
     ("request_id", "payload"),
     [
-        (Request.SET_VRING_NUM, b"\1\0\0\0"),
-        (Request.SET_VRING_ENABLE, b""),
-        (Request.SET_FEATURES, b"\0\0\0\0"),
-        (Request.SET_VRING_ADDR, b"\1" + bytes(20)),
+        (MessageType.SET_VRING_NUM, b"\1\0\0\0"),
+        (MessageType.SET_VRING_ENABLE, b""),
+        (MessageType.SET_FEATURES, b"\0\0\0\0"),
+        (MessageType.SET_VRING_ADDR, b"\1" + bytes(20)),
         pytest.param(
-            Request.SET_MEM_TABLE, MEM_TABLE_HEAD.pack(2, 0) + bytes(32), marks=REFERENCE_BREAKS
+            MessageType.SET_MEM_TABLE, MEM_TABLE_HEAD.pack(2, 0) + bytes(32), marks=REFERENCE_BREAKS
         ),
     ],
     ids=["vring_num", "vring_enable", "features", "vring_addr", "mem_table"],
@@ -200,8 +203,8 @@ def test_fds_with_get_features_are_closed(
     before = daemon.fd_count()
     probes = [leak_probe() for _ in range(3)]
     try:
-        started.send(Request.GET_FEATURES, fds=probes)
-        reply = started.recv_reply(Request.GET_FEATURES)
+        started.send(MessageType.GET_FEATURES, fds=probes)
+        reply = started.recv_reply(MessageType.GET_FEATURES)
     except ConnectionClosed:
         # virtiofsd refuses fds on messages that take none by hanging up
         assert not is_own_daemon(), "daemon closed on fds it can ignore"
@@ -221,10 +224,10 @@ def test_fds_with_set_message_are_closed(
 ) -> None:
     probe = leak_probe()
     try:
-        send_need_reply(started, Request.SET_VRING_ENABLE, VRING_STATE.pack(1, 1), fds=[probe])
+        send_need_reply(started, MessageType.SET_VRING_ENABLE, VRING_STATE.pack(1, 1), fds=[probe])
     finally:
         os.close(probe)
-    value = ack_or_close(started, Request.SET_VRING_ENABLE)
+    value = ack_or_close(started, MessageType.SET_VRING_ENABLE)
     if is_own_daemon():
         assert value == 0, "an fd the daemon can ignore made it refuse the message"
     elif value is None or started.wait_closed(0.5):
@@ -239,8 +242,8 @@ def test_vring_num_out_of_range(
     before_rings: VhostUserFrontend, daemon: DaemonProcess, host_tree: HostTree, num: int
 ) -> None:
     """virtio 2.7: a split queue size is a power of 2, at most 32768."""
-    send_need_reply(before_rings, Request.SET_VRING_NUM, VRING_STATE.pack(1, num))
-    if expect_rejected(before_rings, daemon, Request.SET_VRING_NUM):
+    send_need_reply(before_rings, MessageType.SET_VRING_NUM, VRING_STATE.pack(1, num))
+    if expect_rejected(before_rings, daemon, MessageType.SET_VRING_NUM):
         start_rings(before_rings)
         host_tree.check_serving(before_rings)
 
@@ -252,8 +255,8 @@ def test_vring_index_out_of_range(
     """A ring index the daemon does not have (None: the first one past GET_QUEUE_NUM)."""
     if index is None:
         index = before_rings.queue_num or 2
-    send_need_reply(before_rings, Request.SET_VRING_NUM, VRING_STATE.pack(index, 64))
-    if expect_rejected(before_rings, daemon, Request.SET_VRING_NUM):
+    send_need_reply(before_rings, MessageType.SET_VRING_NUM, VRING_STATE.pack(index, 64))
+    if expect_rejected(before_rings, daemon, MessageType.SET_VRING_NUM):
         start_rings(before_rings)
         host_tree.check_serving(before_rings)
 
@@ -281,8 +284,8 @@ def test_ring_address_outside_memory(
         # just past the region: the ring does not fit
         addrs[which] = mem.user_addr + mem.size - 8
     payload = VRING_ADDR.pack(1, 0, addrs["desc"], addrs["used"], addrs["avail"], 0)
-    send_need_reply(fe, Request.SET_VRING_ADDR, payload)
-    value = ack_or_close(fe, Request.SET_VRING_ADDR)
+    send_need_reply(fe, MessageType.SET_VRING_ADDR, payload)
+    value = ack_or_close(fe, MessageType.SET_VRING_ADDR)
     if value is None or (not is_own_daemon() and fe.wait_closed(0.5)):
         assert not is_own_daemon(), "daemon closed the connection on a bad ring address"
         expect_clean_exit(fe, daemon)
@@ -309,8 +312,8 @@ def test_mem_table_without_fd(frontend: VhostUserFrontend, daemon: DaemonProcess
         + U64.pack(region.userspace_addr)
         + U64.pack(0)
     )
-    send_need_reply(frontend, Request.SET_MEM_TABLE, payload)
-    if expect_rejected(frontend, daemon, Request.SET_MEM_TABLE):
+    send_need_reply(frontend, MessageType.SET_MEM_TABLE, payload)
+    if expect_rejected(frontend, daemon, MessageType.SET_MEM_TABLE):
         frontend.set_mem_table([(region, frontend.mem.fd)])  # type: ignore[union-attr]
         start_rings(frontend)
 

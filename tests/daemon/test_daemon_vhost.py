@@ -27,11 +27,11 @@ from virtiofsd_py.vhost.protocol import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     VRING_STATE,
-    MemoryRegion,
+    MessageType,
     ProtocolFeature,
-    Request,
     bit,
 )
+from virtiofsd_py.virtio.types import MemoryRegion
 
 if TYPE_CHECKING:
     from daemon_support import HostTree
@@ -113,16 +113,16 @@ def test_reply_ack_only_when_asked(frontend: VhostUserFrontend) -> None:
         frontend.get_protocol_features() & bit(ProtocolFeature.REPLY_ACK)
     )
     # With NEED_REPLY: a u64 0 ack with REPLY set and the same request id.
-    frontend.send(Request.SET_OWNER, flags=VERSION | FLAG_NEED_REPLY)
+    frontend.send(MessageType.SET_OWNER, flags=VERSION | FLAG_NEED_REPLY)
     ack = frontend.recv()
     assert (ack.request, ack.flags, ack.payload) == (
-        Request.SET_OWNER,
+        MessageType.SET_OWNER,
         VERSION | FLAG_REPLY,
         U64.pack(0),
     )
     # Without NEED_REPLY no ack: the next message we receive answers GET_FEATURES.
-    frontend.send(Request.SET_VRING_NUM, VRING_STATE.pack(0, 64))
-    features = frontend.get_u64(Request.GET_FEATURES)
+    frontend.send(MessageType.SET_VRING_NUM, VRING_STATE.pack(0, 64))
+    features = frontend.get_u64(MessageType.GET_FEATURES)
     assert features & bit(VIRTIO_F_VERSION_1)
 
 

@@ -33,9 +33,9 @@ from virtiofsd_py.vhost.protocol import (
     MEM_REGION,
     MEM_TABLE_HEAD,
     VERSION,
-    MemoryRegion,
-    Request,
+    MessageType,
 )
+from virtiofsd_py.virtio.types import MemoryRegion
 
 ITERATIONS = 60
 #: RSS growth allowed over all iterations, after a warm-up (allocator noise).
@@ -100,12 +100,12 @@ def test_unexpected_fds_are_closed_every_time(
         os.ftruncate(fds[0], 1 << 20)
         try:
             if i % 3 == 0:
-                fe.send(Request.GET_FEATURES, fds=fds)
-                fe.recv_reply(Request.GET_FEATURES)
+                fe.send(MessageType.GET_FEATURES, fds=fds)
+                fe.recv_reply(MessageType.GET_FEATURES)
             elif i % 3 == 1:
-                fe.send(Request.SET_VRING_ENABLE, struct.pack("=II", 1, 1), fds=fds,
+                fe.send(MessageType.SET_VRING_ENABLE, struct.pack("=II", 1, 1), fds=fds,
                         flags=VERSION | FLAG_NEED_REPLY)  # fmt: skip
-                assert fe.recv_reply(Request.SET_VRING_ENABLE).u64() == 0
+                assert fe.recv_reply(MessageType.SET_VRING_ENABLE).u64() == 0
             else:  # an unknown request with fds: NAK'ed, fds closed
                 fe.send(99, b"", fds=fds, flags=VERSION | FLAG_NEED_REPLY)
                 assert fe.recv_reply(99).u64() != 0
@@ -155,7 +155,7 @@ def _mem_table_message(fe: VhostUserFrontend) -> bytes:
     payload = MEM_TABLE_HEAD.pack(1, 0) + MEM_REGION.pack(
         r.guest_phys_addr, r.size, r.userspace_addr, r.mmap_offset
     )
-    return HEADER.pack(Request.SET_MEM_TABLE, VERSION, len(payload)) + payload
+    return HEADER.pack(MessageType.SET_MEM_TABLE, VERSION, len(payload)) + payload
 
 
 @pytest.mark.parametrize("cut", [1, 11, 12, 20, 44])

@@ -28,8 +28,8 @@ from virtiofsd_py.vhost.protocol import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
+    MessageType,
     ProtocolFeature,
-    Request,
     bit,
 )
 
@@ -160,8 +160,8 @@ def test_dirty_log_of_a_running_daemon(sides: tuple[Side, Side], share: Path) ->
     log_fd = os.memfd_create("dirty-log")
     os.ftruncate(log_fd, size)
     try:
-        a.fe.send(Request.SET_LOG_BASE, LOG_DESC.pack(size, 0), fds=[log_fd])
-        assert a.fe.recv_reply(Request.SET_LOG_BASE).u64() == 0
+        a.fe.send(MessageType.SET_LOG_BASE, LOG_DESC.pack(size, 0), fds=[log_fd])
+        assert a.fe.recv_reply(MessageType.SET_LOG_BASE).u64() == 0
         features = (
             bit(VIRTIO_F_VERSION_1)
             | bit(VIRTIO_RING_F_EVENT_IDX)

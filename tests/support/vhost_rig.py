@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from virtiofsd_py.testing.frontend import driver as drv
 from virtiofsd_py.vhost import protocol as p
 from virtiofsd_py.vhost.backend import BackendConfig, Reply, VhostUserBackend
+from virtiofsd_py.vhost.connection import StateTransfers
 from virtiofsd_py.virtio.runner import QueueRunner
+from virtiofsd_py.virtio.types import MemoryRegion
 
 GPA_BASE = 0x4000_0000
 F_PROTO = p.bit(p.VHOST_USER_F_PROTOCOL_FEATURES)
@@ -38,6 +40,8 @@ class Rig:
         self.backend = VhostUserBackend(self.runner, BackendConfig(max_queues=3, tag=tag))
         self.dmem = drv.GuestMemory(8 << 20, gpa_base=GPA_BASE)
         self.queues: dict[int, drv.SplitQueue] = {}
+        #: Device-state transfers run as the connection runs them: after the reply.
+        self.transfers = StateTransfers()
 
     async def send(
         self,
@@ -47,32 +51,35 @@ class Rig:
         need_reply: bool = False,
     ) -> Reply | None:
         flags = p.VERSION | (p.FLAG_NEED_REPLY if need_reply else 0)
-        return await self.backend.handle(p.Message(request, flags, payload, fds or []))
+        reply = await self.backend.handle(p.Message(request, flags, payload, fds or []))
+        if reply is not None and reply.transfer is not None:
+            self.transfers.start(reply.transfer)
+        return reply
 
     async def u64(self, request: int, value: int, **kw: object) -> Reply | None:
         return await self.send(request, p.U64.pack(value), **kw)  # type: ignore[arg-type]
 
     async def setup(self, features: int = F_BASE | F_PROTO, protocol: int = REPLY_ACK) -> None:
-        await self.u64(p.Request.SET_PROTOCOL_FEATURES, protocol)
-        await self.send(p.Request.SET_OWNER)
-        await self.u64(p.Request.SET_FEATURES, features)
-        region = p.MemoryRegion(GPA_BASE, self.dmem.size, self.dmem.user_addr, 0)
+        await self.u64(p.MessageType.SET_PROTOCOL_FEATURES, protocol)
+        await self.send(p.MessageType.SET_OWNER)
+        await self.u64(p.MessageType.SET_FEATURES, features)
+        region = MemoryRegion(GPA_BASE, self.dmem.size, self.dmem.user_addr, 0)
         await self.send(
-            p.Request.ADD_MEM_REG, p.encode_single_region(region), [os.dup(self.dmem.fd)]
+            p.MessageType.ADD_MEM_REG, p.encode_single_region(region), [os.dup(self.dmem.fd)]
         )
 
     async def start_ring(self, index: int, size: int = 16) -> drv.SplitQueue:
         q = drv.SplitQueue(self.dmem, index, size)
         self.queues[index] = q
-        await self.send(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(index, size))
-        await self.send(p.Request.SET_VRING_BASE, p.VRING_STATE.pack(index, 0))
+        await self.send(p.MessageType.SET_VRING_NUM, p.VRING_STATE.pack(index, size))
+        await self.send(p.MessageType.SET_VRING_BASE, p.VRING_STATE.pack(index, 0))
         u = self.dmem.gpa_to_user
         await self.send(
-            p.Request.SET_VRING_ADDR,
+            p.MessageType.SET_VRING_ADDR,
             p.VRING_ADDR.pack(index, 0, u(q.desc_gpa), u(q.used_gpa), u(q.avail_gpa), 0),
         )
-        await self.u64(p.Request.SET_VRING_CALL, index, fds=[os.dup(q.call_fd)])
-        await self.u64(p.Request.SET_VRING_KICK, index, fds=[os.dup(q.kick_fd)])
+        await self.u64(p.MessageType.SET_VRING_CALL, index, fds=[os.dup(q.call_fd)])
+        await self.u64(p.MessageType.SET_VRING_KICK, index, fds=[os.dup(q.kick_fd)])
         return q
 
     def submit(self, q: drv.SplitQueue, data: bytes) -> drv.Chain:
@@ -89,6 +96,7 @@ class Rig:
         )
 
     async def close(self) -> None:
+        await self.transfers.cancel()
         await self.backend.close()
         self.runner.close()
         for q in self.queues.values():

@@ -38,8 +38,9 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from virtiofsd_py.fuse.abi import opcode_name
+from virtiofsd_py.virtio.runner import ChainHandler
 
-Handler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
+Handler = ChainHandler
 
 #: Counter slots: every FUSE opcode the kernel sends is below 64; the rest
 #: (CUSE_INIT, garbage) share slot 0, which no real request uses.

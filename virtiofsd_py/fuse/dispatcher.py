@@ -8,10 +8,46 @@ for one, or the opcode has none).
 
 Adding an opcode is one ``_op_*`` method plus one row in ``_TABLE``.
 
-Session state (what FUSE_INIT negotiated) is one frozen ``SessionState``,
-replaced as a whole under a lock by INIT and DESTROY, so the many threads
-calling ``handle`` read it without locking; ``export_session`` /
-``restore_session`` carry it across a live migration.
+The rules, from Linux include/uapi/linux/fuse.h (and fs/fuse, whose
+virtiofs driver sends one request per descriptor chain):
+
+Session.  What FUSE_INIT negotiated is one frozen ``SessionState``, or
+None: before the first INIT, after DESTROY, after a device reset
+(``reset``).  It is replaced as a whole under a lock (INIT, DESTROY,
+``reset``, ``restore_session``), so the threads calling ``handle`` read it
+without locking; ``export_session`` / ``restore_session`` carry it across
+a live migration (the destination gets no INIT).
+
+    opcode                            no session    initialised
+    INIT                              negotiate     backend state destroyed, negotiate
+    FORGET, BATCH_FORGET, INTERRUPT   dropped       to the backend (INTERRUPT: ignored)
+    DESTROY                           EIO           backend state destroyed, empty
+                                                    reply -> no session
+    a row of ``_TABLE``               EIO           its ``_op_*`` method
+    any other                         EIO           ENOSYS
+
+- FORGET, BATCH_FORGET and INTERRUPT never get a reply, errors included
+  (fuse.h: no reply).  Linux's virtiofs sends no INTERRUPT; requests run
+  to completion.
+- INIT on a live session: a rebooted guest initialises the device again
+  without DESTROY (no vhost-user message says so); it starts afresh.
+
+INIT negotiation (fuse.h "Version negotiation", the INIT flags):
+
+- major below 7: EPROTO.  Above 7: the reply carries major 7 and our
+  minor, all else zero, and no session starts; the kernel sends a new INIT.
+- minor below ``MIN_MINOR``: EPROTO.  Agreed minor: the lower of the
+  kernel's and ``OUR_MAX_MINOR``.
+- Flags: the kernel's 64-bit word (``flags2`` only with FUSE_INIT_EXT)
+  and what ``FuseConfig.offered_flags`` offers.  ``max_readahead`` is the
+  kernel's; ``max_write``, ``max_pages``, ``time_gran`` ours; no DAX
+  (``map_alignment`` 0).
+- The backend's ``init`` failing answers its errno; no session starts.
+
+Errors.  Malformed arguments: EINVAL; an ``OSError``: its errno (EIO if out
+of range); a reply larger than the writable buffers: EIO; anything else, a
+backend bug: EIO, logged with its traceback.  No room even for an error
+reply: used length 0.
 """
 
 from __future__ import annotations
@@ -167,8 +203,7 @@ class SessionState:
         return cls(**kwargs)
 
 
-#: Shared Contexts of requests without extensions, by (uid, gid, pid).
-_CONTEXTS: dict[tuple[int, int, int], Context] = {}
+#: Cached Contexts per dispatcher (see ``Request.ctx``): cleared when full.
 _MAX_CONTEXTS: Final = 4096
 
 
@@ -178,6 +213,7 @@ class Request:
     __slots__ = (
         "args",
         "args_len",
+        "contexts",
         "ext",
         "gid",
         "nodeid",
@@ -204,6 +240,7 @@ class Request:
         session: SessionState | None,
         args: memoryview,
         args_len: int,
+        contexts: dict[tuple[int, int, int], Context],
     ) -> None:
         self.opcode = opcode
         self.unique = unique
@@ -220,21 +257,24 @@ class Request:
         self.args = args
         #: Length of the whole argument region (extensions excluded).
         self.args_len = args_len
+        #: The dispatcher's shared Contexts, by (uid, gid, pid).
+        self.contexts = contexts
 
     def ctx(self) -> Context:
         """Credentials of the requesting guest process.
 
         Without extensions (no supplementary groups) the Context for the same
-        (uid, gid, pid) is shared between requests: Contexts are read-only,
-        and looking one up costs half of building one.
+        (uid, gid, pid) is shared between the dispatcher's requests: Contexts
+        are read-only, and a lookup is cheaper than building one.
         """
         if self.ext is codec.NO_EXTENSIONS:
             key = (self.uid, self.gid, self.pid)
-            ctx = _CONTEXTS.get(key)
+            contexts = self.contexts
+            ctx = contexts.get(key)
             if ctx is None:
-                if len(_CONTEXTS) >= _MAX_CONTEXTS:
-                    _CONTEXTS.clear()
-                ctx = _CONTEXTS[key] = Context(self.uid, self.gid, self.pid)
+                if len(contexts) >= _MAX_CONTEXTS:
+                    contexts.clear()
+                ctx = contexts[key] = Context(self.uid, self.gid, self.pid)
             return ctx
         return Context(self.uid, self.gid, self.pid, self.ext.groups)
 
@@ -262,7 +302,7 @@ class Request:
         return Context(self.uid, self.gid, self.pid, self.ext.groups, ctx_umask, secctx), umask
 
 
-Handler = Callable[["Dispatcher", Request], int]
+OpHandler = Callable[["Dispatcher", Request], int]
 
 
 class Dispatcher:
@@ -273,6 +313,8 @@ class Dispatcher:
         self.config = config if config is not None else FuseConfig()
         self._lock = threading.Lock()
         self._session: SessionState | None = None
+        #: Shared Contexts of requests without extensions (``Request.ctx``).
+        self._contexts: dict[tuple[int, int, int], Context] = {}
         #: Trace every request by name: decided once, so that with debug off
         #: the hot path pays one attribute test, not argument formatting.
         self._trace = log.isEnabledFor(logging.DEBUG)
@@ -421,8 +463,9 @@ class Dispatcher:
         else:
             args = iov.view(readable, _HDR, n)
         req = Request(
-            opcode, unique, nodeid, uid, gid, pid, ext, readable, writable, session, args, args_len
-        )
+            opcode, unique, nodeid, uid, gid, pid, ext, readable, writable, session, args,
+            args_len, self._contexts,
+        )  # fmt: skip
         return handler(self, req)
 
     # -- session ops ----------------------------------------------------------
@@ -978,7 +1021,7 @@ def _time_ns(valid: int, bit: int, now_bit: int, sec: int, nsec: int) -> int:
 
 # opcode -> (handler, fixed argument bytes required, whether the handler needs
 # all argument bytes contiguous (True) or only the fixed part (False)).
-_TABLE: Final[tuple[tuple[int, Handler, int, bool], ...]] = (
+_TABLE: Final[tuple[tuple[int, OpHandler, int, bool], ...]] = (
     (abi.FUSE_INIT, Dispatcher._op_init, abi.INIT_IN_COMPAT.size, True),
     (abi.FUSE_DESTROY, Dispatcher._op_destroy, 0, True),
     (abi.FUSE_INTERRUPT, Dispatcher._op_interrupt, 0, True),
@@ -1023,17 +1066,13 @@ _TABLE: Final[tuple[tuple[int, Handler, int, bool], ...]] = (
     (abi.FUSE_GETLK, Dispatcher._op_getlk, abi.LK_IN.size, True),
     (abi.FUSE_SETLK, Dispatcher._op_setlk, abi.LK_IN.size, True),
     (abi.FUSE_SETLKW, Dispatcher._op_setlkw, abi.LK_IN.size, True),
-    # fuse.h 7.39; COPY_FILE_RANGE_64 (7.45) stays ENOSYS while OUR_MAX_MINOR < 45.
-    *(
-        ((abi.FUSE_STATX, Dispatcher._op_statx, abi.STATX_IN.size, True),)
-        if OUR_MAX_MINOR >= 39
-        else ()
-    ),
+    (abi.FUSE_STATX, Dispatcher._op_statx, abi.STATX_IN.size, True),  # fuse.h 7.39
+    # COPY_FILE_RANGE_64 (7.45) stays ENOSYS while OUR_MAX_MINOR < 45.
 )
 
 
-def _build_ops() -> list[tuple[Handler, int, bool] | None]:
-    ops: list[tuple[Handler, int, bool] | None] = [None] * (max(t[0] for t in _TABLE) + 1)
+def _build_ops() -> list[tuple[OpHandler, int, bool] | None]:
+    ops: list[tuple[OpHandler, int, bool] | None] = [None] * (max(t[0] for t in _TABLE) + 1)
     for opcode, handler, min_args, whole in _TABLE:
         ops[opcode] = (handler, min_args, whole)
     return ops

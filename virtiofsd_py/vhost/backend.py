@@ -1,39 +1,101 @@
 """The vhost-user back-end state machine for a virtio-fs device.
 
 Takes decoded ``Message`` objects, updates the protocol state (features,
-memory table, rings) and returns the reply bytes, if any.  It owns no
-socket: ``vhost.connection`` feeds it.  Queue processing is delegated to a
-``QueueRunner``; file descriptors received with a message are either kept
-(kick/call/err eventfds, backend channel) or closed here, never leaked.
+memory table, rings) and returns a ``Reply``: the bytes and fds to send and,
+for SET_DEVICE_STATE_FD, a transfer to run once they are sent.  It owns no
+socket and no pipe and starts no task: ``vhost.connection`` feeds it and
+runs the transfers it asks for.  Queue processing is delegated to a
+``QueueRunner``; the fds that come with a message are kept (kick/call/err
+eventfds, back-end channel, log fd) or closed here, never leaked.
 
-Rules are those of QEMU's docs/interop/vhost-user.rst; section names are
-cited where they decide something.
+The rules, from QEMU's docs/interop/vhost-user.rst (section names quoted);
+"seed n/8" is the patch of Hanna Czenczek's v4 series (October 2023) that
+added the rule to that document.
+
+Ring states ("Ring states", seed 3/8).  Two independent states per ring;
+every ring begins stopped and disabled:
+
+    event                                        started  enabled
+    connection, RESET_OWNER, RESET_DEVICE        no       no
+    kick (kick eventfd readable, SET_VRING_KICK) yes      -
+    GET_VRING_BASE                               no       -
+    SET_VRING_ENABLE n (F_PROTOCOL_FEATURES)     -        n == 1
+    SET_FEATURES without F_PROTOCOL_FEATURES     -        yes
+
+- A ring is processed only while started, enabled, mapped and not broken
+  (``Vring.ready``); the enabled state is kept while stopped and takes
+  effect when the ring starts.  SET_FEATURES never disables a ring:
+  toggling LOG_ALL must not halt the device.
+- A started but disabled ring may only be processed "without side
+  effects"; every FUSE request has some, so its chains wait until enabled.
+- SET_VRING_KICK counts as a kick: a ring restored after migration may
+  hold requests whose kick the source consumed.
+- GET_VRING_BASE completes the ring's in-flight requests before it answers
+  (GET_VRING_BASE_INFLIGHT is not offered); SET_VRING_BASE is refused while
+  the ring is started.
+
+Suspended device ("Suspended device state", seed 4/8).  While every ring
+is stopped nothing is processed, so no guest memory is written and no call
+eventfd signalled; the back-end never sends messages of its own; it still
+answers every message.
+
+Replies ("Communication", "VHOST_USER_PROTOCOL_F_REPLY_ACK").  A message
+whose reply has a body (``protocol.REPLY_BODY``) always gets one, on
+failure an error-shaped one (``protocol.encode_error_reply``).
+Any other message gets a u64 status (0 ok, 1 failed) only with REPLY_ACK
+negotiated and NEED_REPLY set.  Bad input never raises: logged and NAKed.
+
+Device state ("Migrating back-end state", SET_DEVICE_STATE_FD,
+CHECK_DEVICE_STATE; seed 5/8).  Phases of the transfer:
+
+    phase     SET_DEVICE_STATE_FD                 CHECK_DEVICE_STATE
+    none      reply, then running                 1 (error)
+    running   refused, its fd closed              waits for the outcome -> none
+    finished  reply, then running (old dropped)   the outcome, 0 or 1 -> none
+
+- Valid only while suspended and for phase 0 (stopped); the reply comes
+  first and the transfer after it, as QEMU touches the pipe only after the
+  reply.  Our reply never carries an fd (bit 8, invalid fd, is set).
+- Closing the connection cancels a running transfer.
+
+Which message is valid in which state is ``_MESSAGES`` at the bottom: one
+row per message type, its handler and the ``Requirement``s checked before
+the handler runs.  Message types without a row are NAKed as unsupported.
+Feature gates the code does not need are left out (CONFIG, MQ,
+CONFIGURE_MEM_SLOTS, RESET_DEVICE): QEMU sends those messages only when
+negotiated, and serving them regardless harms nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final
 
 from virtiofsd_py.vhost import protocol as p
-from virtiofsd_py.vhost.protocol import Message, ProtocolError, Request
+from virtiofsd_py.vhost.device import (
+    DeviceState,
+    config_space,
+    offered_features,
+    offered_protocol_features,
+)
+from virtiofsd_py.vhost.protocol import Message, MessageType, ProtocolError
 from virtiofsd_py.vhost.rings import Vring
-from virtiofsd_py.vhost.transfer import TransferError, read_all, write_all
+from virtiofsd_py.vhost.transfer import TransferError, TransferRequest
 from virtiofsd_py.virtio.dirty_log import DirtyLog, DirtyLogError, logging_supported
-from virtiofsd_py.virtio.memory import GuestMemory, GuestMemoryError, close_fds, map_region
+from virtiofsd_py.virtio.memory import (
+    GuestMemory,
+    GuestMemoryError,
+    close_fds,
+    map_region,
+    map_regions,
+)
 from virtiofsd_py.virtio.runner import QueueRunner
-from virtiofsd_py.virtio.virtqueue import QueueError, SplitQueue, valid_queue_size
+from virtiofsd_py.virtio.virtqueue import QueueError, valid_queue_size
 
 log = logging.getLogger("virtiofsd_py.vhost")
-
-#: virtio-fs config space (virtio 1.2, 5.11.4): tag[36], le32 num_request_queues.
-FS_CONFIG = struct.Struct("<36sI")
-FS_TAG_MAX = 36
 
 
 @dataclass(slots=True)
@@ -50,75 +112,33 @@ class BackendConfig:
     max_state_size: int = 1 << 30
 
 
-class DeviceState(Protocol):
-    """What the back-end's internal state transfer needs from the daemon."""
-
-    def save(self) -> bytes:
-        """Serialize the state (called while the device is suspended)."""
-
-    def load(self, data: bytes) -> None:
-        """Adopt a serialized state; raise with a clear message if it is unusable."""
-
-    def log_all_changed(self, enabled: bool) -> None:
-        """Migration starts (LOG_ALL on) or is cancelled (off): prepare or stop."""
-
-
-def offered_features(config: BackendConfig | None = None) -> int:
-    bits = (
-        p.bit(p.VIRTIO_F_VERSION_1)
-        | p.bit(p.VIRTIO_RING_F_INDIRECT_DESC)
-        | p.bit(p.VIRTIO_RING_F_EVENT_IDX)
-        | p.bit(p.VHOST_USER_F_PROTOCOL_FEATURES)
-    )
-    if config is not None and config.migration:
-        bits |= p.bit(p.VHOST_F_LOG_ALL)
-    return bits
-
-
-def offered_protocol_features(config: BackendConfig) -> int:
-    bits = (
-        p.bit(p.ProtocolFeature.MQ)
-        | p.bit(p.ProtocolFeature.REPLY_ACK)
-        | p.bit(p.ProtocolFeature.BACKEND_REQ)
-        | p.bit(p.ProtocolFeature.CONFIGURE_MEM_SLOTS)
-        | p.bit(p.ProtocolFeature.RESET_DEVICE)
-    )
-    if config.tag is not None:
-        bits |= p.bit(p.ProtocolFeature.CONFIG)
-    if config.migration:
-        bits |= p.bit(p.ProtocolFeature.LOG_SHMFD) | p.bit(p.ProtocolFeature.DEVICE_STATE)
-    return bits
-
-
-#: Messages whose reply carries a body: they never get an extra REPLY_ACK.
-_REPLY_BODY = frozenset(
-    {
-        Request.GET_FEATURES,
-        Request.GET_PROTOCOL_FEATURES,
-        Request.GET_VRING_BASE,
-        Request.GET_QUEUE_NUM,
-        Request.GET_CONFIG,
-        Request.GET_MAX_MEM_SLOTS,
-        Request.SET_DEVICE_STATE_FD,
-        Request.CHECK_DEVICE_STATE,
-        Request.GET_INFLIGHT_FD,
-        Request.GET_STATUS,
-        Request.GET_SHARED_OBJECT,
-    }
-)
-
-
 class Reply:
-    """What handling one message produced: bytes to send and fds to pass."""
+    """What handling one message produced: bytes to send and fds to pass, and
+    a device-state transfer to run once they are sent."""
 
-    __slots__ = ("data", "fds")
+    __slots__ = ("data", "fds", "transfer")
 
-    def __init__(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        fds: tuple[int, ...] = (),
+        transfer: TransferRequest | None = None,
+    ) -> None:
         self.data = data
         self.fds = fds
+        self.transfer = transfer
 
 
-Handler = Callable[["VhostUserBackend", Message], Awaitable[Reply | None]]
+MessageHandler = Callable[["VhostUserBackend", Message], Awaitable[Reply | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """A state a message is valid in (a column of ``_MESSAGES``)."""
+
+    holds: Callable[[VhostUserBackend, Message], bool]
+    #: Logged when the message arrives in another state.
+    otherwise: str
 
 
 class VhostUserBackend:
@@ -141,7 +161,8 @@ class VhostUserBackend:
         self.dirty_log: DirtyLog | None = None
         self.log_fd: int | None = None
         self._logging = False
-        self._transfer: asyncio.Task[None] | None = None
+        #: The transfer asked for by the last SET_DEVICE_STATE_FD, until checked.
+        self._transfer: TransferRequest | None = None
         self.runner = runner
         self.memory = GuestMemory()
         self.features = 0
@@ -162,10 +183,14 @@ class VhostUserBackend:
     # -- entry point -------------------------------------------------------------
     async def handle(self, msg: Message) -> Reply | None:
         """Handle one message; never raises for bad input (logs and NAKs)."""
-        handler = _HANDLERS.get(msg.request)
+        row = _MESSAGES.get(msg.request)
         try:
-            if handler is None:
+            if row is None:
                 raise ProtocolError("unsupported message")
+            handler, requires = row
+            for rule in requires:
+                if not rule.holds(self, msg):
+                    raise ProtocolError(rule.otherwise)
             reply = await handler(self, msg)
         except (ProtocolError, GuestMemoryError, QueueError) as e:
             log.error("vhost-user %s: %s", msg.name, e)
@@ -177,19 +202,11 @@ class VhostUserBackend:
         return reply
 
     def _nak(self, msg: Message) -> Reply | None:
-        """Failure reply: REPLY_ACK error, or an error-shaped body where one is due."""
-        if msg.request == Request.SET_DEVICE_STATE_FD:
-            return Reply(p.encode_u64_reply(msg.request, 1 | p.VRING_NOFD_MASK))
-        if msg.request == Request.GET_VRING_BASE:
-            index = msg.payload[:4] if len(msg.payload) >= 4 else b"\0\0\0\0"
-            return Reply(p.encode_reply(msg.request, index + b"\0\0\0\0"))
-        if msg.request == Request.GET_CONFIG:
-            return Reply(p.encode_reply(msg.request, b""))
-        if msg.request in _REPLY_BODY:
-            return Reply(p.encode_u64_reply(msg.request, 1 if msg.request in _U64_ERR else 0))
-        if msg.need_reply and self.reply_ack:
-            return Reply(p.encode_u64_reply(msg.request, 1))
-        return None
+        """Failure reply: an error-shaped body where one is due, else REPLY_ACK's error."""
+        data = p.encode_error_reply(msg)
+        if data is None and msg.need_reply and self.reply_ack:
+            data = p.encode_u64_reply(msg.request, 1)
+        return None if data is None else Reply(data)
 
     def _ring(self, index: int) -> Vring:
         if not 0 <= index < len(self.rings):
@@ -197,12 +214,20 @@ class VhostUserBackend:
         return self.rings[index]
 
     # -- features ----------------------------------------------------------------
+    def _features_offered(self) -> int:
+        return offered_features(migration=self.config.migration)
+
+    def _protocol_features_offered(self) -> int:
+        return offered_protocol_features(
+            config_space=self.config.tag is not None, migration=self.config.migration
+        )
+
     async def _get_features(self, msg: Message) -> Reply:
-        return Reply(p.encode_u64_reply(msg.request, offered_features(self.config)))
+        return Reply(p.encode_u64_reply(msg.request, self._features_offered()))
 
     async def _set_features(self, msg: Message) -> None:
         value = p.decode_u64(msg)
-        unknown = value & ~offered_features(self.config)
+        unknown = value & ~self._features_offered()
         if unknown:
             raise ProtocolError(f"features {unknown:#x} were not offered")
         self.features = value
@@ -218,11 +243,11 @@ class VhostUserBackend:
         self._update_logging()
 
     async def _get_protocol_features(self, msg: Message) -> Reply:
-        return Reply(p.encode_u64_reply(msg.request, offered_protocol_features(self.config)))
+        return Reply(p.encode_u64_reply(msg.request, self._protocol_features_offered()))
 
     async def _set_protocol_features(self, msg: Message) -> None:
         value = p.decode_u64(msg)
-        unknown = value & ~offered_protocol_features(self.config)
+        unknown = value & ~self._protocol_features_offered()
         if unknown:
             raise ProtocolError(f"protocol features {unknown:#x} were not offered")
         self.protocol_features = value
@@ -256,14 +281,7 @@ class VhostUserBackend:
             regions = p.decode_mem_table(msg)
             if len(fds) != len(regions):
                 raise ProtocolError(f"{len(regions)} regions but {len(fds)} fds")
-            mapped = []
-            try:
-                for region, fd in zip(regions, fds, strict=True):
-                    mapped.append(map_region(region, fd))
-            except GuestMemoryError:
-                for m in mapped:
-                    m.release()
-                raise
+            mapped = map_regions(regions, fds)
         finally:
             close_fds(fds)
         self.memory.replace(mapped)
@@ -316,36 +334,12 @@ class VhostUserBackend:
         self._build_queue(ring)
 
     def _build_queue(self, ring: Vring) -> None:
-        """Map the ring's areas, keeping the indices of a running ring."""
-        if ring.addr is None or not ring.num:
-            return
-        old = ring.queue
-        base = old.last_avail_idx if old is not None else ring.base
-        try:
-            ring.queue = SplitQueue(
-                self.memory,
-                ring.num,
-                ring.addr,
-                event_idx=bool(self.features & p.bit(p.VIRTIO_RING_F_EVENT_IDX)),
-                base=base,
-            )
-        except QueueError:
-            ring.queue = None
-            if ring.started:
-                raise
-            # Memory may still arrive (QEMU sends SET_MEM_TABLE later on some
-            # paths); mapping is retried when the ring starts or memory changes.
-            return
-        if old is not None:
-            ring.queue.used_idx = old.used_idx
-        ring.broken = False
-        self._log_used_ring(ring)
+        ring.map(self.memory, event_idx=bool(self.features & p.bit(p.VIRTIO_RING_F_EVENT_IDX)))
+        ring.log_used(self.runner.dirty_log)
 
     async def _set_vring_base(self, msg: Message) -> None:
         index, num = p.decode_vring_state(msg)
         ring = self._ring(index)
-        if ring.started:
-            raise ProtocolError(f"ring {index}: SET_VRING_BASE while started")
         if num > 0xFFFF:
             raise ProtocolError(f"ring {index}: base {num} does not fit a split ring")
         ring.base = num
@@ -404,8 +398,6 @@ class VhostUserBackend:
 
     async def _set_vring_enable(self, msg: Message) -> None:
         index, num = p.decode_vring_state(msg)
-        if not self.features & p.bit(p.VHOST_USER_F_PROTOCOL_FEATURES):
-            raise ProtocolError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
         ring = self._ring(index)
         if num not in (0, 1):
             raise ProtocolError(f"ring {index}: enable value {num}")
@@ -423,15 +415,10 @@ class VhostUserBackend:
             close_fds([self.backend_req_fd])
         self.backend_req_fd = fds[0]
 
-    def _config_space(self) -> bytes:
-        tag = (self.config.tag or "").encode()
-        return FS_CONFIG.pack(tag, len(self.rings) - 1)
-
     async def _get_config(self, msg: Message) -> Reply:
         req = p.decode_config(msg)
-        if self.config.tag is None:
-            raise ProtocolError("no config space (start with --tag to offer one)")
-        space = self._config_space()
+        assert self.config.tag is not None  # CONFIG_SPACE
+        space = config_space(self.config.tag, len(self.rings) - 1)
         if req.offset + req.size > len(space):
             raise ProtocolError(f"config range {req.offset}+{req.size} beyond {len(space)} bytes")
         data = space[req.offset : req.offset + req.size]
@@ -451,8 +438,6 @@ class VhostUserBackend:
         return bool(self.features & p.bit(p.VHOST_F_LOG_ALL))
 
     async def _set_log_base(self, msg: Message) -> Reply:
-        if not self.protocol_features & p.bit(p.ProtocolFeature.LOG_SHMFD):
-            raise ProtocolError("LOG_SHMFD was not negotiated")
         size, offset = p.decode_log_desc(msg)
         fds = _take_fds(msg)
         try:
@@ -486,92 +471,55 @@ class VhostUserBackend:
         active = self.log_all and self.dirty_log is not None
         self.runner.dirty_log = self.dirty_log if active else None
         for r in self.rings:
-            self._log_used_ring(r)
+            r.log_used(self.runner.dirty_log)
         if active != self._logging:
             self._logging = active
             log.info("dirty logging %s", "on" if active else "off")
             if self.state is not None:
                 self.state.log_all_changed(active)
 
-    def _log_used_ring(self, ring: Vring) -> None:
-        q = ring.queue
-        if q is None:
-            return
-        dlog = self.runner.dirty_log
-        addr = ring.addr
-        if dlog is None or addr is None or not addr.flags & p.VRING_F_LOG:
-            q.on_used_write = None
-            return
-        base = addr.log_guest_addr
-        q.on_used_write = lambda off, n: dlog.mark(base + off, n)
-
     # -- migration: device state ---------------------------------------------------
     async def _set_device_state_fd(self, msg: Message) -> Reply:
-        if not self.protocol_features & p.bit(p.ProtocolFeature.DEVICE_STATE):
-            raise ProtocolError("DEVICE_STATE was not negotiated")
         direction, phase = p.decode_device_state_params(msg)
+        if phase != p.DEVICE_STATE_PHASE_STOPPED:
+            raise ProtocolError(f"unsupported migration phase {phase}")
+        if direction not in (p.DEVICE_STATE_SAVE, p.DEVICE_STATE_LOAD):
+            raise ProtocolError(f"unknown transfer direction {direction}")
+        if not msg.fds:
+            raise ProtocolError("no transfer fd attached")
         fds = _take_fds(msg)
-        fd = fds.pop(0) if fds else None
-        close_fds(fds)
-        try:
-            if fd is None:
-                raise ProtocolError("no transfer fd attached")
-            if phase != p.DEVICE_STATE_PHASE_STOPPED:
-                raise ProtocolError(f"unsupported migration phase {phase}")
-            if direction not in (p.DEVICE_STATE_SAVE, p.DEVICE_STATE_LOAD):
-                raise ProtocolError(f"unknown transfer direction {direction}")
-            if not self.suspended:
-                raise ProtocolError("device state transfer while rings are running")
-            if self._transfer is not None and not self._transfer.done():
-                raise ProtocolError("a device state transfer is already in progress")
-        except ProtocolError:
-            if fd is not None:
-                close_fds([fd])
-            raise
-        assert self.state is not None
-        job = self._save(fd) if direction == p.DEVICE_STATE_SAVE else self._load(fd)
-        # Reply first: QEMU starts reading/writing the pipe only after it.
-        self._transfer = asyncio.ensure_future(job)
-        return Reply(p.encode_u64_reply(msg.request, p.VRING_NOFD_MASK))
-
-    async def _save(self, fd: int) -> None:
-        assert self.state is not None
-        try:
-            data = await asyncio.get_running_loop().run_in_executor(None, self.state.save)
-            await write_all(fd, data)
-            log.info("device state saved: %d bytes", len(data))
-        finally:
-            os.close(fd)
-
-    async def _load(self, fd: int) -> None:
-        assert self.state is not None
-        try:
-            data = await read_all(fd, self.config.max_state_size)
-        finally:
-            os.close(fd)
-        await asyncio.get_running_loop().run_in_executor(None, self.state.load, data)
-        log.info("device state loaded: %d bytes", len(data))
+        close_fds(fds[1:])
+        assert self.state is not None  # DEVICE_STATE is offered only with a state
+        self._transfer = TransferRequest(
+            direction,
+            fds[0],
+            self.state,
+            self.config.max_state_size,
+            asyncio.get_running_loop().create_future(),
+        )
+        # Reply first: QEMU starts reading/writing the pipe only after it, so
+        # the connection runs the transfer once this reply is sent.
+        return Reply(p.encode_u64_reply(msg.request, p.VRING_NOFD_MASK), transfer=self._transfer)
 
     async def _check_device_state(self, msg: Message) -> Reply:
         job, self._transfer = self._transfer, None
-        if job is None:
-            log.error("CHECK_DEVICE_STATE without a transfer")
-            return Reply(p.encode_u64_reply(msg.request, 1))
-        try:
-            await job
-        except (TransferError, OSError, ValueError) as e:
-            log.error("device state transfer failed: %s", e)
-            return Reply(p.encode_u64_reply(msg.request, 1))
-        except Exception:
-            log.exception("device state transfer failed")
-            return Reply(p.encode_u64_reply(msg.request, 1))
-        return Reply(p.encode_u64_reply(msg.request, 0))
+        assert job is not None  # TRANSFER_ASKED
+        await asyncio.wait((job.outcome,))
+        error = TransferError("cancelled") if job.outcome.cancelled() else job.outcome.result()
+        if error is None:
+            return Reply(p.encode_u64_reply(msg.request, 0))
+        if isinstance(error, (TransferError, OSError, ValueError)):
+            log.error("device state transfer failed: %s", error)
+        else:
+            log.error("device state transfer failed", exc_info=error)
+        return Reply(p.encode_u64_reply(msg.request, 1))
 
     async def close(self) -> None:
-        """Connection gone: stop every ring and release everything."""
-        if self._transfer is not None:
-            self._transfer.cancel()
-            self._transfer = None
+        """Connection gone: stop every ring and release everything.
+
+        A running transfer belongs to the connection, which cancels it.
+        """
+        self._transfer = None
         for r in self.rings:
             await self._stop_ring(r)
             r.close()
@@ -594,34 +542,72 @@ def _take_fds(msg: Message) -> list[int]:
     return fds
 
 
-_U64_ERR = frozenset({Request.CHECK_DEVICE_STATE})
+def _negotiated(feature: p.ProtocolFeature) -> Requirement:
+    return Requirement(
+        lambda b, m: bool(b.protocol_features & p.bit(feature)),
+        f"{feature.name} was not negotiated",
+    )
 
-_HANDLERS: dict[int, Handler] = {
-    Request.GET_FEATURES: VhostUserBackend._get_features,
-    Request.SET_FEATURES: VhostUserBackend._set_features,
-    Request.SET_OWNER: VhostUserBackend._set_owner,
-    Request.RESET_OWNER: VhostUserBackend._reset_owner,
-    Request.RESET_DEVICE: VhostUserBackend._reset_device,
-    Request.GET_PROTOCOL_FEATURES: VhostUserBackend._get_protocol_features,
-    Request.SET_PROTOCOL_FEATURES: VhostUserBackend._set_protocol_features,
-    Request.GET_QUEUE_NUM: VhostUserBackend._get_queue_num,
-    Request.SET_MEM_TABLE: VhostUserBackend._set_mem_table,
-    Request.GET_MAX_MEM_SLOTS: VhostUserBackend._get_max_mem_slots,
-    Request.ADD_MEM_REG: VhostUserBackend._add_mem_reg,
-    Request.REM_MEM_REG: VhostUserBackend._rem_mem_reg,
-    Request.SET_VRING_NUM: VhostUserBackend._set_vring_num,
-    Request.SET_VRING_ADDR: VhostUserBackend._set_vring_addr,
-    Request.SET_VRING_BASE: VhostUserBackend._set_vring_base,
-    Request.GET_VRING_BASE: VhostUserBackend._get_vring_base,
-    Request.SET_VRING_KICK: VhostUserBackend._set_vring_kick,
-    Request.SET_VRING_CALL: VhostUserBackend._set_vring_call,
-    Request.SET_VRING_ERR: VhostUserBackend._set_vring_err,
-    Request.SET_VRING_ENABLE: VhostUserBackend._set_vring_enable,
-    Request.SET_BACKEND_REQ_FD: VhostUserBackend._set_backend_req_fd,
-    Request.GET_CONFIG: VhostUserBackend._get_config,
-    Request.SET_CONFIG: VhostUserBackend._set_config,
-    Request.SET_LOG_BASE: VhostUserBackend._set_log_base,
-    Request.SET_LOG_FD: VhostUserBackend._set_log_fd,
-    Request.SET_DEVICE_STATE_FD: VhostUserBackend._set_device_state_fd,
-    Request.CHECK_DEVICE_STATE: VhostUserBackend._check_device_state,
+
+# -- the states messages are valid in ----------------------------------------------
+#: "Ring states": SET_VRING_ENABLE exists only with VHOST_USER_F_PROTOCOL_FEATURES.
+PROTOCOL_FEATURES: Final = Requirement(
+    lambda b, m: bool(b.features & p.bit(p.VHOST_USER_F_PROTOCOL_FEATURES)),
+    "VHOST_USER_F_PROTOCOL_FEATURES was not negotiated",
+)
+LOG_SHMFD: Final = _negotiated(p.ProtocolFeature.LOG_SHMFD)
+DEVICE_STATE: Final = _negotiated(p.ProtocolFeature.DEVICE_STATE)
+#: The base of a running ring belongs to the ring (it is stopped by GET_VRING_BASE).
+RING_STOPPED: Final = Requirement(
+    lambda b, m: not b._ring(p.decode_vring_state(m)[0]).started, "the ring is started"
+)
+#: "Migrating back-end state": the only phase is the stopped one, device suspended.
+SUSPENDED: Final = Requirement(lambda b, m: b.suspended, "rings are running (not suspended)")
+NO_TRANSFER_RUNNING: Final = Requirement(
+    lambda b, m: b._transfer is None or b._transfer.outcome.done(),
+    "a device state transfer is already in progress",
+)
+#: GET_CONFIG: the config space exists only with a tag.
+CONFIG_SPACE: Final = Requirement(
+    lambda b, m: b.config.tag is not None, "no config space (start with --tag to offer one)"
+)
+TRANSFER_ASKED: Final = Requirement(
+    lambda b, m: b._transfer is not None, "no device state transfer to check"
+)
+
+#: The message table: message type -> (handler, the states it is valid in).
+_MESSAGES: Final[dict[int, tuple[MessageHandler, tuple[Requirement, ...]]]] = {
+    MessageType.GET_FEATURES: (VhostUserBackend._get_features, ()),
+    MessageType.SET_FEATURES: (VhostUserBackend._set_features, ()),
+    MessageType.SET_OWNER: (VhostUserBackend._set_owner, ()),
+    MessageType.RESET_OWNER: (VhostUserBackend._reset_owner, ()),
+    MessageType.RESET_DEVICE: (VhostUserBackend._reset_device, ()),
+    MessageType.GET_PROTOCOL_FEATURES: (VhostUserBackend._get_protocol_features, ()),
+    MessageType.SET_PROTOCOL_FEATURES: (VhostUserBackend._set_protocol_features, ()),
+    MessageType.GET_QUEUE_NUM: (VhostUserBackend._get_queue_num, ()),
+    MessageType.SET_MEM_TABLE: (VhostUserBackend._set_mem_table, ()),
+    MessageType.GET_MAX_MEM_SLOTS: (VhostUserBackend._get_max_mem_slots, ()),
+    MessageType.ADD_MEM_REG: (VhostUserBackend._add_mem_reg, ()),
+    MessageType.REM_MEM_REG: (VhostUserBackend._rem_mem_reg, ()),
+    MessageType.SET_VRING_NUM: (VhostUserBackend._set_vring_num, ()),
+    MessageType.SET_VRING_ADDR: (VhostUserBackend._set_vring_addr, ()),
+    MessageType.SET_VRING_BASE: (VhostUserBackend._set_vring_base, (RING_STOPPED,)),
+    MessageType.GET_VRING_BASE: (VhostUserBackend._get_vring_base, ()),
+    MessageType.SET_VRING_KICK: (VhostUserBackend._set_vring_kick, ()),
+    MessageType.SET_VRING_CALL: (VhostUserBackend._set_vring_call, ()),
+    MessageType.SET_VRING_ERR: (VhostUserBackend._set_vring_err, ()),
+    MessageType.SET_VRING_ENABLE: (VhostUserBackend._set_vring_enable, (PROTOCOL_FEATURES,)),
+    MessageType.SET_BACKEND_REQ_FD: (VhostUserBackend._set_backend_req_fd, ()),
+    MessageType.GET_CONFIG: (VhostUserBackend._get_config, (CONFIG_SPACE,)),
+    MessageType.SET_CONFIG: (VhostUserBackend._set_config, ()),
+    MessageType.SET_LOG_BASE: (VhostUserBackend._set_log_base, (LOG_SHMFD,)),
+    MessageType.SET_LOG_FD: (VhostUserBackend._set_log_fd, ()),
+    MessageType.SET_DEVICE_STATE_FD: (
+        VhostUserBackend._set_device_state_fd,
+        (DEVICE_STATE, SUSPENDED, NO_TRANSFER_RUNNING),
+    ),
+    MessageType.CHECK_DEVICE_STATE: (
+        VhostUserBackend._check_device_state,
+        (DEVICE_STATE, TRANSFER_ASKED),
+    ),
 }

@@ -1,21 +1,29 @@
-"""The vhost-user socket: receive framed messages with their fds, send replies.
+"""The vhost-user I/O edge: the front-end's socket and the device-state pipe.
 
 The only module that touches the front-end's unix socket.  Reads exactly one
 header, then exactly its payload, with ``recvmsg`` so that file descriptors
 (SCM_RIGHTS, sent with the first byte of a message) stay attached to the
 message they came with.  Framing errors end the connection: after a corrupt
-header the stream cannot be resynchronised (vhost-user.rst, "Message format").
+header the stream cannot be resynchronised (vhost-user.rst, "Message Specification").
+
+When a reply asks for a device-state transfer, it is started here once the
+reply is sent (vhost-user.rst, "Migrating back-end state": the front-end
+touches the pipe only after the reply), runs while further messages are
+served, and is cancelled when the connection ends.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import logging
 import socket
 
 from virtiofsd_py.host.fdwait import wait_fd
 from virtiofsd_py.vhost import protocol as p
+from virtiofsd_py.vhost import transfer
 from virtiofsd_py.vhost.backend import VhostUserBackend
+from virtiofsd_py.vhost.transfer import TransferRequest
 from virtiofsd_py.virtio.memory import close_fds
 
 log = logging.getLogger("virtiofsd_py.vhost")
@@ -37,6 +45,30 @@ def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+class StateTransfers:
+    """Runs the device-state transfers a back-end asks for, on the running loop.
+
+    The back-end refuses a transfer while one runs, so there is at most one.
+    """
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, request: TransferRequest) -> None:
+        """Run ``request`` in the background; its outcome reaches the back-end."""
+        task = asyncio.ensure_future(transfer.run(request))
+        # A task cancelled before its first step never enters ``run``.
+        task.add_done_callback(lambda _: request.abandon())
+        self._task = task
+
+    async def cancel(self) -> None:
+        """Stop a running transfer and wait until its fd is closed."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+
+
 class VhostUserConnection:
     """Serves one connected front-end until it disconnects."""
 
@@ -45,6 +77,7 @@ class VhostUserConnection:
         self._sock.setblocking(False)
         self._backend = backend
         self._parser = p.FrameParser()
+        self._transfers = StateTransfers()
 
     async def receive(self) -> p.Message:
         """The next whole message; raises ConnectionClosed or ProtocolError."""
@@ -97,12 +130,21 @@ class VhostUserConnection:
                     len(msg.fds),
                 )
                 reply = await self._backend.handle(msg)
-                if reply is not None:
+                if reply is None:
+                    continue
+                try:
                     await self.send(reply.data, reply.fds)
+                except BaseException:
+                    if reply.transfer is not None:
+                        reply.transfer.abandon()
+                    raise
+                if reply.transfer is not None:
+                    self._transfers.start(reply.transfer)
         except ConnectionClosed as e:
             log.info("vhost-user connection ended: %s", e)
         except p.ProtocolError as e:
             log.error("vhost-user stream is corrupt, closing the connection: %s", e)
         finally:
+            await self._transfers.cancel()
             await self._backend.close()
             self._sock.close()

@@ -2,9 +2,9 @@
 
 Everything here is pure: bytes and file descriptor numbers in, typed values
 out, and back.  No sockets.  The rules come from QEMU's
-docs/interop/vhost-user.rst ("Message format", "Front-end message types",
-"Protocol features"); numbers were checked against QEMU 10
-(see also ../shared/PROTOCOL-FACTS.md in the project notes).
+docs/interop/vhost-user.rst ("Message Specification", "Front-end message
+types", "Protocol features"); the numbers are those of the document as
+merged (checked against QEMU 10), not of the patch series' drafts.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
-# -- "Header" (vhost-user.rst, Message format) ---------------------------
+from virtiofsd_py.virtio.types import MemoryRegion, VringAddr
+
+# -- "Header" (vhost-user.rst, "Message Specification") -------------------
 HEADER = struct.Struct("=III")  # request, flags, size; native byte order
 HEADER_SIZE = HEADER.size
 VERSION = 0x1
@@ -29,7 +32,7 @@ MAX_PAYLOAD = 4096
 MAX_FDS = 8
 
 
-class Request(enum.IntEnum):
+class MessageType(enum.IntEnum):
     """Front-end message types (vhost-user.rst, "Front-end message types")."""
 
     GET_FEATURES = 1
@@ -79,7 +82,7 @@ class Request(enum.IntEnum):
 
 def request_name(request: int) -> str:
     try:
-        return Request(request).name
+        return MessageType(request).name
     except ValueError:
         return f"UNKNOWN({request})"
 
@@ -241,25 +244,47 @@ def encode_u64_reply(request: int, value: int) -> bytes:
     return encode_reply(request, U64.pack(value))
 
 
+#: Message types whose reply has a payload ("Front-end message types": a
+#: reply payload other than N/A): it is due even when the message fails,
+#: and replaces REPLY_ACK's status.  Includes types we do not serve.
+REPLY_BODY: Final = frozenset(
+    {
+        MessageType.GET_FEATURES,
+        MessageType.GET_PROTOCOL_FEATURES,
+        MessageType.GET_VRING_BASE,
+        MessageType.GET_QUEUE_NUM,
+        MessageType.GET_CONFIG,
+        MessageType.GET_MAX_MEM_SLOTS,
+        MessageType.SET_DEVICE_STATE_FD,
+        MessageType.CHECK_DEVICE_STATE,
+        MessageType.GET_INFLIGHT_FD,
+        MessageType.GET_STATUS,
+        MessageType.GET_SHARED_OBJECT,
+    }
+)
+
+
+def encode_error_reply(msg: Message) -> bytes | None:
+    """The reply to a failed message of a ``REPLY_BODY`` type, else None.
+
+    SET_DEVICE_STATE_FD: an error with the invalid-fd flag (never an error
+    and an fd); GET_VRING_BASE: the ring's index with base 0; GET_CONFIG: no
+    config bytes; CHECK_DEVICE_STATE: 1; other u64 replies: 0 (nothing).
+    """
+    request = msg.request
+    if request == MessageType.SET_DEVICE_STATE_FD:
+        return encode_u64_reply(request, 1 | VRING_NOFD_MASK)
+    if request == MessageType.GET_VRING_BASE:
+        index = msg.payload[:4] if len(msg.payload) >= 4 else b"\0\0\0\0"
+        return encode_reply(request, index + b"\0\0\0\0")
+    if request == MessageType.GET_CONFIG:
+        return encode_reply(request, b"")
+    if request in REPLY_BODY:
+        return encode_u64_reply(request, 1 if request == MessageType.CHECK_DEVICE_STATE else 0)
+    return None
+
+
 # -- typed payloads ------------------------------------------------------------
-@dataclass(slots=True, frozen=True)
-class MemoryRegion:
-    guest_phys_addr: int
-    size: int
-    userspace_addr: int
-    mmap_offset: int
-
-
-@dataclass(slots=True, frozen=True)
-class VringAddr:
-    index: int
-    flags: int
-    desc_user_addr: int
-    used_user_addr: int
-    avail_user_addr: int
-    log_guest_addr: int
-
-
 @dataclass(slots=True, frozen=True)
 class ConfigSpace:
     offset: int

@@ -14,8 +14,11 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 
-from virtiofsd_py.vhost.protocol import VringAddr
-from virtiofsd_py.virtio.virtqueue import SplitQueue
+from virtiofsd_py.vhost.protocol import VRING_F_LOG
+from virtiofsd_py.virtio.dirty_log import DirtyLog
+from virtiofsd_py.virtio.memory import GuestMemory
+from virtiofsd_py.virtio.types import VringAddr
+from virtiofsd_py.virtio.virtqueue import QueueError, SplitQueue
 
 
 def _close(fd: int | None) -> None:
@@ -54,6 +57,42 @@ class Vring:
         """Can be processed: started, enabled, mapped and not broken."""
         return self.started and self.enabled and self.queue is not None and not self.broken
 
+    def map(self, memory: GuestMemory, *, event_idx: bool) -> None:
+        """(Re)build the queue over ``memory``, keeping the indices of a running ring.
+
+        Without a size and an address there is nothing to map yet.  A ring
+        not in guest memory raises ``QueueError`` only if started: memory
+        may still arrive (QEMU sends SET_MEM_TABLE later on some paths), and
+        mapping is retried when the ring starts or memory changes.
+        """
+        if self.addr is None or not self.num:
+            return
+        old = self.queue
+        base = old.last_avail_idx if old is not None else self.base
+        try:
+            self.queue = SplitQueue(memory, self.num, self.addr, event_idx=event_idx, base=base)
+        except QueueError:
+            self.queue = None
+            if self.started:
+                raise
+            return
+        if old is not None:
+            self.queue.used_idx = old.used_idx
+        self.broken = False
+
+    def log_used(self, dirty_log: DirtyLog | None) -> None:
+        """Log writes to the used ring in ``dirty_log`` if SET_VRING_ADDR asked
+        for it (VHOST_VRING_F_LOG, at the ring's guest-physical log address)."""
+        q = self.queue
+        if q is None:
+            return
+        addr = self.addr
+        if dirty_log is None or addr is None or not addr.flags & VRING_F_LOG:
+            q.on_used_write = None
+            return
+        base = addr.log_guest_addr
+        q.on_used_write = lambda off, n: dirty_log.mark(base + off, n)
+
     def set_kick(self, fd: int | None) -> None:
         _close(self.kick_fd)
         self.kick_fd = fd
@@ -69,7 +108,7 @@ class Vring:
     def notify(self) -> None:
         """Signal the driver (call eventfd); no-op without one."""
         if self.call_fd is not None:
-            try:  # noqa: SIM105 (contextlib.suppress costs ~1 us: once per batch)
+            try:  # noqa: SIM105 (on the request path: a plain try is cheaper)
                 os.eventfd_write(self.call_fd, 1)
             except OSError:
                 pass

@@ -16,9 +16,10 @@ import mmap
 import os
 import stat
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from virtiofsd_py.vhost.protocol import MemoryRegion
+from virtiofsd_py.virtio.types import MemoryRegion
 
 
 class GuestMemoryError(Exception):
@@ -90,6 +91,19 @@ def map_region(region: MemoryRegion, fd: int) -> MappedRegion:
         mapping,
         view,
     )
+
+
+def map_regions(regions: Sequence[MemoryRegion], fds: Sequence[int]) -> list[MappedRegion]:
+    """``map_region`` for each (region, fd) pair: all of them or, raising, none."""
+    mapped: list[MappedRegion] = []
+    try:
+        for region, fd in zip(regions, fds, strict=True):
+            mapped.append(map_region(region, fd))
+    except GuestMemoryError:
+        for m in mapped:
+            m.release()
+        raise
+    return mapped
 
 
 class GuestMemory:

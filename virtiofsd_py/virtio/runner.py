@@ -19,14 +19,15 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
-from virtiofsd_py.vhost.rings import Vring
 from virtiofsd_py.virtio.dirty_log import DirtyLog
-from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError
+from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError, SplitQueue
 
 log = logging.getLogger("virtiofsd_py.queue")
 
-Handler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
+#: Serves one chain: (device-readable views, device-writable views) -> bytes written.
+ChainHandler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
 MayBlock = Callable[[Sequence[memoryview]], bool]
 #: Chains processed per loop turn before yielding to other rings and messages.
 BATCH = 64
@@ -35,11 +36,48 @@ BLOCKING_THREADS = 64
 HIPRIO = 0
 
 
+class Ring(Protocol):
+    """What the runner reads and updates of one ring (``vhost.rings.Vring``).
+
+    Plain attributes, not methods, where the request path touches them: the
+    runner reads them once per batch or per request.
+    """
+
+    index: int
+    #: The eventfd the driver kicks; watched while the ring is served.
+    kick_fd: int | None
+    #: Set by the runner on a kick (vhost-user.rst, "Ring states": a kick
+    #: starts the ring; the owner stops it).
+    started: bool
+    queue: SplitQueue | None
+    #: Requests popped but not yet on the used ring (worker threads).
+    inflight: int
+    #: Set while nothing is in flight; ``drain`` waits on it.
+    idle: asyncio.Event
+    #: A fatal ring error was logged: not served until reconfigured.
+    broken: bool
+    #: Used index before the first completion not yet published, or None.
+    publish_from: int | None
+
+    @property
+    def ready(self) -> bool:
+        """Whether to process the ring now (started, enabled, mapped, not broken)."""
+        ...
+
+    def notify(self) -> None:
+        """Signal the driver (call eventfd)."""
+        ...
+
+    def signal_error(self) -> None:
+        """Tell the front-end the ring broke (err eventfd)."""
+        ...
+
+
 class QueueRunner:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        handler: Handler,
+        handler: ChainHandler,
         *,
         thread_pool_size: int = 0,
         may_block: MayBlock | None = None,
@@ -61,7 +99,7 @@ class QueueRunner:
         self.dirty_log: DirtyLog | None = None
 
     # -- kick watching ---------------------------------------------------------
-    def watch(self, ring: Vring) -> None:
+    def watch(self, ring: Ring) -> None:
         """(Re)start watching ``ring``'s kick eventfd."""
         self.unwatch(ring)
         if ring.kick_fd is None:
@@ -70,12 +108,12 @@ class QueueRunner:
         self._loop.add_reader(ring.kick_fd, self._on_kick, ring)
         self._watched[ring.index] = ring.kick_fd
 
-    def unwatch(self, ring: Vring) -> None:
+    def unwatch(self, ring: Ring) -> None:
         fd = self._watched.pop(ring.index, None)
         if fd is not None:
             self._loop.remove_reader(fd)
 
-    def _on_kick(self, ring: Vring) -> None:
+    def _on_kick(self, ring: Ring) -> None:
         if ring.kick_fd is None:
             return
         try:
@@ -90,7 +128,7 @@ class QueueRunner:
         self.process(ring)
 
     # -- processing ------------------------------------------------------------
-    def process(self, ring: Vring) -> None:
+    def process(self, ring: Ring) -> None:
         """Handle what the driver made available, up to one batch."""
         if not ring.ready:
             return
@@ -138,7 +176,7 @@ class QueueRunner:
             dlog.mark_written(chain.writable_gpas, n)
         return n
 
-    def _submit(self, ring: Vring, chain: Chain, pool: ThreadPoolExecutor) -> None:
+    def _submit(self, ring: Ring, chain: Chain, pool: ThreadPoolExecutor) -> None:
         ring.inflight += 1
         ring.idle.clear()
         fut = pool.submit(self._run, chain)
@@ -146,7 +184,7 @@ class QueueRunner:
             lambda f: self._loop.call_soon_threadsafe(self._complete, ring, chain, f)
         )
 
-    def _complete(self, ring: Vring, chain: Chain, fut: Future[int]) -> None:
+    def _complete(self, ring: Ring, chain: Chain, fut: Future[int]) -> None:
         ring.inflight -= 1
         q = ring.queue
         if q is not None:
@@ -157,19 +195,19 @@ class QueueRunner:
         if ring.inflight == 0:
             ring.idle.set()
 
-    def _publish(self, ring: Vring) -> None:
+    def _publish(self, ring: Ring) -> None:
         old, ring.publish_from = ring.publish_from, None
         q = ring.queue
         if old is not None and q is not None and q.publish(old):
             ring.notify()
 
-    def _break(self, ring: Vring, reason: str) -> None:
+    def _break(self, ring: Ring, reason: str) -> None:
         log.error("ring %d is broken and stops until reconfigured: %s", ring.index, reason)
         ring.broken = True
         self.unwatch(ring)
         ring.signal_error()
 
-    async def drain(self, ring: Vring) -> None:
+    async def drain(self, ring: Ring) -> None:
         """Wait until every request popped from ``ring`` is on its used ring.
 
         Requests waiting for a lock are interrupted first (they complete with

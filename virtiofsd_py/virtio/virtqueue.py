@@ -22,8 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-from virtiofsd_py.vhost.protocol import VringAddr
 from virtiofsd_py.virtio.memory import GuestMemory, GuestMemoryError
+from virtiofsd_py.virtio.types import VringAddr
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next (2.7.5)
 U16 = struct.Struct("<H")  # ring fields nobody writes concurrently (avail ring entries)
@@ -158,9 +158,6 @@ class SplitQueue:
     def avail_idx(self) -> int:
         idx: int = self._avail16[1]
         return idx
-
-    def has_available(self) -> bool:
-        return self.avail_idx() != self.last_avail_idx
 
     def pop(self) -> Chain | None:
         """Next available chain, or None.  Raises ChainError / QueueError."""
@@ -300,9 +297,8 @@ _LAST_TO_NEXT: Final = bytes.maketrans(b"RW", b"rw")
 #: Bytes 14 and 15 of descriptors 0..n-2 of a table chained in order (next = i + 1).
 _SEQ_NEXT_LO: Final = bytes((i + 1) & 0xFF for i in range(MAX_QUEUE_SIZE))
 _SEQ_NEXT_HI: Final = bytes((i + 1) >> 8 & 0xFF for i in range(MAX_QUEUE_SIZE))
-_LITTLE_ENDIAN: Final = sys.byteorder == "little"
 #: Indirect tables of fewer bytes (descriptors * 16) are walked one by one:
-#: the bulk checks cost about as much as walking 16 descriptors.
+#: below it the bulk checks cost more than they save (docs/benchmarks.md).
 _BULK_MIN: Final = 16 * 16
 #: Up to this many breaks between adjacent buffers, views are made per run.
 _MAX_RUNS: Final = 8
@@ -324,13 +320,10 @@ def _linux_table(
     slice per buffer, and none at all when a direction's buffers are
     adjacent in guest memory (merged into one view).  Returns False, having
     added nothing, for any other table: ``SplitQueue._walk`` then walks it (and
-    reports what is wrong with it).  A 1 MiB READ (259 descriptors) on the
-    lab machine: ~35 us instead of ~150 with adjacent pages, ~115 with
-    scattered ones (a slice per page remains).
+    reports what is wrong with it).  Descriptors are read in the host's
+    byte order: the module refuses big-endian hosts at import.
     """
     n = len(raw) >> 4
-    if not _LITTLE_ENDIAN:
-        return False
     classes = raw[12::16].translate(_FLAG_CLASS)
     if classes[-1] not in b"RW":
         return False
@@ -448,10 +441,8 @@ def _adjacent_tail(raw: bytes, j: int, b: int) -> int:
     ``sum(addr_i * 2**(64*i))``, must equal ``start * ones + size * ramp``
     (``_ap_weights``), i.e. ``addr_i == start + i * size`` for every i (the
     base-2**64 digits of a number are unique while each is below 2**64,
-    which the ``last`` check guarantees).  With it a 1 MiB READ of adjacent
-    pages needs no per-descriptor list at all: 270 000 instructions per
-    request in ``QueueRunner.process`` instead of 490 000 (2.1 million
-    before any bulk work).
+    which the ``last`` check guarantees).  A READ of adjacent pages then
+    needs no per-descriptor list at all.
     """
     m = b - j
     words = memoryview(raw).cast("I")

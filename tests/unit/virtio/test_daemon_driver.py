@@ -22,10 +22,10 @@ from virtiofsd_py.testing.frontend.driver import (
     Timeout,
     vring_need_event,
 )
-from virtiofsd_py.vhost.protocol import MemoryRegion, VringAddr
 from virtiofsd_py.virtio import virtqueue
 from virtiofsd_py.virtio.memory import GuestMemory as DeviceMemory
 from virtiofsd_py.virtio.memory import map_region
+from virtiofsd_py.virtio.types import MemoryRegion, VringAddr
 
 
 @settings(max_examples=50, deadline=None)

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtiofsd_py.testing.frontend import driver as drv
-from virtiofsd_py.vhost.protocol import MemoryRegion, VringAddr
 from virtiofsd_py.virtio.memory import GuestMemory, map_region
+from virtiofsd_py.virtio.types import MemoryRegion, VringAddr
 from virtiofsd_py.virtio.virtqueue import ChainError, QueueError, SplitQueue
 
 GPA_BASE = 0x10_0000

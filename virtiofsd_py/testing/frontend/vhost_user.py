@@ -50,13 +50,13 @@ from virtiofsd_py.vhost.protocol import (
     VRING_ADDR,
     VRING_NOFD_MASK,
     VRING_STATE,
-    MemoryRegion,
+    MessageType,
     ProtocolFeature,
-    Request,
     bit,
     encode_single_region,
     request_name,
 )
+from virtiofsd_py.virtio.types import MemoryRegion
 
 #: Protocol features the front-end asks for by default (what QEMU 10 asks a
 #: vhost-user-fs back-end for, minus STATUS/INFLIGHT which QEMU's fs device
@@ -288,38 +288,38 @@ class VhostUserFrontend:
                 raise Nack(request, value)
 
     def get_features(self) -> int:
-        self.device_features = self.get_u64(Request.GET_FEATURES)
+        self.device_features = self.get_u64(MessageType.GET_FEATURES)
         return self.device_features
 
     def set_features(self, features: int) -> None:
         # SET_FEATURES has no reply body; QEMU asks for the ack (vhost_user_set_features).
-        self.request_ack(Request.SET_FEATURES, U64.pack(features))
+        self.request_ack(MessageType.SET_FEATURES, U64.pack(features))
         self.features = features
 
     def get_protocol_features(self) -> int:
-        self.device_protocol_features = self.get_u64(Request.GET_PROTOCOL_FEATURES)
+        self.device_protocol_features = self.get_u64(MessageType.GET_PROTOCOL_FEATURES)
         return self.device_protocol_features
 
     def set_protocol_features(self, features: int) -> None:
         # The ack can only be asked for once REPLY_ACK is negotiated, i.e. after this.
-        self.send(Request.SET_PROTOCOL_FEATURES, U64.pack(features))
+        self.send(MessageType.SET_PROTOCOL_FEATURES, U64.pack(features))
         self.protocol_features = features
 
     def set_owner(self) -> None:
-        self.request_ack(Request.SET_OWNER)
+        self.request_ack(MessageType.SET_OWNER)
 
     def reset_owner(self) -> None:
-        self.request_ack(Request.RESET_OWNER)
+        self.request_ack(MessageType.RESET_OWNER)
 
     def reset_device(self) -> None:
-        self.request_ack(Request.RESET_DEVICE)
+        self.request_ack(MessageType.RESET_DEVICE)
 
     def get_queue_num(self) -> int:
-        self.queue_num = self.get_u64(Request.GET_QUEUE_NUM)
+        self.queue_num = self.get_u64(MessageType.GET_QUEUE_NUM)
         return self.queue_num
 
     def get_max_mem_slots(self) -> int:
-        self.max_mem_slots = self.get_u64(Request.GET_MAX_MEM_SLOTS)
+        self.max_mem_slots = self.get_u64(MessageType.GET_MAX_MEM_SLOTS)
         return self.max_mem_slots
 
     def set_mem_table(self, regions: Sequence[tuple[MemoryRegion, int]]) -> None:
@@ -327,27 +327,27 @@ class VhostUserFrontend:
         payload = MEM_TABLE_HEAD.pack(len(regions), 0) + b"".join(
             _pack_region(r) for r, _fd in regions
         )
-        self.request_ack(Request.SET_MEM_TABLE, payload, [fd for _r, fd in regions])
+        self.request_ack(MessageType.SET_MEM_TABLE, payload, [fd for _r, fd in regions])
 
     def add_mem_reg(self, region: MemoryRegion, fd: int) -> None:
-        self.request_ack(Request.ADD_MEM_REG, encode_single_region(region), [fd])
+        self.request_ack(MessageType.ADD_MEM_REG, encode_single_region(region), [fd])
 
     def rem_mem_reg(self, region: MemoryRegion, fd: int | None = None) -> None:
         """REM_MEM_REG; QEMU sends no fd, the spec lets a back-end ignore one if sent."""
         self.request_ack(
-            Request.REM_MEM_REG, encode_single_region(region), [] if fd is None else [fd]
+            MessageType.REM_MEM_REG, encode_single_region(region), [] if fd is None else [fd]
         )
 
     def set_vring_num(self, index: int, num: int) -> None:
-        self.request_ack(Request.SET_VRING_NUM, VRING_STATE.pack(index, num))
+        self.request_ack(MessageType.SET_VRING_NUM, VRING_STATE.pack(index, num))
 
     def set_vring_base(self, index: int, num: int) -> None:
-        self.request_ack(Request.SET_VRING_BASE, VRING_STATE.pack(index, num))
+        self.request_ack(MessageType.SET_VRING_BASE, VRING_STATE.pack(index, num))
 
     def get_vring_base(self, index: int) -> int:
         """GET_VRING_BASE: stops the ring; returns the next avail index the back-end would use."""
-        self.send(Request.GET_VRING_BASE, VRING_STATE.pack(index, 0))
-        reply = self.recv_reply(Request.GET_VRING_BASE)
+        self.send(MessageType.GET_VRING_BASE, VRING_STATE.pack(index, 0))
+        reply = self.recv_reply(MessageType.GET_VRING_BASE)
         if len(reply.payload) != VRING_STATE.size:
             raise VhostUserError(f"GET_VRING_BASE reply of {len(reply.payload)} bytes")
         ridx, num = VRING_STATE.unpack(reply.payload)
@@ -360,30 +360,30 @@ class VhostUserFrontend:
     ) -> None:
         """Ring addresses are front-end user addresses (vhost-user.rst, "Vring address")."""
         self.request_ack(
-            Request.SET_VRING_ADDR, VRING_ADDR.pack(index, flags, desc, used, avail, log)
+            MessageType.SET_VRING_ADDR, VRING_ADDR.pack(index, flags, desc, used, avail, log)
         )
 
-    def _set_vring_fd(self, request: Request, index: int, fd: int | None) -> None:
+    def _set_vring_fd(self, request: MessageType, index: int, fd: int | None) -> None:
         value = index | (VRING_NOFD_MASK if fd is None else 0)
         self.request_ack(request, U64.pack(value), [] if fd is None else [fd])
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
-        self._set_vring_fd(Request.SET_VRING_KICK, index, fd)
+        self._set_vring_fd(MessageType.SET_VRING_KICK, index, fd)
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
-        self._set_vring_fd(Request.SET_VRING_CALL, index, fd)
+        self._set_vring_fd(MessageType.SET_VRING_CALL, index, fd)
 
     def set_vring_err(self, index: int, fd: int | None) -> None:
-        self._set_vring_fd(Request.SET_VRING_ERR, index, fd)
+        self._set_vring_fd(MessageType.SET_VRING_ERR, index, fd)
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
-        self.request_ack(Request.SET_VRING_ENABLE, VRING_STATE.pack(index, int(enable)))
+        self.request_ack(MessageType.SET_VRING_ENABLE, VRING_STATE.pack(index, int(enable)))
 
     def set_backend_req_fd(self) -> socket.socket:
         """Give the back-end a socket for its requests; returns our end."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.request_ack(Request.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+            self.request_ack(MessageType.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
         finally:
             theirs.close()
         self.backend_sock = ours
@@ -391,8 +391,8 @@ class VhostUserFrontend:
 
     def get_config(self, offset: int, size: int, flags: int = 0) -> bytes:
         """GET_CONFIG: the payload is echoed back with the config bytes filled in."""
-        self.send(Request.GET_CONFIG, CONFIG_HEAD.pack(offset, size, flags) + bytes(size))
-        reply = self.recv_reply(Request.GET_CONFIG)
+        self.send(MessageType.GET_CONFIG, CONFIG_HEAD.pack(offset, size, flags) + bytes(size))
+        reply = self.recv_reply(MessageType.GET_CONFIG)
         if len(reply.payload) < CONFIG_HEAD.size:
             raise VhostUserError(f"GET_CONFIG reply of {len(reply.payload)} bytes")
         roff, rsize, _rflags = CONFIG_HEAD.unpack_from(reply.payload)
@@ -403,7 +403,7 @@ class VhostUserFrontend:
         return reply.payload[CONFIG_HEAD.size :]
 
     def set_config(self, offset: int, data: bytes, flags: int = 0) -> None:
-        self.request_ack(Request.SET_CONFIG, CONFIG_HEAD.pack(offset, len(data), flags) + data)
+        self.request_ack(MessageType.SET_CONFIG, CONFIG_HEAD.pack(offset, len(data), flags) + data)
 
     # -- the QEMU-like sequence -------------------------------------------------------------
     def negotiate(
@@ -567,11 +567,13 @@ class VhostUserFrontend:
     # -- migration (vhost-user.rst, "Migrating back-end state") -------------------------
     def set_device_state_fd(self, direction: int, fd: int, phase: int = 0) -> int:
         """SET_DEVICE_STATE_FD with our end ``fd``; the raw u64 result."""
-        self.send(Request.SET_DEVICE_STATE_FD, DEVICE_STATE_PARAMS.pack(direction, phase), fds=[fd])
-        return self.recv_reply(Request.SET_DEVICE_STATE_FD).u64()
+        self.send(
+            MessageType.SET_DEVICE_STATE_FD, DEVICE_STATE_PARAMS.pack(direction, phase), fds=[fd]
+        )
+        return self.recv_reply(MessageType.SET_DEVICE_STATE_FD).u64()
 
     def check_device_state(self) -> int:
-        return self.get_u64(Request.CHECK_DEVICE_STATE)
+        return self.get_u64(MessageType.CHECK_DEVICE_STATE)
 
     def save_state(self) -> bytes:
         """What QEMU's vhost_save_backend_state does: pipe, read to EOF, check."""
@@ -582,7 +584,7 @@ class VhostUserFrontend:
             os.close(w)
         try:
             if result & 0xFF:
-                raise Nack(Request.SET_DEVICE_STATE_FD, result)
+                raise Nack(MessageType.SET_DEVICE_STATE_FD, result)
             chunks = []
             while chunk := os.read(r, 1 << 20):
                 chunks.append(chunk)
@@ -590,7 +592,7 @@ class VhostUserFrontend:
             os.close(r)
         check = self.check_device_state()
         if check:
-            raise Nack(Request.CHECK_DEVICE_STATE, check)
+            raise Nack(MessageType.CHECK_DEVICE_STATE, check)
         return b"".join(chunks)
 
     def load_state(self, data: bytes) -> int:
@@ -602,7 +604,7 @@ class VhostUserFrontend:
             os.close(r)
         try:
             if result & 0xFF:
-                raise Nack(Request.SET_DEVICE_STATE_FD, result)
+                raise Nack(MessageType.SET_DEVICE_STATE_FD, result)
             view = memoryview(data)
             while view:
                 view = view[os.write(w, view[: 1 << 20]) :]
