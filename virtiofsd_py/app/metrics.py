@@ -40,8 +40,6 @@ from prometheus_client.registry import Collector
 from virtiofsd_py.fuse.abi import opcode_name
 from virtiofsd_py.virtio.runner import ChainHandler
 
-Handler = ChainHandler
-
 #: Counter slots: every FUSE opcode the kernel sends is below 64; the rest
 #: (CUSE_INIT, garbage) share slot 0, which no real request uses.
 SLOTS = 64
@@ -139,7 +137,7 @@ class Metrics:
         self._local.shard = shard
         return shard
 
-    def instrument(self, handler: Handler, *, timed: bool = True) -> Handler:
+    def instrument(self, handler: ChainHandler, *, timed: bool = True) -> ChainHandler:
         """``handler`` counted (and timed if ``timed``); same signature and result.
 
         Written for speed (measured by bench/metrics_overhead.py): byte peeks

@@ -17,9 +17,10 @@ from typing import Any
 from virtiofsd_py.app import sdnotify
 from virtiofsd_py.app.backends import TableSizes
 from virtiofsd_py.app.errors import StartupError, describe
-from virtiofsd_py.app.metrics import Handler, Metrics, ring_gauges, table_gauges
+from virtiofsd_py.app.metrics import Metrics, ring_gauges, table_gauges
 from virtiofsd_py.app.metrics_server import MetricsServer, parse_address
 from virtiofsd_py.app.options import Options
+from virtiofsd_py.virtio.runner import ChainHandler
 
 log = logging.getLogger("virtiofsd_py")
 
@@ -70,7 +71,7 @@ class ServiceHooks:
         """The socket accepts connections: startup is over (systemd Type=notify)."""
         sdnotify.ready(f"waiting for a vhost-user front-end on {where}")
 
-    def instrument(self, handler: Handler) -> Handler:
+    def instrument(self, handler: ChainHandler) -> ChainHandler:
         """The request handler the queue runner should call: counted always (for
         SIGUSR1), timed only with ``--metrics`` (the clock reads are the cost)."""
         return self.metrics.instrument(handler, timed=self.server is not None)
