@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from virtiofsd_py.fs.api import (
+    NOW,
     ROOT_ID,
     AttrReply,
     Context,
@@ -43,7 +44,7 @@ from virtiofsd_py.fs.api import (
     make_stat,
 )
 from virtiofsd_py.fs.cache import CachePolicy
-from virtiofsd_py.fuse import abi
+from virtiofsd_py.host.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 
 if TYPE_CHECKING:
     from virtiofsd_py.app.options import Options
@@ -64,7 +65,6 @@ _SEEK_DATA: Final = 3
 _SEEK_HOLE: Final = 4
 _FALLOC_FL_KEEP_SIZE: Final = 0x01
 _FALLOC_FL_PUNCH_HOLE: Final = 0x02
-_TIME_BITS: Final = abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW
 
 
 def _err(code: int, what: str) -> OSError:
@@ -303,8 +303,7 @@ class MemoryFS(Filesystem):
         self._next_fh += 1
         self._handles[fh] = _Handle(node.ino, flags, node.is_dir)
         node.opens += 1
-        open_flags = self.policy.dir_open_flags if node.is_dir else self.policy.file_open_flags
-        return Opened(fh, open_flags)
+        return self.policy.opened(fh, node.is_dir)
 
     def _handle(self, fh: int, nodeid: int) -> tuple[_Handle, _Node]:
         h = self._handles.get(fh)
@@ -391,36 +390,31 @@ class MemoryFS(Filesystem):
                 raise _err(errno.EROFS, "read-only file system")
 
     def setattr(self, ctx: Context, nodeid: int, attr: SetAttr) -> AttrReply:
-        v = attr.valid
         with self._lock:
             self._check_write()
             node = self._node(nodeid)
-            if attr.fh is not None and v & abi.FATTR_FH:
+            if attr.fh is not None:
                 self._handle(attr.fh, nodeid)
             now = time.time_ns()
-            if v & abi.FATTR_SIZE:
+            if attr.size is not None:
                 if not stat.S_ISREG(node.mode):
                     code = errno.EISDIR if node.is_dir else errno.EINVAL
                     raise _err(code, "truncate of a file that is not regular")
                 self._truncate(node, attr.size)
                 node.touch(now, data=True)
-            if v & abi.FATTR_MODE:
+            if attr.mode is not None:
                 node.mode = stat.S_IFMT(node.mode) | (attr.mode & 0o7777)
-            if v & abi.FATTR_UID:
+            if attr.uid is not None:
                 node.uid = attr.uid
-            if v & abi.FATTR_GID:
+            if attr.gid is not None:
                 node.gid = attr.gid
             if attr.kill_suidgid and stat.S_ISREG(node.mode):
                 node.mode &= ~(stat.S_ISUID | stat.S_ISGID)
-            if v & abi.FATTR_ATIME_NOW:
-                node.atime_ns = now
-            elif v & abi.FATTR_ATIME:
-                node.atime_ns = attr.atime_ns
-            if v & abi.FATTR_MTIME_NOW:
-                node.mtime_ns = now
-            elif v & abi.FATTR_MTIME:
-                node.mtime_ns = attr.mtime_ns
-            node.ctime_ns = attr.ctime_ns if v & abi.FATTR_CTIME else now
+            if attr.atime_ns is not None:
+                node.atime_ns = now if attr.atime_ns is NOW else attr.atime_ns
+            if attr.mtime_ns is not None:
+                node.mtime_ns = now if attr.mtime_ns is NOW else attr.mtime_ns
+            node.ctime_ns = attr.ctime_ns if attr.ctime_ns is not None else now
             return AttrReply(node.stat(), self.policy.attr_timeout)
 
     # -- files ------------------------------------------------------------------
@@ -467,7 +461,7 @@ class MemoryFS(Filesystem):
         fh: int,
         offset: int,
         bufs: list[memoryview],
-        write_flags: int,
+        kill_suidgid: bool,
     ) -> int:
         with self._lock:
             self._check_write()
@@ -487,7 +481,7 @@ class MemoryFS(Filesystem):
             for buf in bufs:
                 node.data[pos : pos + len(buf)] = buf
                 pos += len(buf)
-            if write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
+            if kill_suidgid:
                 node.mode &= ~(stat.S_ISUID | stat.S_ISGID)
             node.touch(time.time_ns(), data=True)
             return total
@@ -556,7 +550,7 @@ class MemoryFS(Filesystem):
             data = bytes(src.data[off_in : off_in + length])
         if not data:
             return 0
-        return self.write(ctx, nodeid_out, fh_out, off_out, [memoryview(data)], 0)
+        return self.write(ctx, nodeid_out, fh_out, off_out, [memoryview(data)], False)
 
     def syncfs(self, ctx: Context, nodeid: int) -> None:
         """Nothing to sync: memory is the storage."""
@@ -637,7 +631,7 @@ class MemoryFS(Filesystem):
             return b"".join(n + b"\0" for n in self._node(nodeid).xattrs)
 
     def setxattr(
-        self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
+        self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, acl_kill_sgid: bool
     ) -> None:
         with self._lock:
             self._check_write()
@@ -786,9 +780,9 @@ class MemoryFS(Filesystem):
         self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes, flags: int
     ) -> None:
         """rename(2)/renameat2(2): NOREPLACE and EXCHANGE; WHITEOUT is not supported."""
-        if flags & abi.RENAME_WHITEOUT:
+        if flags & RENAME_WHITEOUT:
             raise _err(errno.EINVAL, "RENAME_WHITEOUT")
-        if flags & abi.RENAME_NOREPLACE and flags & abi.RENAME_EXCHANGE:
+        if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
             raise _err(errno.EINVAL, "NOREPLACE with EXCHANGE")
         with self._lock:
             self._check_write()
@@ -798,12 +792,12 @@ class MemoryFS(Filesystem):
             if src is None:
                 raise _err(errno.ENOENT, repr(name))
             dst = self._child(np, newname)
-            if flags & abi.RENAME_EXCHANGE:
+            if flags & RENAME_EXCHANGE:
                 if dst is None:
                     raise _err(errno.ENOENT, repr(newname))
                 self._exchange(p, name, src, np, newname, dst)
                 return
-            if dst is not None and flags & abi.RENAME_NOREPLACE:
+            if dst is not None and flags & RENAME_NOREPLACE:
                 raise _err(errno.EEXIST, repr(newname))
             if src.is_dir and self._is_ancestor(src, np):
                 raise _err(errno.EINVAL, "move a directory into itself")

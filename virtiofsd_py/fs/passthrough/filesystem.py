@@ -45,6 +45,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from virtiofsd_py.fs.api import (
+    FS_IOC_GETFLAGS,
+    FS_IOC_SETFLAGS,
+    NOW,
     ROOT_ID,
     AttrReply,
     Context,
@@ -68,12 +71,9 @@ from virtiofsd_py.fs.passthrough.migration.deferred import DeferredNodes
 from virtiofsd_py.fs.passthrough.migration.load import LockRestorer, MigrationConfig, Preparer
 from virtiofsd_py.fs.passthrough.open_files import HandleData, HandleTable
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
-from virtiofsd_py.fuse import abi
 from virtiofsd_py.host import syscalls as linux
 from virtiofsd_py.host.fdbudget import FdBudget
 from virtiofsd_py.host.syscalls import getdents64, stat_fd
-
-FUSE_ATTR_SUBMOUNT: Final = 1 << 0  # fuse_attr.flags (fuse.h, 7.32)
 
 _O_PATH_FLAGS: Final = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # open(2) flags passed through to the host on OPEN; everything else (O_CREAT,
@@ -95,11 +95,6 @@ _CREATE_TYPES: Final = frozenset(
 )
 _RENAME_FLAGS: Final = linux.RENAME_NOREPLACE | linux.RENAME_EXCHANGE | linux.RENAME_WHITEOUT
 _ACL_NAMES: Final = (b"system.posix_acl_access", b"system.posix_acl_default")
-# FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (linux/fs.h), native and 32-bit compat
-# numbers; the kernel reads and writes an int whatever the number says.
-_FS_IOC_GETFLAGS: Final = frozenset((0x80086601, 0x80046601))
-_FS_IOC_SETFLAGS: Final = frozenset((0x40086602, 0x40046602))
-_TIME_BITS: Final = abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW
 _SEEK_WHENCE: Final = frozenset((os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE))
 _DIRENT_BUF: Final = 8192
 #: First getdents64 buffer of a READDIR / READDIRPLUS (see ``_entries``).
@@ -180,8 +175,6 @@ class PassthroughFS(Filesystem):
         self.policy = CachePolicy.from_mode(config.cache)
         self._entry_timeout = self.policy.entry_timeout
         self._attr_timeout = self.policy.attr_timeout
-        self._file_open_flags = self.policy.file_open_flags
-        self._dir_open_flags = self.policy.dir_open_flags
         self._proc_prefix = config.proc_self_fd.rstrip("/") + "/"
         self._drop_flags = (0 if config.allow_direct_io else os.O_DIRECT) | (
             0 if config.preserve_noatime else os.O_NOATIME
@@ -257,9 +250,9 @@ class PassthroughFS(Filesystem):
         if deferred is not None:
             deferred.settle()
 
-    def _entry(self, node: InodeData, st: os.stat_result, attr_flags: int = 0) -> Entry:
+    def _entry(self, node: InodeData, st: os.stat_result, submount: bool = False) -> Entry:
         st = self._guest_stat(st)
-        return Entry(node.nodeid, 0, st, self._entry_timeout, self._attr_timeout, attr_flags)
+        return Entry(node.nodeid, 0, st, self._entry_timeout, self._attr_timeout, submount)
 
     def _guest_stat(self, st: os.stat_result) -> os.stat_result:
         """``st`` with host uid/gid translated to the guest's (--translate-uid/gid)."""
@@ -376,8 +369,8 @@ class PassthroughFS(Filesystem):
     # -- session ---------------------------------------------------------
     def init(self, session: SessionInfo) -> None:
         self.session = session
-        self._writeback = bool(session.flags & abi.FUSE_WRITEBACK_CACHE)
-        self._supp_group_ext = bool(session.flags & abi.FUSE_CREATE_SUPP_GROUP)
+        self._writeback = session.writeback_cache
+        self._supp_group_ext = session.create_supp_group
 
     def destroy(self) -> None:
         deferred, self.deferred = self.deferred, None
@@ -461,14 +454,12 @@ class PassthroughFS(Filesystem):
             raise
         if not taken:
             os.close(fd)
-        attr_flags = 0
-        if (
+        submount = (
             self.config.announce_submounts
             and stat.S_ISDIR(st.st_mode)
             and (st.st_dev != p.key[0] or mnt_id != p.key[2])
-        ):
-            attr_flags = FUSE_ATTR_SUBMOUNT
-        return self._entry(node, st, attr_flags)
+        )
+        return self._entry(node, st, submount)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         self.inodes.forget(nodeid, nlookup)
@@ -572,9 +563,7 @@ class PassthroughFS(Filesystem):
             return DropCap(CAP_FSETID)
         return contextlib.nullcontext()
 
-    def _open(
-        self, nodeid: int, flags: int, cache_flags: int, kill_suidgid: bool = False
-    ) -> Opened:
+    def _open(self, nodeid: int, flags: int, directory: bool, kill_suidgid: bool = False) -> Opened:
         self._check_open_flags(flags)
         node = self._node(nodeid)
         if flags & os.O_TRUNC and stat.S_ISREG(node.mode):
@@ -582,12 +571,11 @@ class PassthroughFS(Filesystem):
         with self._kill_priv(kill_suidgid and bool(flags & os.O_TRUNC)):
             fd = self._reopen_flags(node, flags)
         h = self.handles.add(nodeid, fd, flags)
-        return Opened(h.fh, cache_flags)
+        return self.policy.opened(h.fh, directory)
 
     def open(self, ctx: Context, nodeid: int, flags: int, *, kill_suidgid: bool = False) -> Opened:
         # As the Rust virtiofsd: cache flags follow O_DIRECTORY, not the node type.
-        cache = self._dir_open_flags if flags & os.O_DIRECTORY else self._file_open_flags
-        return self._open(nodeid, flags, cache, kill_suidgid)
+        return self._open(nodeid, flags, bool(flags & os.O_DIRECTORY), kill_suidgid)
 
     def read(
         self, ctx: Context, nodeid: int, fh: int, offset: int, size: int, bufs: list[memoryview]
@@ -621,7 +609,7 @@ class PassthroughFS(Filesystem):
 
     # -- directories -----------------------------------------------------
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> Opened:
-        return self._open(nodeid, flags | os.O_DIRECTORY, self._dir_open_flags)
+        return self._open(nodeid, flags | os.O_DIRECTORY, True)
 
     def readdir(
         self, ctx: Context, nodeid: int, fh: int, offset: int, plus: bool
@@ -721,16 +709,13 @@ class PassthroughFS(Filesystem):
         return b"".join(n + b"\0" for n in names)
 
     def setxattr(
-        self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
+        self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, acl_kill_sgid: bool
     ) -> None:
         with self._xattr_path(nodeid) as path:
             self._check_write()
             host_name = self._host_xattr_name(name)
             os.setxattr(path, host_name, value, flags)
-            if (
-                setxattr_flags & abi.FUSE_SETXATTR_ACL_KILL_SGID
-                and host_name == b"system.posix_acl_access"
-            ):
+            if acl_kill_sgid and host_name == b"system.posix_acl_access":
                 # The guest decided the caller may not keep S_ISGID (not in the
                 # group, no CAP_FSETID); as root the host kernel would keep it.
                 mode = os.stat(path, follow_symlinks=False).st_mode
@@ -778,7 +763,7 @@ class PassthroughFS(Filesystem):
             os.close(fd)
             raise
         h = self.handles.add(entry.nodeid, fd, flags)
-        return entry, Opened(h.fh, self._file_open_flags)
+        return entry, self.policy.opened(h.fh, False)
 
     def create(
         self,
@@ -959,15 +944,14 @@ class PassthroughFS(Filesystem):
         """
         self._check_write()
         node = self._node(nodeid)
-        v = attr.valid
         fd = -1
         h: HandleData | None = None
-        if attr.fh is not None and v & abi.FATTR_FH:
+        if attr.fh is not None:
             h = self.handles.get(attr.fh, nodeid)
             fd = h.fd
         # The node's own fd only where the open file cannot serve: a handle
         # node is then opened for this request only.
-        need_node = fd < 0 or bool(v & (abi.FATTR_UID | abi.FATTR_GID))
+        need_node = fd < 0 or attr.uid is not None or attr.gid is not None
         with node.opened() if need_node else NodeFd(-1, False) as nfd:
             st = self._setattr(node, nfd, fd, attr)
         del h
@@ -975,21 +959,21 @@ class PassthroughFS(Filesystem):
 
     def _setattr(self, node: InodeData, nfd: int, fd: int, attr: SetAttr) -> os.stat_result:
         """SETATTR's changes through the open file ``fd`` if >= 0, else the node's ``nfd``."""
-        v = attr.valid
         path = self._proc_prefix + str(nfd)
         kill = attr.kill_suidgid and self.config.killpriv_v2
-        if v & (abi.FATTR_UID | abi.FATTR_GID | abi.FATTR_SIZE) and stat.S_ISREG(node.mode):
+        chown = attr.uid is not None or attr.gid is not None
+        if (chown or attr.size is not None) and stat.S_ISREG(node.mode):
             self._drop_capability(fd if fd >= 0 else path)
-        if v & abi.FATTR_MODE:
+        if attr.mode is not None:
             if fd >= 0:
                 os.fchmod(fd, stat.S_IMODE(attr.mode))
             else:
                 os.chmod(path, stat.S_IMODE(attr.mode))
-        if v & (abi.FATTR_UID | abi.FATTR_GID):
-            uid = self._host_uid(attr.uid) if v & abi.FATTR_UID else -1
-            gid = self._host_gid(attr.gid) if v & abi.FATTR_GID else -1
+        if chown:
+            uid = self._host_uid(attr.uid) if attr.uid is not None else -1
+            gid = self._host_gid(attr.gid) if attr.gid is not None else -1
             linux.fchown_empty(nfd, uid, gid)
-        if v & abi.FATTR_SIZE:
+        if attr.size is not None:
             if not stat.S_ISREG(node.mode):
                 code = errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EINVAL
                 raise _err(code, "truncate of a file that is not regular")
@@ -998,16 +982,17 @@ class PassthroughFS(Filesystem):
                     os.ftruncate(fd, attr.size)
                 else:
                     os.truncate(path, attr.size)
-        if v & _TIME_BITS:
+        atime, mtime = attr.atime_ns, attr.mtime_ns
+        if atime is not None or mtime is not None:
             linux.utimens(
                 fd if fd >= 0 else self._proc_fd,
                 None if fd >= 0 else str(nfd).encode(),
-                attr.atime_ns if v & abi.FATTR_ATIME else None,
-                attr.mtime_ns if v & abi.FATTR_MTIME else None,
-                atime_now=bool(v & abi.FATTR_ATIME_NOW),
-                mtime_now=bool(v & abi.FATTR_MTIME_NOW),
+                None if atime is NOW else atime,
+                None if mtime is NOW else mtime,
+                atime_now=atime is NOW,
+                mtime_now=mtime is NOW,
             )
-        # FATTR_CTIME: the host sets ctime itself on every change above.
+        # ctime: the host sets it itself on every change above.
         return os.stat(fd) if fd >= 0 else os.stat(nfd)
 
     def write(
@@ -1017,11 +1002,11 @@ class PassthroughFS(Filesystem):
         fh: int,
         offset: int,
         bufs: list[memoryview],
-        write_flags: int,
+        kill_suidgid: bool,
     ) -> int:
         """pwritev straight from guest memory; the host fd's O_APPEND appends.
 
-        FUSE_WRITE_KILL_SUIDGID (with --killpriv-v2): the writer may not keep
+        ``kill_suidgid`` (with --killpriv-v2): the writer may not keep
         setuid/setgid, so the write runs without CAP_FSETID and the host kernel
         clears them.
         """
@@ -1030,7 +1015,7 @@ class PassthroughFS(Filesystem):
         if not bufs:
             return 0
         self._drop_capability(h.fd)
-        if write_flags & abi.FUSE_WRITE_KILL_SUIDGID and self.config.killpriv_v2:
+        if kill_suidgid and self.config.killpriv_v2:
             with DropCap(CAP_FSETID):
                 return os.pwritev(h.fd, bufs, offset)
         return os.pwritev(h.fd, bufs, offset)
@@ -1100,11 +1085,12 @@ class PassthroughFS(Filesystem):
         ctx: Context,
         nodeid: int,
         fh: int,
-        flags: int,
         cmd: int,
         arg: int,
         in_data: bytes,
         out_size: int,
+        *,
+        compat32: bool = False,
     ) -> tuple[int, bytes]:
         """FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (chattr/lsattr) only; ENOTTY otherwise.
 
@@ -1113,10 +1099,10 @@ class PassthroughFS(Filesystem):
         CAP_LINUX_IMMUTABLE.
         """
         h = self.handles.get(fh, nodeid)
-        if cmd in _FS_IOC_GETFLAGS:
+        if cmd in FS_IOC_GETFLAGS:
             buf = fcntl.ioctl(h.fd, cmd, bytes(4))
             return 0, bytes(buf[:4])
-        if cmd in _FS_IOC_SETFLAGS:
+        if cmd in FS_IOC_SETFLAGS:
             self._check_write()
             if len(in_data) < 4:
                 raise _err(errno.EINVAL, "FS_IOC_SETFLAGS needs an int")
