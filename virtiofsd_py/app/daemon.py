@@ -33,6 +33,7 @@ from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, Passthroug
 from virtiofsd_py.fs.passthrough.idmap import IdMap
 from virtiofsd_py.fs.passthrough.migration.load import MigrationConfig
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
+from virtiofsd_py.fs.readonly import ReadOnlyFS
 from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
 from virtiofsd_py.host.fdbudget import FD_TABLE_AT_START, reserve_fd_table
 from virtiofsd_py.migration.envelope import DaemonState
@@ -162,7 +163,7 @@ def raise_nofile_limit(wanted: int | None) -> None:
         log.warning("could not raise RLIMIT_NOFILE to %d: %s", target, e)
 
 
-def fuse_config(opts: Options, fs: PassthroughFS | MemoryFS) -> FuseConfig:
+def fuse_config(opts: Options, fs: PassthroughFS | MemoryFS | ReadOnlyFS) -> FuseConfig:
     """What FUSE_INIT offers, from the options (shared with ``mount.py``)."""
     return FuseConfig(
         readdirplus=opts.readdirplus and fs.policy.readdirplus,
@@ -177,7 +178,12 @@ def fuse_config(opts: Options, fs: PassthroughFS | MemoryFS) -> FuseConfig:
     )
 
 
-def build_filesystem(opts: Options) -> PassthroughFS | MemoryFS:
+def build_filesystem(opts: Options) -> PassthroughFS | MemoryFS | ReadOnlyFS:
+    fs = _build_backend(opts)
+    return ReadOnlyFS(fs) if opts.readonly else fs  # --readonly: a wrapper, nothing when off
+
+
+def _build_backend(opts: Options) -> PassthroughFS | MemoryFS:
     if opts.backend == "memory":
         return memory_fs_from_options(opts)
     assert opts.shared_dir is not None
@@ -188,7 +194,6 @@ def build_filesystem(opts: Options) -> PassthroughFS | MemoryFS:
                 shared_dir=shared_dir,
                 proc_self_fd=proc_self_fd,
                 cache=opts.cache,  # type: ignore[arg-type]
-                readonly=opts.readonly,
                 xattr=opts.xattr,
                 allow_direct_io=opts.allow_direct_io,
                 xattrmap=XattrMap(opts.xattrmap) if opts.xattrmap is not None else None,

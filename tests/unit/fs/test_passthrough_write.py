@@ -21,6 +21,7 @@ from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, Passthroug
 from virtiofsd_py.fs.passthrough.idmap import IdMap
 from virtiofsd_py.fs.passthrough.locks import OFFSET_MAX
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
+from virtiofsd_py.fs.readonly import ReadOnlyFS
 from virtiofsd_py.host.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 
 ROOT = Context(uid=0, gid=0, pid=1)
@@ -820,7 +821,7 @@ def test_lock_argument_errors(fs: PassthroughFS) -> None:
 
 
 def test_readonly_refuses_every_change(share: Path) -> None:
-    fs = make_fs(share, readonly=True, xattr=True)
+    fs = ReadOnlyFS(make_fs(share, xattr=True))
     try:
         f = fs.lookup(ROOT, ROOT_ID, b"file")
         o = fs.open(ROOT, f.nodeid, os.O_RDONLY)
