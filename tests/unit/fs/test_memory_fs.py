@@ -1,4 +1,4 @@
-"""The in-memory backend (fs/memory.py), through the Filesystem API and the Dispatcher."""
+"""The in-memory backend (fs/memory/), through the Filesystem API and the Dispatcher."""
 
 from __future__ import annotations
 

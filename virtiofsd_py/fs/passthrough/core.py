@@ -21,15 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-from virtiofsd_py.fs.api import (
-    ROOT_ID,
-    Context,
-    Entry,
-    Filesystem,
-    Opened,
-    SessionInfo,
-    fs_error,
-)
+from virtiofsd_py.fs.api import ROOT_ID, Context, Entry, Filesystem, Opened, SessionInfo, fs_error
 from virtiofsd_py.fs.cache import CacheMode, CachePolicy
 from virtiofsd_py.fs.passthrough.creds import CAP_FSETID, Credentials, DropCap
 from virtiofsd_py.fs.passthrough.file_handles import InodeFileHandles, InodeHandles
