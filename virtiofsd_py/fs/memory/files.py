@@ -14,8 +14,6 @@ from virtiofsd_py.fs.api import NOW, AttrReply, Context, Opened, SetAttr, fs_err
 from virtiofsd_py.fs.memory.core import MemoryCore
 from virtiofsd_py.fs.memory.nodes import BLOCK, NAME_MAX
 
-_SEEK_DATA: Final = 3
-_SEEK_HOLE: Final = 4
 _FALLOC_FL_KEEP_SIZE: Final = 0x01
 _FALLOC_FL_PUNCH_HOLE: Final = 0x02
 
@@ -171,11 +169,11 @@ class FileOps(MemoryCore):
         with self._lock:
             _, node = self._handle(fh, nodeid)
             size = len(node.data)
-            if whence not in (_SEEK_DATA, _SEEK_HOLE):
+            if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
                 raise fs_error(errno.EINVAL, f"whence {whence}")
             if offset < 0 or offset >= size:
                 raise fs_error(errno.ENXIO, "offset beyond end of file")
-            return offset if whence == _SEEK_DATA else size
+            return offset if whence == os.SEEK_DATA else size
 
     def fallocate(
         self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int, length: int

@@ -4,6 +4,7 @@ in the user., trusted. and security. namespaces."""
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import time
 from typing import Final
@@ -14,8 +15,6 @@ from virtiofsd_py.fs.memory.nodes import Node
 
 _XATTR_NAME_MAX: Final = 255
 _XATTR_SIZE_MAX: Final = 65536
-_XATTR_CREATE: Final = 1
-_XATTR_REPLACE: Final = 2
 #: Namespaces stored as given; system.* (POSIX ACLs) is not supported.
 _XATTR_PREFIXES: Final = (b"user.", b"trusted.", b"security.")
 
@@ -57,9 +56,9 @@ class XattrOps(MemoryCore):
             if len(value) > _XATTR_SIZE_MAX:
                 raise fs_error(errno.E2BIG, "xattr value too large")
             old = node.xattrs.get(name)
-            if flags & _XATTR_CREATE and old is not None:
+            if flags & os.XATTR_CREATE and old is not None:
                 raise fs_error(errno.EEXIST, repr(name))
-            if flags & _XATTR_REPLACE and old is None:
+            if flags & os.XATTR_REPLACE and old is None:
                 raise fs_error(errno.ENODATA, repr(name))
             self._charge(len(value) - (len(old) if old is not None else 0))
             node.xattrs[name] = bytes(value)
