@@ -122,7 +122,7 @@ class MemFs(Filesystem):
     def open(self, ctx: Context, nodeid: int, flags: int) -> Opened:
         self.calls.append(("open", nodeid, flags))
         self._node(nodeid)
-        return Opened(fh=100 + nodeid, open_flags=abi.FOPEN_KEEP_CACHE)
+        return Opened(fh=100 + nodeid, keep_cache=True)
 
     def read(
         self, ctx: Context, nodeid: int, fh: int, offset: int, size: int, bufs: list[memoryview]

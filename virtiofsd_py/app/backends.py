@@ -21,6 +21,7 @@ from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, Passthroug
 from virtiofsd_py.fs.passthrough.idmap import IdMap
 from virtiofsd_py.fs.passthrough.migration.load import MigrationConfig
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
+from virtiofsd_py.fs.readonly import ReadOnlyFS
 from virtiofsd_py.fuse.dispatcher import FuseConfig
 
 
@@ -75,7 +76,6 @@ def passthrough_fs(opts: Options, view: SandboxView) -> PassthroughFS:
             shared_dir=view.shared_dir,
             proc_self_fd=view.proc_self_fd,
             cache=opts.cache,
-            readonly=opts.readonly,
             xattr=opts.xattr,
             allow_direct_io=opts.allow_direct_io,
             xattrmap=XattrMap(opts.xattrmap) if opts.xattrmap is not None else None,
@@ -96,17 +96,27 @@ def passthrough_fs(opts: Options, view: SandboxView) -> PassthroughFS:
     )
 
 
+def served(fs: Filesystem, opts: Options) -> Filesystem:
+    """What the dispatcher serves: ``fs``, behind ``ReadOnlyFS`` with ``--readonly``."""
+    return ReadOnlyFS(fs) if opts.readonly else fs
+
+
 def build(opts: Options, view: SandboxView) -> Backend:
     """The back-end ``--backend`` names; a failure is a :class:`StartupError`."""
     if opts.backend == "memory":
         mem = memory_fs(opts)
-        return Backend(mem, mem.close, fuse_config(opts, mem.policy.readdirplus), view.proc_self_fd)
+        return Backend(
+            served(mem, opts),
+            mem.close,
+            fuse_config(opts, mem.policy.readdirplus),
+            view.proc_self_fd,
+        )
     try:
         fs = passthrough_fs(opts, view)
     except OSError as e:
         raise StartupError(describe(e)) from None
     return Backend(
-        fs,
+        served(fs, opts),
         fs.close,
         fuse_config(opts, fs.policy.readdirplus),
         view.proc_self_fd,

@@ -2,8 +2,11 @@
 
 The dispatcher (``virtiofsd_py.fuse.dispatcher``) decodes a FUSE request,
 calls one method here and encodes what it returns.  A backend never sees FUSE
-bytes, guest memory layouts or virtqueues; it sees node ids, names (``bytes``,
-never ``str``: guest names need not be UTF-8), credentials and buffers.
+bytes, FUSE bit masks, guest memory layouts or virtqueues; it sees node ids,
+names (``bytes``, never ``str``: guest names need not be UTF-8), credentials,
+typed arguments and buffers.  Flags that remain integers are the host's own
+(open(2), renameat2(2), setxattr(2), fallocate(2), statx(2) flags), which a
+Linux guest and host share.
 
 Rules every backend follows:
 
@@ -24,13 +27,22 @@ Rules every backend follows:
 
 from __future__ import annotations
 
+import enum
+import errno
 import os
 import stat as stat_mod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
 
 ROOT_ID = 1
+
+#: FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (linux/fs.h, chattr/lsattr), native and
+#: 32-bit compat numbers; the kernel reads and writes an int whatever the
+#: number says.  The ioctls a backend is most likely to serve, and the only
+#: ones the read-only wrapper (fs/readonly.py) knows the direction of.
+FS_IOC_GETFLAGS: Final = frozenset((0x80086601, 0x80046601))
+FS_IOC_SETFLAGS: Final = frozenset((0x40086602, 0x40046602))
 
 
 @dataclass(slots=True)
@@ -62,24 +74,42 @@ class Entry:
     attr: os.stat_result
     entry_timeout: float
     attr_timeout: float
-    attr_flags: int = 0  # FUSE_ATTR_* (e.g. FUSE_ATTR_SUBMOUNT)
+    #: A directory on another host file system (FUSE_ATTR_SUBMOUNT): the guest
+    #: mounts it as a submount of its own, so st_dev/st_ino stay unique there.
+    #: Honoured only when the session agreed ``SessionInfo.submounts``.
+    submount: bool = False
 
 
 @dataclass(slots=True)
 class AttrReply:
-    """Result of GETATTR (fuse_attr_out)."""
+    """Result of GETATTR and SETATTR (fuse_attr_out)."""
 
     attr: os.stat_result
     timeout: float
-    attr_flags: int = 0
+    #: As ``Entry.submount``.
+    submount: bool = False
 
 
 @dataclass(slots=True)
 class Opened:
-    """Result of OPEN/OPENDIR (fuse_open_out): handle and FOPEN_* flags."""
+    """Result of OPEN, OPENDIR, CREATE, TMPFILE (fuse_open_out): the handle and
+    what the guest may cache of the file while it is open.
+
+    ``fh`` is any u64 the backend picks; it comes back in ``read``, ``write``,
+    ``release``...  ``CachePolicy.opened`` (fs/cache.py) fills the cache
+    fields as the ``--cache`` modes of the Rust virtiofsd do.
+    """
 
     fh: int
-    open_flags: int = 0
+    #: Bypass the guest's page cache for this open file (FOPEN_DIRECT_IO):
+    #: every read and write reaches the backend.
+    direct_io: bool = False
+    #: Keep the pages the guest cached from earlier opens (FOPEN_KEEP_CACHE);
+    #: without it the guest drops them on open (close-to-open consistency).
+    #: For a directory: keep its cached entries (with ``cache_dir``).
+    keep_cache: bool = False
+    #: A directory whose READDIR results the guest may cache (FOPEN_CACHE_DIR).
+    cache_dir: bool = False
 
 
 @dataclass(slots=True)
@@ -101,33 +131,68 @@ class DirEntry:
 
 @dataclass(slots=True)
 class SessionInfo:
-    """What FUSE_INIT negotiated, handed to the backend so it can adapt."""
+    """What FUSE_INIT negotiated, handed to the backend so it can adapt.
+
+    The booleans are the capabilities both sides agreed on (fuse.h INIT
+    flags of the same names) that change what the backend receives or may
+    return.
+    """
 
     major: int
     minor: int
-    flags: int  # FUSE_* init flags both sides agreed on (64-bit, incl. flags2)
     max_write: int
     max_readahead: int
-    extra: dict[str, object] = field(default_factory=dict)
+    #: The guest caches writes (FUSE_WRITEBACK_CACHE): it reads pages of files
+    #: opened write-only and computes O_APPEND offsets itself.
+    writeback_cache: bool = False
+    #: Creating requests carry the caller's supplementary groups in
+    #: ``Context.groups`` (FUSE_CREATE_SUPP_GROUP).
+    create_supp_group: bool = False
+    #: fcntl() record locks reach ``getlk``/``setlk`` (FUSE_POSIX_LOCKS).
+    posix_locks: bool = False
+    #: flock() locks reach ``setlk(flock=True)`` (FUSE_FLOCK_LOCKS).
+    flock_locks: bool = False
+    #: The guest enforces POSIX ACLs served as system.posix_acl_* (FUSE_POSIX_ACL).
+    posix_acl: bool = False
+    #: ``kill_suidgid`` arguments arrive (FUSE_HANDLE_KILLPRIV_V2).
+    handle_killpriv_v2: bool = False
+    #: Creating requests carry ``Context.security_ctx`` (FUSE_SECURITY_CTX).
+    security_ctx: bool = False
+    #: The guest honours ``Entry.submount`` (FUSE_SUBMOUNTS).
+    submounts: bool = False
+
+
+class Now(enum.Enum):
+    """The type of ``NOW``."""
+
+    NOW = "now"
+
+
+#: ``SetAttr.atime_ns`` / ``mtime_ns``: "the current time" (utimensat's UTIME_NOW).
+NOW: Final = Now.NOW
 
 
 @dataclass(slots=True)
 class SetAttr:
-    """SETATTR arguments (fuse_setattr_in).  ``valid`` holds FATTR_* bits
-    (fuse/abi.py); only the fields whose bit is set are meaningful.
-    FATTR_ATIME_NOW / FATTR_MTIME_NOW mean "now" (UTIME_NOW)."""
+    """What SETATTR changes (fuse_setattr_in); a field left None stays as it is."""
 
-    valid: int
+    #: New mode; only its permission bits (``stat.S_IMODE``) apply.
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    #: Truncate or extend to this size (regular files only).
+    size: int | None = None
+    #: Nanoseconds since the epoch (negative before it), or ``NOW``.
+    atime_ns: int | Now | None = None
+    mtime_ns: int | Now | None = None
+    #: The host sets ctime itself on every change; a backend of its own may
+    #: take this one.
+    ctime_ns: int | None = None
+    #: The open handle the change comes through (ftruncate, fchmod...), if any.
     fh: int | None = None
-    mode: int = 0
-    uid: int = 0
-    gid: int = 0
-    size: int = 0
-    atime_ns: int = 0
-    mtime_ns: int = 0
-    ctime_ns: int = 0
-    lock_owner: int = 0
-    #: FUSE_HANDLE_KILLPRIV_V2 semantics requested for this change (FATTR_KILL_SUIDGID).
+    lock_owner: int | None = None
+    #: Clear setuid/setgid as the change does it (FUSE_HANDLE_KILLPRIV_V2:
+    #: the guest decided the caller may not keep them).
     kill_suidgid: bool = False
 
 
@@ -153,7 +218,8 @@ class StatxReply:
 
     fields: dict[str, int]
     timeout: float
-    attr_flags: int = 0
+    #: As ``Entry.submount``.
+    submount: bool = False
 
 
 def make_stat(
@@ -206,9 +272,12 @@ def dirent_type(mode: int) -> int:
     return stat_mod.S_IFMT(mode) >> 12
 
 
-def enosys(what: str) -> OSError:
-    import errno
+def fs_error(code: int, what: str) -> OSError:
+    """``OSError(code)`` whose message says what failed and the errno's text."""
+    return OSError(code, f"{what}: {os.strerror(code)}")
 
+
+def enosys(what: str) -> OSError:
     return OSError(errno.ENOSYS, f"{what} is not implemented by this backend")
 
 
@@ -257,8 +326,8 @@ class Filesystem:
 
     # -- files -----------------------------------------------------------
     def open(self, ctx: Context, nodeid: int, flags: int, *, kill_suidgid: bool = False) -> Opened:
-        """``kill_suidgid``: FUSE_OPEN_KILL_SUIDGID (HANDLE_KILLPRIV_V2), clear set-id bits
-        if O_TRUNC truncates.  The dispatcher passes it only when set."""
+        """``kill_suidgid``: clear set-id bits if O_TRUNC truncates (HANDLE_KILLPRIV_V2,
+        FUSE_OPEN_KILL_SUIDGID).  The dispatcher passes it only when set."""
         raise enosys("open")
 
     def read(
@@ -308,9 +377,11 @@ class Filesystem:
         raise enosys("listxattr")
 
     def setxattr(
-        self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
+        self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, acl_kill_sgid: bool
     ) -> None:
-        """``flags``: XATTR_CREATE/REPLACE; ``setxattr_flags``: FUSE_SETXATTR_ACL_KILL_SGID."""
+        """``flags``: XATTR_CREATE/REPLACE.  ``acl_kill_sgid``: setting
+        system.posix_acl_access also clears S_ISGID, as the guest decided the
+        caller may not keep it (FUSE_SETXATTR_ACL_KILL_SGID)."""
         raise enosys("setxattr")
 
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
@@ -377,11 +448,12 @@ class Filesystem:
         fh: int,
         offset: int,
         bufs: list[memoryview],
-        write_flags: int,
+        kill_suidgid: bool,
     ) -> int:
         """Write ``bufs`` (guest memory, os.pwritev) at ``offset``; bytes written.
 
-        ``write_flags`` are fuse_write_in's FUSE_WRITE_* bits (KILL_SUIDGID...).
+        ``kill_suidgid``: the writer may not keep setuid/setgid, clear them
+        (FUSE_WRITE_KILL_SUIDGID, with HANDLE_KILLPRIV_V2).
         """
         raise enosys("write")
 
@@ -421,13 +493,18 @@ class Filesystem:
         ctx: Context,
         nodeid: int,
         fh: int,
-        flags: int,
         cmd: int,
         arg: int,
         in_data: bytes,
         out_size: int,
+        *,
+        compat32: bool = False,
     ) -> tuple[int, bytes]:
-        """(result, out data) of a restricted ioctl; ENOTTY for unsupported cmds."""
+        """(result, out data) of a restricted ioctl; ENOTTY for unsupported cmds.
+
+        ``compat32``: the caller is a 32-bit process (FUSE_IOCTL_32BIT), so
+        pointer-sized fields of its argument are 4 bytes.
+        """
         raise enosys("ioctl")
 
     # -- locks ------------------------------------------------------------------

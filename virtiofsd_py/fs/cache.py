@@ -1,15 +1,15 @@
 """Cache policy: what the guest may cache, as the Rust virtiofsd decides it.
 
 ``--cache`` maps to (Rust virtiofsd 1.13, ``main.rs`` and
-``passthrough::do_open``):
+``passthrough::do_open``; the ``Opened`` fields of fs/api.py):
 
 ========  ===============  =================================  =====================
 policy    entry/attr (s)   OPEN of a file                     OPENDIR
 ========  ===============  =================================  =====================
-never     0                FOPEN_DIRECT_IO                    0
-metadata  86400            FOPEN_DIRECT_IO                    CACHE_DIR|KEEP_CACHE
-auto      1                0 (close-to-open consistency)      0
-always    86400            FOPEN_KEEP_CACHE                   CACHE_DIR|KEEP_CACHE
+never     0                direct_io                          nothing
+metadata  86400            direct_io                          cache_dir, keep_cache
+auto      1                nothing (close-to-open)            nothing
+always    86400            keep_cache                         cache_dir, keep_cache
 ========  ===============  =================================  =====================
 
 READDIRPLUS is offered unless the policy is ``never`` (then entries would
@@ -21,32 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
+from virtiofsd_py.fs.api import Opened
+
 CacheMode = Literal["auto", "always", "metadata", "never"]
 CACHE_MODES: Final[tuple[str, ...]] = get_args(CacheMode)
 
-# fuse_open_out.open_flags (include/uapi/linux/fuse.h)
-FOPEN_DIRECT_IO: Final = 1 << 0
-FOPEN_KEEP_CACHE: Final = 1 << 1
-FOPEN_NONSEEKABLE: Final = 1 << 2
-FOPEN_CACHE_DIR: Final = 1 << 3
-
-_TIMEOUT: Final[dict[str, float]] = {
-    "never": 0.0,
-    "metadata": 86400.0,
-    "auto": 1.0,
-    "always": 86400.0,
-}
-_FILE_FLAGS: Final[dict[str, int]] = {
-    "never": FOPEN_DIRECT_IO,
-    "metadata": FOPEN_DIRECT_IO,
-    "auto": 0,
-    "always": FOPEN_KEEP_CACHE,
-}
-_DIR_FLAGS: Final[dict[str, int]] = {
-    "never": 0,
-    "metadata": FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE,
-    "auto": 0,
-    "always": FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE,
+#: mode -> (entry/attr timeout, file direct_io, file keep_cache, directory caching)
+_MODES: Final[dict[str, tuple[float, bool, bool, bool]]] = {
+    "never": (0.0, True, False, False),
+    "metadata": (86400.0, True, False, True),
+    "auto": (1.0, False, False, False),
+    "always": (86400.0, False, True, True),
 }
 
 
@@ -57,20 +42,32 @@ class CachePolicy:
     mode: CacheMode
     entry_timeout: float
     attr_timeout: float
-    file_open_flags: int
-    dir_open_flags: int
+    #: Files bypass the guest's page cache (``Opened.direct_io``).
+    file_direct_io: bool
+    #: Files keep their cached pages across opens (``Opened.keep_cache``).
+    file_keep_cache: bool
+    #: Directories' listings are cached and kept (``Opened.cache_dir`` and
+    #: ``keep_cache``).
+    dir_cache: bool
     readdirplus: bool
 
     @classmethod
     def from_mode(cls, mode: str) -> CachePolicy:
-        if mode not in _TIMEOUT:
+        if mode not in _MODES:
             raise ValueError(f"invalid cache policy {mode!r}: one of {', '.join(CACHE_MODES)}")
-        timeout = _TIMEOUT[mode]
+        timeout, direct_io, keep_cache, dir_cache = _MODES[mode]
         return cls(
             mode=mode,  # type: ignore[arg-type]
             entry_timeout=timeout,
             attr_timeout=timeout,
-            file_open_flags=_FILE_FLAGS[mode],
-            dir_open_flags=_DIR_FLAGS[mode],
+            file_direct_io=direct_io,
+            file_keep_cache=keep_cache,
+            dir_cache=dir_cache,
             readdirplus=mode != "never",
         )
+
+    def opened(self, fh: int, directory: bool) -> Opened:
+        """The OPEN / OPENDIR reply for handle ``fh`` under this policy."""
+        if directory:
+            return Opened(fh, False, self.dir_cache, self.dir_cache)
+        return Opened(fh, self.file_direct_io, self.file_keep_cache, False)

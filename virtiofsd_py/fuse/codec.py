@@ -17,7 +17,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final, NamedTuple
 
-from virtiofsd_py.fs.api import Entry
+from virtiofsd_py.fs.api import AttrReply, Entry, Opened
 from virtiofsd_py.fuse import abi, iov
 from virtiofsd_py.fuse.iov import Buffer, Buffers
 
@@ -182,58 +182,6 @@ def timeout_split(seconds: float) -> tuple[int, int]:
     return sec, min(nsec, _NS - 1)
 
 
-def _time_split(ns: int) -> tuple[int, int]:
-    sec, nsec = divmod(ns, _NS)
-    return sec & _U64, nsec  # fuse_attr times are u64 on the wire, s64 to the kernel
-
-
-def attr_values(st: os.stat_result, flags: int = 0) -> tuple[int, ...]:
-    """``os.stat_result`` -> the 16 ``fuse_attr`` fields, in ``abi.ATTR_FIELDS`` order.
-
-    ``rdev`` keeps the low 32 bits of the host dev_t: glibc's encoding there
-    is the kernel's ``new_encode_dev``, which is what fuse_attr.rdev carries.
-    """
-    asec, ansec = _time_split(st.st_atime_ns)
-    msec, mnsec = _time_split(st.st_mtime_ns)
-    csec, cnsec = _time_split(st.st_ctime_ns)
-    return (
-        st.st_ino & _U64,
-        st.st_size & _U64,
-        st.st_blocks & _U64,
-        asec,
-        msec,
-        csec,
-        ansec,
-        mnsec,
-        cnsec,
-        st.st_mode & _U32,
-        min(st.st_nlink, _U32),
-        st.st_uid & _U32,
-        st.st_gid & _U32,
-        st.st_rdev & _U32,
-        st.st_blksize & _U32,
-        flags & _U32,
-    )
-
-
-def entry_values(entry: Entry) -> tuple[int, ...]:
-    """``Entry`` -> the ``fuse_entry_out`` fields, in ``abi.ENTRY_OUT_FIELDS`` order."""
-    esec, ensec = timeout_split(entry.entry_timeout)
-    asec, ansec = timeout_split(entry.attr_timeout)
-    return (
-        entry.nodeid & _U64,
-        entry.generation & _U64,
-        esec,
-        asec,
-        ensec,
-        ansec,
-        *attr_values(entry.attr, entry.attr_flags),
-    )
-
-
-ZERO_ENTRY: Final = (0,) * len(abi.ENTRY_OUT_FIELDS)
-
-
 def statx_values(f: dict[str, int]) -> tuple[int, ...]:
     """``StatxReply.fields`` -> the ``fuse_statx`` fields in ``abi.STATX_FIELDS`` order.
 
@@ -357,81 +305,106 @@ def write_struct(writable: Buffers, unique: int, body: struct.Struct, *values: i
     return total
 
 
-def pack_attr(buf: Buffer, off: int, st: os.stat_result, flags: int) -> None:
-    """``fuse_attr`` from ``st`` at ``off``: ``attr_values`` without the tuple.
+_ATTR_SUBMOUNT: Final = abi.FUSE_ATTR_SUBMOUNT
 
-    GETATTR and LOOKUP replies are the commonest; packing straight from the
-    stat result saves the intermediate tuples and calls.
+
+def pack_attr(buf: Buffer, off: int, st: os.stat_result, submount: bool) -> None:
+    """``fuse_attr`` from ``st`` at ``off``: the one place a stat becomes one.
+
+    Times are split with ``//`` and ``%`` (floor division, so a time before
+    the epoch gets a negative second and a nanosecond in 0..999999999) and
+    the seconds wrapped to the u64 of the wire (s64 to the kernel).  ``rdev``
+    keeps the low 32 bits of the host dev_t: glibc's encoding there is the
+    kernel's ``new_encode_dev``, which is what fuse_attr.rdev carries.
+    GETATTR, LOOKUP and READDIRPLUS replies are the commonest: the fields go
+    straight from the stat result into the buffer, no tuple in between.
     """
-    asec, ansec = divmod(st.st_atime_ns, _NS)
-    msec, mnsec = divmod(st.st_mtime_ns, _NS)
-    csec, cnsec = divmod(st.st_ctime_ns, _NS)
+    a = st.st_atime_ns
+    m = st.st_mtime_ns
+    c = st.st_ctime_ns
+    nlink = st.st_nlink
     abi.ATTR.pack_into(
         buf, off,
         st.st_ino & _U64, st.st_size & _U64, st.st_blocks & _U64,
-        asec & _U64, msec & _U64, csec & _U64, ansec, mnsec, cnsec,
-        st.st_mode & _U32, min(st.st_nlink, _U32), st.st_uid & _U32, st.st_gid & _U32,
-        st.st_rdev & _U32, st.st_blksize & _U32, flags & _U32,
+        (a // _NS) & _U64, (m // _NS) & _U64, (c // _NS) & _U64, a % _NS, m % _NS, c % _NS,
+        st.st_mode & _U32, nlink if nlink < _U32 else _U32, st.st_uid & _U32, st.st_gid & _U32,
+        st.st_rdev & _U32, st.st_blksize & _U32, _ATTR_SUBMOUNT if submount else 0,
     )  # fmt: skip
 
 
 _ATTR_OUT_HEAD: Final = struct.Struct("<QII")  # attr_valid, attr_valid_nsec, dummy
 _ENTRY_OUT_HEAD: Final = struct.Struct("<QQQQII")  # nodeid ... attr_valid_nsec
+_ATTR_OUT_SIZE: Final = abi.ATTR_OUT.size
+_ENTRY_OUT_SIZE: Final = abi.ENTRY_OUT.size
+#: CREATE / TMPFILE reply body: fuse_entry_out then fuse_open_out.
+_CREATE_OUT_SIZE: Final = _ENTRY_OUT_SIZE + abi.OPEN_OUT.size
+_ATTR_OUT_TOTAL: Final = OUT_HEADER_SIZE + _ATTR_OUT_SIZE
+_ENTRY_OUT_TOTAL: Final = OUT_HEADER_SIZE + _ENTRY_OUT_SIZE
+_CREATE_OUT_TOTAL: Final = OUT_HEADER_SIZE + _CREATE_OUT_SIZE
+
+# The reply writers below pack the body where ``body_place`` finds it, or,
+# when it would straddle a buffer boundary, into a temporary that
+# ``write_bytes`` then scatters: one packing code for both layouts.
 
 
-def write_attr_out(
-    writable: Buffers, unique: int, timeout: float, st: os.stat_result, flags: int
-) -> int:
+def write_attr_out(writable: Buffers, unique: int, reply: AttrReply) -> int:
     """A ``fuse_attr_out`` reply (GETATTR, SETATTR)."""
-    sec, nsec = timeout_split(timeout)
-    place = body_place(writable, abi.ATTR_OUT.size)
-    if place is None:
-        return write_struct(writable, unique, abi.ATTR_OUT, sec, nsec, 0, *attr_values(st, flags))
-    buf, off = place
+    place = body_place(writable, _ATTR_OUT_SIZE)
+    buf, off = place if place is not None else (bytearray(_ATTR_OUT_SIZE), 0)
+    sec, nsec = timeout_split(reply.timeout)
     _ATTR_OUT_HEAD.pack_into(buf, off, sec, nsec, 0)
-    pack_attr(buf, off + _ATTR_OUT_HEAD.size, st, flags)
+    pack_attr(buf, off + _ATTR_OUT_HEAD.size, reply.attr, reply.submount)
+    if place is None:
+        return write_bytes(writable, unique, buf)
     abi.OUT_HEADER.pack_into(writable[0], 0, _ATTR_OUT_TOTAL, 0, unique)
     return _ATTR_OUT_TOTAL
 
 
 def write_entry_out(writable: Buffers, unique: int, entry: Entry) -> int:
     """A ``fuse_entry_out`` reply (LOOKUP, MKNOD, MKDIR, SYMLINK, LINK)."""
-    place = body_place(writable, abi.ENTRY_OUT.size)
-    if place is None:
-        return write_struct(writable, unique, abi.ENTRY_OUT, *entry_values(entry))
-    buf, off = place
+    place = body_place(writable, _ENTRY_OUT_SIZE)
+    buf, off = place if place is not None else (bytearray(_ENTRY_OUT_SIZE), 0)
     _pack_entry(buf, off, entry)
+    if place is None:
+        return write_bytes(writable, unique, buf)
     abi.OUT_HEADER.pack_into(writable[0], 0, _ENTRY_OUT_TOTAL, 0, unique)
     return _ENTRY_OUT_TOTAL
 
 
-def write_create_out(writable: Buffers, unique: int, entry: Entry, fh: int, flags: int) -> int:
+def open_flags(opened: Opened) -> int:
+    """``fuse_open_out.open_flags`` (FOPEN_*) of an ``Opened``."""
+    return (
+        (abi.FOPEN_DIRECT_IO if opened.direct_io else 0)
+        | (abi.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
+        | (abi.FOPEN_CACHE_DIR if opened.cache_dir else 0)
+    )
+
+
+def write_open_out(writable: Buffers, unique: int, opened: Opened) -> int:
+    """A ``fuse_open_out`` reply (OPEN, OPENDIR)."""
+    return write_struct(writable, unique, abi.OPEN_OUT, opened.fh, open_flags(opened), 0)
+
+
+def write_create_out(writable: Buffers, unique: int, entry: Entry, opened: Opened) -> int:
     """A CREATE / TMPFILE reply: ``fuse_entry_out`` then ``fuse_open_out``."""
     place = body_place(writable, _CREATE_OUT_SIZE)
-    if place is None:
-        return write_struct(writable, unique, _CREATE_OUT, *entry_values(entry), fh, flags, 0)
-    buf, off = place
+    buf, off = place if place is not None else (bytearray(_CREATE_OUT_SIZE), 0)
     _pack_entry(buf, off, entry)
-    abi.OPEN_OUT.pack_into(buf, off + abi.ENTRY_OUT.size, fh, flags, 0)
+    abi.OPEN_OUT.pack_into(buf, off + _ENTRY_OUT_SIZE, opened.fh, open_flags(opened), 0)
+    if place is None:
+        return write_bytes(writable, unique, buf)
     abi.OUT_HEADER.pack_into(writable[0], 0, _CREATE_OUT_TOTAL, 0, unique)
     return _CREATE_OUT_TOTAL
 
 
 def _pack_entry(buf: Buffer, off: int, entry: Entry) -> None:
+    """``fuse_entry_out`` from ``entry`` at ``off``."""
     esec, ensec = timeout_split(entry.entry_timeout)
     asec, ansec = timeout_split(entry.attr_timeout)
     _ENTRY_OUT_HEAD.pack_into(
         buf, off, entry.nodeid & _U64, entry.generation & _U64, esec, asec, ensec, ansec
     )
-    pack_attr(buf, off + _ENTRY_OUT_HEAD.size, entry.attr, entry.attr_flags)
-
-
-_ATTR_OUT_TOTAL: Final = OUT_HEADER_SIZE + abi.ATTR_OUT.size
-_ENTRY_OUT_TOTAL: Final = OUT_HEADER_SIZE + abi.ENTRY_OUT.size
-#: fuse_create_in + name reply: fuse_entry_out then fuse_open_out.
-_CREATE_OUT: Final = struct.Struct(abi.ENTRY_OUT.format + abi.OPEN_OUT.format.lstrip("<"))
-_CREATE_OUT_SIZE: Final = _CREATE_OUT.size
-_CREATE_OUT_TOTAL: Final = OUT_HEADER_SIZE + _CREATE_OUT_SIZE
+    pack_attr(buf, off + _ENTRY_OUT_HEAD.size, entry.attr, entry.submount)
 
 
 def write_struct_bytes(
@@ -446,7 +419,7 @@ def write_struct_bytes(
     return total
 
 
-def write_bytes(writable: Buffers, unique: int, data: bytes | memoryview) -> int:
+def write_bytes(writable: Buffers, unique: int, data: Buffer) -> int:
     """A success reply whose body is raw bytes (READLINK, GETXATTR, ...)."""
     total = OUT_HEADER_SIZE + len(data)
     if iov.total_len(writable) < total:
@@ -490,31 +463,34 @@ def pack_dirent(buf: memoryview, pos: int, ino: int, off: int, dtype: int, name:
 
 
 def pack_direntplus(
-    buf: memoryview, pos: int, entry: Sequence[int], ino: int, off: int, dtype: int, name: bytes
+    buf: memoryview, pos: int, entry: Entry | None, ino: int, off: int, dtype: int, name: bytes
 ) -> int:
-    """Write one ``fuse_direntplus`` (entry_out + dirent + padded name); return its size."""
-    n = len(name)
-    _DIRENTPLUS.pack_into(buf, pos, *entry, ino & _U64, off & _U64, n, dtype & _U32)
-    p = pos + _DIRENTPLUS.size
-    buf[p : p + n] = name
-    size = abi.direntplus_size(n)
-    end = pos + size
-    buf[p + n : end] = _PAD[: end - p - n]
-    return size
+    """Write one ``fuse_direntplus`` (entry_out, zeroed for no ``entry``, then the
+    dirent and padded name) at ``pos``; return its size."""
+    if entry is None:
+        buf[pos : pos + _ENTRY_OUT_SIZE] = bytes(_ENTRY_OUT_SIZE)
+    else:
+        _pack_entry(buf, pos, entry)
+    return _ENTRY_OUT_SIZE + pack_dirent(buf, pos + _ENTRY_OUT_SIZE, ino, off, dtype, name)
 
 
 # Whole records in one ``pack_into``: a ``{n}s`` field writes the name and
 # zero-fills its padding.  One Struct per name length up to NAME_MAX; longer
-# names (never from a Linux host) take the functions above.
+# names (never from a Linux host) take the functions above.  A READDIRPLUS
+# record leaves fuse_attr as pad bytes (zeros), filled in by ``pack_attr``.
 _NAME_MAX: Final = 255
 _DIRENT_FMT: Final = abi.DIRENT.format.lstrip("<")
-_ENTRY_OUT_FMT: Final = abi.ENTRY_OUT.format.lstrip("<")
+_ENTRY_OUT_HEAD_FMT: Final = _ENTRY_OUT_HEAD.format.lstrip("<")
+_ATTR_AT: Final = _ENTRY_OUT_HEAD.size  # fuse_attr's offset in fuse_entry_out
 _DIRENT_BY_LEN: Final = tuple(
     struct.Struct(f"<{_DIRENT_FMT}{abi.dirent_size(n) - _DIRENT.size}s")
     for n in range(_NAME_MAX + 1)
 )
 _DIRENTPLUS_BY_LEN: Final = tuple(
-    struct.Struct(f"<{_ENTRY_OUT_FMT}{_DIRENT_FMT}{abi.direntplus_size(n) - _DIRENTPLUS.size}s")
+    struct.Struct(
+        f"<{_ENTRY_OUT_HEAD_FMT}{abi.ATTR.size}x{_DIRENT_FMT}"
+        f"{abi.direntplus_size(n) - _DIRENTPLUS.size}s"
+    )
     for n in range(_NAME_MAX + 1)
 )
 
@@ -524,8 +500,9 @@ class DirentPacker:
 
     One per reply: it remembers the split of the last entry's timeouts (all
     entries of one backend carry the same ones), so a record costs one
-    ``pack_into``.  ``dirent`` / ``direntplus`` return the record's size, or
-    0 when it does not fit before ``end`` (nothing is written then).
+    ``pack_into`` (and a ``pack_attr`` for a READDIRPLUS entry).  ``dirent``
+    / ``direntplus`` return the record's size, or 0 when it does not fit
+    before ``end`` (nothing is written then).
     """
 
     __slots__ = ("_split", "_times", "buf", "end")
@@ -553,32 +530,28 @@ class DirentPacker:
         self, pos: int, entry: Entry | None, ino: int, off: int, dtype: int, name: bytes
     ) -> int:
         n = len(name)
-        if n > _NAME_MAX or entry is None:
-            size = abi.direntplus_size(n)
-            if pos + size > self.end:
+        if n > _NAME_MAX:
+            if pos + abi.direntplus_size(n) > self.end:
                 return 0
-            vals = entry_values(entry) if entry is not None else ZERO_ENTRY
-            return pack_direntplus(self.buf, pos, vals, ino, off, dtype, name)
+            return pack_direntplus(self.buf, pos, entry, ino, off, dtype, name)
         rec = _DIRENTPLUS_BY_LEN[n]
         size = rec.size
         if pos + size > self.end:
             return 0
+        if entry is None:  # "." and "..": no entry, all of fuse_entry_out zero
+            rec.pack_into(self.buf, pos, 0, 0, 0, 0, 0, 0, ino & _U64, off & _U64, n,
+                          dtype & _U32, name)  # fmt: skip
+            return size
         times = (entry.entry_timeout, entry.attr_timeout)
         if times != self._times:
             self._times = times
             self._split = (*timeout_split(times[0]), *timeout_split(times[1]))
         esec, ensec, asec, ansec = self._split
-        st = entry.attr
-        a_s, a_ns = divmod(st.st_atime_ns, _NS)
-        m_s, m_ns = divmod(st.st_mtime_ns, _NS)
-        c_s, c_ns = divmod(st.st_ctime_ns, _NS)
+        buf = self.buf
         rec.pack_into(
-            self.buf, pos,
+            buf, pos,
             entry.nodeid & _U64, entry.generation & _U64, esec, asec, ensec, ansec,
-            st.st_ino & _U64, st.st_size & _U64, st.st_blocks & _U64,
-            a_s & _U64, m_s & _U64, c_s & _U64, a_ns, m_ns, c_ns,
-            st.st_mode & _U32, min(st.st_nlink, _U32), st.st_uid & _U32, st.st_gid & _U32,
-            st.st_rdev & _U32, st.st_blksize & _U32, entry.attr_flags & _U32,
             ino & _U64, off & _U64, n, dtype & _U32, name,
         )  # fmt: skip
+        pack_attr(buf, pos + _ATTR_AT, entry.attr, entry.submount)
         return size

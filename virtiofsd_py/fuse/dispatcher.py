@@ -63,6 +63,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
 from virtiofsd_py.fs.api import (
+    NOW,
     AttrReply,
     Context,
     Entry,
@@ -510,9 +511,16 @@ class Dispatcher:
                 SessionInfo(
                     major=state.major,
                     minor=state.minor,
-                    flags=agreed,
                     max_write=state.max_write,
                     max_readahead=max_readahead,
+                    writeback_cache=bool(agreed & abi.FUSE_WRITEBACK_CACHE),
+                    create_supp_group=bool(agreed & abi.FUSE_CREATE_SUPP_GROUP),
+                    posix_locks=bool(agreed & abi.FUSE_POSIX_LOCKS),
+                    flock_locks=bool(agreed & abi.FUSE_FLOCK_LOCKS),
+                    posix_acl=bool(agreed & abi.FUSE_POSIX_ACL),
+                    handle_killpriv_v2=bool(agreed & abi.FUSE_HANDLE_KILLPRIV_V2),
+                    security_ctx=bool(agreed & abi.FUSE_SECURITY_CTX),
+                    submounts=bool(agreed & abi.FUSE_SUBMOUNTS),
                 )
             )
             self._session = state
@@ -579,9 +587,7 @@ class Dispatcher:
 
     @staticmethod
     def _attr_reply(req: Request, reply: AttrReply) -> int:
-        return codec.write_attr_out(
-            req.writable, req.unique, reply.timeout, reply.attr, reply.attr_flags
-        )
+        return codec.write_attr_out(req.writable, req.unique, reply)
 
     def _op_statfs(self, req: Request) -> int:
         sv = self.fs.statfs(req.ctx(), req.nodeid)
@@ -605,16 +611,12 @@ class Dispatcher:
             opened = self.fs.open(req.ctx(), req.nodeid, flags, kill_suidgid=True)
         else:  # backends without HANDLE_KILLPRIV_V2 need not know the keyword
             opened = self.fs.open(req.ctx(), req.nodeid, flags)
-        return codec.write_struct(
-            req.writable, req.unique, abi.OPEN_OUT, opened.fh, opened.open_flags, 0
-        )
+        return codec.write_open_out(req.writable, req.unique, opened)
 
     def _op_opendir(self, req: Request) -> int:
         flags, _ = abi.OPEN_IN.unpack_from(req.args)
         opened = self.fs.opendir(req.ctx(), req.nodeid, flags)
-        return codec.write_struct(
-            req.writable, req.unique, abi.OPEN_OUT, opened.fh, opened.open_flags, 0
-        )
+        return codec.write_open_out(req.writable, req.unique, opened)
 
     def _op_read(self, req: Request) -> int:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(req.args)
@@ -753,9 +755,7 @@ class Dispatcher:
 
     def _create_reply(self, req: Request, ctx: Context, entry: Entry, opened: Opened) -> int:
         try:
-            return codec.write_create_out(
-                req.writable, req.unique, entry, opened.fh, opened.open_flags
-            )
+            return codec.write_create_out(req.writable, req.unique, entry, opened)
         except BaseException:
             with contextlib.suppress(OSError):  # the reply's failure is what gets reported
                 self.fs.release(ctx, entry.nodeid, opened.fh, 0)
@@ -838,16 +838,24 @@ class Dispatcher:
         if valid & abi.FATTR_SIZE and size > _S64_MAX:
             raise OSError(errno.EINVAL, "size out of range")
         attr = SetAttr(
-            valid=valid,
+            mode=mode if valid & abi.FATTR_MODE else None,
+            uid=uid if valid & abi.FATTR_UID else None,
+            gid=gid if valid & abi.FATTR_GID else None,
+            size=size if valid & abi.FATTR_SIZE else None,
+            # *_NOW wins over a given time (as UTIME_NOW in utimensat(2)).
+            atime_ns=(
+                NOW
+                if valid & abi.FATTR_ATIME_NOW
+                else _time_ns(valid, abi.FATTR_ATIME, atime, atimensec)
+            ),
+            mtime_ns=(
+                NOW
+                if valid & abi.FATTR_MTIME_NOW
+                else _time_ns(valid, abi.FATTR_MTIME, mtime, mtimensec)
+            ),
+            ctime_ns=_time_ns(valid, abi.FATTR_CTIME, ctime, ctimensec),
             fh=fh if valid & abi.FATTR_FH else None,
-            mode=mode,
-            uid=uid,
-            gid=gid,
-            size=size,
-            atime_ns=_time_ns(valid, abi.FATTR_ATIME, abi.FATTR_ATIME_NOW, atime, atimensec),
-            mtime_ns=_time_ns(valid, abi.FATTR_MTIME, abi.FATTR_MTIME_NOW, mtime, mtimensec),
-            ctime_ns=_time_ns(valid, abi.FATTR_CTIME, 0, ctime, ctimensec),
-            lock_owner=lock_owner if valid & abi.FATTR_LOCKOWNER else 0,
+            lock_owner=lock_owner if valid & abi.FATTR_LOCKOWNER else None,
             kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID),
         )
         return self._attr_reply(req, self.fs.setattr(req.ctx(), req.nodeid, attr))
@@ -864,7 +872,8 @@ class Dispatcher:
             raise OSError(errno.EINVAL, "offset out of range")
         # Zero copy: views of the guest's own buffers go to the backend (pwritev).
         bufs = iov.slices(req.readable, _HDR + start, size)
-        done = self.fs.write(req.ctx(), req.nodeid, fh, offset, bufs, write_flags)
+        kill = (write_flags & abi.FUSE_WRITE_KILL_SUIDGID) != 0
+        done = self.fs.write(req.ctx(), req.nodeid, fh, offset, bufs, kill)
         if type(done) is not int or not 0 <= done <= size:
             raise RuntimeError(f"backend write returned {done!r} for a {size}-byte request")
         return codec.write_struct(req.writable, req.unique, abi.WRITE_OUT, done, 0)
@@ -916,7 +925,8 @@ class Dispatcher:
         sec, nsec = codec.timeout_split(reply.timeout)
         return codec.write_struct(
             req.writable, req.unique, abi.STATX_OUT,
-            sec, nsec, reply.attr_flags & _U32_MAX, 0, 0, *codec.statx_values(reply.fields),
+            sec, nsec, abi.FUSE_ATTR_SUBMOUNT if reply.submount else 0, 0, 0,
+            *codec.statx_values(reply.fields),
         )  # fmt: skip
 
     def _op_ioctl(self, req: Request) -> int:
@@ -935,8 +945,9 @@ class Dispatcher:
         in_data = bytes(iov.view(req.readable, _HDR + start, in_size))
         try:
             result, out = self.fs.ioctl(
-                req.ctx(), req.nodeid, fh, flags, cmd, arg, in_data, out_size
-            )
+                req.ctx(), req.nodeid, fh, cmd, arg, in_data, out_size,
+                compat32=bool(flags & abi.FUSE_IOCTL_32BIT),
+            )  # fmt: skip
         except OSError as e:
             if e.errno == errno.ENOSYS:  # a backend without ioctls: "not a tty" to the caller
                 raise OSError(errno.ENOTTY, "ioctl not supported") from e
@@ -999,7 +1010,8 @@ class Dispatcher:
         value = bytes(req.args[off:])
         if len(value) != size:
             raise Malformed(f"value is {len(value)} bytes, size says {size}")
-        self.fs.setxattr(req.ctx(), req.nodeid, name, value, flags, setxattr_flags)
+        kill_sgid = bool(setxattr_flags & abi.FUSE_SETXATTR_ACL_KILL_SGID)
+        self.fs.setxattr(req.ctx(), req.nodeid, name, value, flags, kill_sgid)
         return codec.write_empty(req.writable, req.unique)
 
     def _op_removexattr(self, req: Request) -> int:
@@ -1008,10 +1020,10 @@ class Dispatcher:
         return codec.write_empty(req.writable, req.unique)
 
 
-def _time_ns(valid: int, bit: int, now_bit: int, sec: int, nsec: int) -> int:
-    """A fuse_setattr_in timestamp as signed nanoseconds (0 unless set to a given time)."""
-    if valid & (bit | now_bit) != bit:
-        return 0
+def _time_ns(valid: int, bit: int, sec: int, nsec: int) -> int | None:
+    """A fuse_setattr_in timestamp as signed nanoseconds, or None without ``bit``."""
+    if not valid & bit:
+        return None
     if nsec >= _NS:
         raise OSError(errno.EINVAL, f"nanoseconds {nsec} out of range")  # as utimensat(2)
     if sec > _S64_MAX:

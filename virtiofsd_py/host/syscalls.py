@@ -521,7 +521,9 @@ def utimens(
         raise _oserror("utimensat")
 
 
-_O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+#: An O_PATH fd of the name itself, never of a symlink's target (the daemon never
+#: follows a guest's symlink), closed on exec: how every node is first opened.
+O_PATH_NOFOLLOW: Final = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def open_beneath(root_fd: int, path: bytes) -> int:
@@ -533,7 +535,7 @@ def open_beneath(root_fd: int, path: bytes) -> int:
     fd = os.dup(root_fd)
     try:
         for i, part in enumerate(parts):
-            flags = _O_PATH_NOFOLLOW if i == len(parts) - 1 else _O_PATH_NOFOLLOW | os.O_DIRECTORY
+            flags = O_PATH_NOFOLLOW if i == len(parts) - 1 else O_PATH_NOFOLLOW | os.O_DIRECTORY
             nxt = os.open(part, flags, dir_fd=fd)
             os.close(fd)
             fd = nxt

@@ -1,4 +1,4 @@
-"""The in-memory backend (fs/memory.py), through the Filesystem API and the Dispatcher."""
+"""The in-memory backend (fs/memory/), through the Filesystem API and the Dispatcher."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def fs() -> MemoryFS:
 def mkfile(fs: MemoryFS, name: bytes, data: bytes = b"", parent: int = ROOT_ID) -> int:
     entry, opened = fs.create(CTX, parent, name, 0o644, os.O_RDWR, 0o022)
     if data:
-        assert fs.write(CTX, entry.nodeid, opened.fh, 0, [memoryview(data)], 0) == len(data)
+        assert fs.write(CTX, entry.nodeid, opened.fh, 0, [memoryview(data)], False) == len(data)
     fs.release(CTX, entry.nodeid, opened.fh, 0)
     return entry.nodeid
 
@@ -76,12 +76,11 @@ def test_files_dirs_and_attributes(fs: MemoryFS) -> None:
 
 def test_setattr_truncate_chmod_chown_times(fs: MemoryFS) -> None:
     f = mkfile(fs, b"f", b"0123456789")
-    r = fs.setattr(CTX, f, SetAttr(valid=abi.FATTR_SIZE, size=4))
+    r = fs.setattr(CTX, f, SetAttr(size=4))
     assert r.attr.st_size == 4 and read_all(fs, f) == b"0123"
-    fs.setattr(CTX, f, SetAttr(valid=abi.FATTR_SIZE, size=6))
+    fs.setattr(CTX, f, SetAttr(size=6))
     assert read_all(fs, f) == b"0123\0\0"
-    v = abi.FATTR_MODE | abi.FATTR_UID | abi.FATTR_GID | abi.FATTR_MTIME
-    r = fs.setattr(CTX, f, SetAttr(valid=v, mode=0o4711, uid=5, gid=6, mtime_ns=1_500_000_000))
+    r = fs.setattr(CTX, f, SetAttr(mode=0o4711, uid=5, gid=6, mtime_ns=1_500_000_000))
     a = r.attr
     assert (a.st_mode, a.st_uid, a.st_gid, a.st_mtime_ns) == (
         stat.S_IFREG | 0o4711,
@@ -90,7 +89,7 @@ def test_setattr_truncate_chmod_chown_times(fs: MemoryFS) -> None:
         1_500_000_000,
     )
     with pytest.raises(OSError) as e:
-        fs.setattr(CTX, ROOT_ID, SetAttr(valid=abi.FATTR_SIZE, size=0))
+        fs.setattr(CTX, ROOT_ID, SetAttr(size=0))
     assert errno_of(e) == errno.EISDIR
 
 
@@ -200,8 +199,8 @@ def test_readdirplus_takes_lookups(fs: MemoryFS) -> None:
 
 def test_xattrs(fs: MemoryFS) -> None:
     f = mkfile(fs, b"f")
-    fs.setxattr(CTX, f, b"user.a", b"1", 0, 0)
-    fs.setxattr(CTX, f, b"trusted.b", b"22", 0, 0)
+    fs.setxattr(CTX, f, b"user.a", b"1", 0, False)
+    fs.setxattr(CTX, f, b"trusted.b", b"22", 0, False)
     assert fs.getxattr(CTX, f, b"user.a") == b"1"
     assert fs.listxattr(CTX, f) == b"user.a\0trusted.b\0"
     for name, flags, code in [
@@ -210,11 +209,11 @@ def test_xattrs(fs: MemoryFS) -> None:
         (b"system.posix_acl_access", 0, errno.EOPNOTSUPP),
     ]:
         with pytest.raises(OSError) as e:
-            fs.setxattr(CTX, f, name, b"v", flags, 0)
+            fs.setxattr(CTX, f, name, b"v", flags, False)
         assert errno_of(e) == code
     ln = fs.symlink(CTX, ROOT_ID, b"ln", b"f").nodeid
     with pytest.raises(OSError) as e:
-        fs.setxattr(CTX, ln, b"user.x", b"v", 0, 0)
+        fs.setxattr(CTX, ln, b"user.x", b"v", 0, False)
     assert errno_of(e) == errno.EPERM
     fs.removexattr(CTX, f, b"user.a")
     with pytest.raises(OSError) as e:
@@ -233,7 +232,7 @@ def test_capacity_statfs_and_readonly() -> None:
     assert (sv.f_bsize, sv.f_blocks, sv.f_bfree, sv.f_files) == (4096, 16, 6, 4)
     opened = fs.open(CTX, f, os.O_WRONLY)
     with pytest.raises(OSError) as e:
-        fs.write(CTX, f, opened.fh, 40000, [memoryview(b"y" * 30000)], 0)
+        fs.write(CTX, f, opened.fh, 40000, [memoryview(b"y" * 30000)], False)
     assert errno_of(e) == errno.ENOSPC
     mkfile(fs, b"g")
     mkfile(fs, b"h")
@@ -250,7 +249,7 @@ def test_capacity_statfs_and_readonly() -> None:
 def test_append_tmpfile_lseek_fallocate(fs: MemoryFS) -> None:
     f = mkfile(fs, b"f", b"abc")
     opened = fs.open(CTX, f, os.O_WRONLY | os.O_APPEND)
-    fs.write(CTX, f, opened.fh, 0, [memoryview(b"de")], 0)
+    fs.write(CTX, f, opened.fh, 0, [memoryview(b"de")], False)
     fs.fallocate(CTX, f, opened.fh, 0, 0, 8)
     assert read_all(fs, f) == b"abcde\0\0\0"
     assert fs.lseek(CTX, f, opened.fh, 2, 3) == 2  # SEEK_DATA
@@ -300,7 +299,7 @@ def test_writes_match_a_bytearray_model(writes: list[tuple[int, bytes]]) -> None
     opened = fs.open(CTX, f, os.O_RDWR)
     model = bytearray()
     for off, data in writes:
-        fs.write(CTX, f, opened.fh, off, [memoryview(data[:100]), memoryview(data[100:])], 0)
+        fs.write(CTX, f, opened.fh, off, [memoryview(data[:100]), memoryview(data[100:])], False)
         if data:
             if len(model) < off + len(data):
                 model.extend(bytes(off + len(data) - len(model)))

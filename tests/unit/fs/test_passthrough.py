@@ -13,12 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from virtiofsd_py.fs.api import ROOT_ID, Context, Entry
-from virtiofsd_py.fs.cache import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
-from virtiofsd_py.fs.passthrough.filesystem import (
-    PassthroughFS,
-    ReadOnlyPassthroughFS,
-)
+from virtiofsd_py.fs.api import ROOT_ID, Context, Entry, Opened
+from virtiofsd_py.fs.passthrough.filesystem import PassthroughFS
+from virtiofsd_py.fs.readonly import ReadOnlyFS
 
 CTX = Context(uid=0, gid=0, pid=1)
 SECRET = b"outside-secret-0123456789"
@@ -411,25 +408,37 @@ def test_destroy_keeps_only_the_root(fs: PassthroughFS) -> None:
 # -- cache policy ---------------------------------------------------------------
 
 
+_DIRECT = {"direct_io": True}
+_KEEP = {"keep_cache": True}
+_DIR_CACHE = {"cache_dir": True, "keep_cache": True}
+
+
 @pytest.mark.parametrize(
-    ("mode", "timeout", "file_flags", "dir_flags"),
+    ("mode", "timeout", "file_cache", "dir_cache"),
     [
-        ("never", 0.0, FOPEN_DIRECT_IO, 0),
-        ("metadata", 86400.0, FOPEN_DIRECT_IO, FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE),
-        ("auto", 1.0, 0, 0),
-        ("always", 86400.0, FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE),
+        ("never", 0.0, _DIRECT, {}),
+        ("metadata", 86400.0, _DIRECT, _DIR_CACHE),
+        ("auto", 1.0, {}, {}),
+        ("always", 86400.0, _KEEP, _DIR_CACHE),
     ],
 )
 def test_cache_policy(
-    tree: Path, make_fs: MakeFS, mode: str, timeout: float, file_flags: int, dir_flags: int
+    tree: Path,
+    make_fs: MakeFS,
+    mode: str,
+    timeout: float,
+    file_cache: dict[str, bool],
+    dir_cache: dict[str, bool],
 ) -> None:
     fs = make_fs(tree, cache=mode)
     try:
         e = fs.lookup(CTX, ROOT_ID, b"file")
         assert (e.entry_timeout, e.attr_timeout) == (timeout, timeout)
         assert fs.getattr(CTX, e.nodeid, None).timeout == timeout
-        assert fs.open(CTX, e.nodeid, os.O_RDONLY).open_flags == file_flags
-        assert fs.opendir(CTX, ROOT_ID, os.O_RDONLY).open_flags == dir_flags
+        o = fs.open(CTX, e.nodeid, os.O_RDONLY)
+        assert o == Opened(o.fh, **file_cache)
+        o = fs.opendir(CTX, ROOT_ID, os.O_RDONLY)
+        assert o == Opened(o.fh, **dir_cache)
         assert fs.policy.readdirplus == (mode != "never")
     finally:
         fs.close()
@@ -625,9 +634,11 @@ def test_emfile_goes_to_the_request_and_the_daemon_keeps_serving(
 
 
 def test_readonly_share(tree: Path, make_fs: MakeFS) -> None:
-    fs = make_fs(tree, readonly=True)
+    inner = make_fs(tree)
+    fs = ReadOnlyFS(inner)
     try:
-        assert isinstance(fs, ReadOnlyPassthroughFS) and fs.readonly
+        assert fs.readonly and not inner.readonly
+        assert fs.policy is inner.policy  # what is not the seam is the backend's
         e = fs.lookup(CTX, ROOT_ID, b"file")
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_CREAT):
             assert errno_of(fs.open, CTX, e.nodeid, flags) == errno.EROFS
@@ -640,7 +651,7 @@ def test_readonly_share(tree: Path, make_fs: MakeFS) -> None:
         assert (tree / "file").read_bytes() == b"hello world"
     finally:
         fs.close()
-    assert make_fs(tree).readonly is False
+    assert inner.inodes.root.fd < 0  # close() reached the backend
 
 
 @pytest.fixture
@@ -666,9 +677,9 @@ def test_submounts_are_announced_on_request(
     fs = make_fs(tree, announce_submounts=announce)
     try:
         m = fs.lookup(CTX, ROOT_ID, b"mnt")
-        assert m.attr_flags == (1 if announce else 0)
-        assert fs.lookup(CTX, ROOT_ID, b"dir").attr_flags == 0
-        assert fs.lookup(CTX, m.nodeid, b"f").attr_flags == 0
+        assert m.submount is announce
+        assert fs.lookup(CTX, ROOT_ID, b"dir").submount is False
+        assert fs.lookup(CTX, m.nodeid, b"f").submount is False
     finally:
         fs.close()
 

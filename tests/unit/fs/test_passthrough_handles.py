@@ -19,7 +19,6 @@ from virtiofsd_py.fs.passthrough.file_handles import FileHandleError
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fs.passthrough.inodes import InodeData
 from virtiofsd_py.fs.passthrough.migration.load import MigrationConfig, _path_of, _root_path
-from virtiofsd_py.fuse import abi
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.host import syscalls as linux
 from virtiofsd_py.migration.envelope import DaemonState, decode
@@ -116,7 +115,7 @@ def test_node_operations_by_handle(fs: PassthroughFS, share: Path) -> None:
     fifo = fs.mknod(CTX, e.nodeid, b"p", stat.S_IFIFO | 0o644, 0, 0)
     sym = fs.symlink(CTX, e.nodeid, b"s", b"target")
     ce, opened = fs.create(CTX, e.nodeid, b"c", 0o644, os.O_RDWR, 0)
-    assert fs.write(CTX, ce.nodeid, opened.fh, 0, [memoryview(b"abc")], 0) == 3
+    assert fs.write(CTX, ce.nodeid, opened.fh, 0, [memoryview(b"abc")], False) == 3
     fs.release(CTX, ce.nodeid, opened.fh, 0)
     le = fs.link(CTX, ce.nodeid, d, b"c-link")
     assert le.nodeid == ce.nodeid
@@ -130,15 +129,15 @@ def test_node_operations_by_handle(fs: PassthroughFS, share: Path) -> None:
     # A fifo is never opened, by handle either (CVE-2020-35517).
     assert errno_of(fs.open, CTX, fifo.nodeid, os.O_RDONLY) == errno.EBADF
     # SETATTR without a handle: chmod, chown, truncate, times.
-    fs.setattr(CTX, ce.nodeid, SetAttr(valid=abi.FATTR_MODE, mode=0o600))
-    fs.setattr(CTX, ce.nodeid, SetAttr(valid=abi.FATTR_UID | abi.FATTR_GID, uid=12, gid=34))
-    fs.setattr(CTX, ce.nodeid, SetAttr(valid=abi.FATTR_SIZE, size=1))
-    fs.setattr(CTX, ce.nodeid, SetAttr(valid=abi.FATTR_MTIME, mtime_ns=10**9))
+    fs.setattr(CTX, ce.nodeid, SetAttr(mode=0o600))
+    fs.setattr(CTX, ce.nodeid, SetAttr(uid=12, gid=34))
+    fs.setattr(CTX, ce.nodeid, SetAttr(size=1))
+    fs.setattr(CTX, ce.nodeid, SetAttr(mtime_ns=10**9))
     st = (share / "dir/new/c").stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size) == (0o600, 12, 34, 1)
     assert st.st_mtime_ns == 10**9
     # xattrs go through /proc/self/fd of the fd opened for the call.
-    fs.setxattr(CTX, f, b"user.k", b"v", 0, 0)
+    fs.setxattr(CTX, f, b"user.k", b"v", 0, False)
     assert fs.getxattr(CTX, f, b"user.k") == b"v"
     assert b"user.k\0" in fs.listxattr(CTX, f)
     fs.removexattr(CTX, f, b"user.k")
@@ -202,8 +201,8 @@ def test_file_unlinked_while_open(fs: PassthroughFS, share: Path) -> None:
     assert fs.getattr(CTX, f, fh).attr.st_nlink == 0
     buf = bytearray(4)
     assert fs.read(CTX, f, fh, 0, 4, [memoryview(buf)]) == 4 and bytes(buf) == b"0123"
-    assert fs.write(CTX, f, fh, 0, [memoryview(b"ab")], 0) == 2
-    fs.setattr(CTX, f, SetAttr(valid=abi.FATTR_SIZE | abi.FATTR_FH, size=3, fh=fh))
+    assert fs.write(CTX, f, fh, 0, [memoryview(b"ab")], False) == 2
+    fs.setattr(CTX, f, SetAttr(size=3, fh=fh))
     assert fs.getattr(CTX, f, fh).attr.st_size == 3
     fs.release(CTX, f, fh, 0)
     gc.collect()

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from virtiofsd_py.fs.api import ROOT_ID, Context, Lock, SessionInfo, SetAttr
+from virtiofsd_py.fs.api import NOW, ROOT_ID, Context, Lock, SessionInfo, SetAttr
 from virtiofsd_py.fs.passthrough.creds import IS_ROOT, Credentials, thread_ids
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughFS
 from virtiofsd_py.fs.passthrough.idmap import IdMap
 from virtiofsd_py.fs.passthrough.locks import OFFSET_MAX
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
-from virtiofsd_py.fuse import abi
+from virtiofsd_py.fs.readonly import ReadOnlyFS
 from virtiofsd_py.host.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 
 ROOT = Context(uid=0, gid=0, pid=1)
@@ -61,8 +61,8 @@ def host_errno(fn: object, *args: object, **kw: object) -> int:
     return errno_of(fn, *args, **kw)
 
 
-def session(flags: int = 0) -> SessionInfo:
-    return SessionInfo(7, 38, flags, 1 << 20, 1 << 20)
+def session(**agreed: bool) -> SessionInfo:
+    return SessionInfo(7, 38, 1 << 20, 1 << 20, **agreed)
 
 
 def mv(b: bytes) -> list[memoryview]:
@@ -78,7 +78,7 @@ def test_create_opens_a_new_file_and_counts_a_lookup(fs: PassthroughFS, share: P
     assert e.attr.st_ino == os.lstat(share / "new").st_ino
     node = fs.inodes.get(e.nodeid)
     assert node is not None and node.lookups == 1 and node.name == b"new"
-    assert fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"abc"), 0) == 3
+    assert fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"abc"), False) == 3
     assert (share / "new").read_bytes() == b"abc"
     # The same name again: EEXIST with O_EXCL, else the existing file is opened.
     assert errno_of(fs.create, ROOT, ROOT_ID, b"new", 0o644, os.O_RDWR | os.O_EXCL, 0) == (
@@ -181,7 +181,7 @@ def test_tmpfile(fs: PassthroughFS, share: Path) -> None:
     e, o = fs.tmpfile(ROOT, ROOT_ID, 0o600, os.O_RDWR, 0)
     assert set(os.listdir(share)) == before  # no name
     assert stat.S_ISREG(e.attr.st_mode) and e.attr.st_nlink == 0
-    assert fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"tmp"), 0) == 3
+    assert fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"tmp"), False) == 3
     buf = bytearray(3)
     assert fs.read(ROOT, e.nodeid, o.fh, 0, 3, [memoryview(buf)]) == 3 and buf == b"tmp"
     # linkat() of the unnamed file gives it a name, as on the host.
@@ -195,24 +195,24 @@ def test_tmpfile(fs: PassthroughFS, share: Path) -> None:
 
 def test_setattr_without_handle(fs: PassthroughFS, share: Path) -> None:
     e = fs.lookup(ROOT, ROOT_ID, b"file")
-    r = fs.setattr(ROOT, e.nodeid, SetAttr(valid=abi.FATTR_MODE, mode=0o4711))
+    r = fs.setattr(ROOT, e.nodeid, SetAttr(mode=0o4711))
     assert stat.S_IMODE(os.lstat(share / "file").st_mode) == 0o4711
     assert stat.S_IMODE(r.attr.st_mode) == 0o4711
-    fs.setattr(ROOT, e.nodeid, SetAttr(valid=abi.FATTR_UID | abi.FATTR_GID, uid=123, gid=456))
+    fs.setattr(ROOT, e.nodeid, SetAttr(uid=123, gid=456))
     st = os.lstat(share / "file")
     assert (st.st_uid, st.st_gid) == (123, 456)
-    fs.setattr(ROOT, e.nodeid, SetAttr(valid=abi.FATTR_SIZE, size=5))
+    fs.setattr(ROOT, e.nodeid, SetAttr(size=5))
     assert (share / "file").read_bytes() == b"hello"
     fs.setattr(
         ROOT,
         e.nodeid,
-        SetAttr(valid=abi.FATTR_ATIME | abi.FATTR_MTIME, atime_ns=1_500_000_001, mtime_ns=7),
+        SetAttr(atime_ns=1_500_000_001, mtime_ns=7),
     )
     st = os.lstat(share / "file")
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_500_000_001, 7)
     # MTIME_NOW with ATIME omitted.
     t0 = time.time_ns()
-    fs.setattr(ROOT, e.nodeid, SetAttr(valid=abi.FATTR_MTIME | abi.FATTR_MTIME_NOW))
+    fs.setattr(ROOT, e.nodeid, SetAttr(mtime_ns=NOW))
     st = os.lstat(share / "file")
     assert st.st_atime_ns == 1_500_000_001 and st.st_mtime_ns >= t0 - 10_000_000
 
@@ -222,18 +222,18 @@ def test_setattr_on_symlink_and_fifo_never_follows_or_opens(fs: PassthroughFS, s
     os.mkfifo(share / "fifo")
     target = os.lstat(share / "file")
     s = fs.lookup(ROOT, ROOT_ID, b"ln")
-    fs.setattr(ROOT, s.nodeid, SetAttr(valid=abi.FATTR_UID, uid=77))
-    fs.setattr(ROOT, s.nodeid, SetAttr(valid=abi.FATTR_MTIME, mtime_ns=5_000_000_000))
+    fs.setattr(ROOT, s.nodeid, SetAttr(uid=77))
+    fs.setattr(ROOT, s.nodeid, SetAttr(mtime_ns=5_000_000_000))
     assert os.lstat(share / "ln").st_uid == 77 and os.lstat(share / "ln").st_mtime_ns == 5 * 10**9
     assert os.lstat(share / "file").st_uid == target.st_uid
     assert os.lstat(share / "file").st_mtime_ns == target.st_mtime_ns
     f = fs.lookup(ROOT, ROOT_ID, b"fifo")
-    fs.setattr(ROOT, f.nodeid, SetAttr(valid=abi.FATTR_MODE, mode=0o600))  # would block if opened
-    assert errno_of(fs.setattr, ROOT, f.nodeid, SetAttr(valid=abi.FATTR_SIZE)) == host_errno(
+    fs.setattr(ROOT, f.nodeid, SetAttr(mode=0o600))  # would block if opened
+    assert errno_of(fs.setattr, ROOT, f.nodeid, SetAttr(size=0)) == host_errno(
         os.truncate, share / "fifo", 0
     )
     d = fs.lookup(ROOT, ROOT_ID, b"dir")
-    assert errno_of(fs.setattr, ROOT, d.nodeid, SetAttr(valid=abi.FATTR_SIZE)) == host_errno(
+    assert errno_of(fs.setattr, ROOT, d.nodeid, SetAttr(size=0)) == host_errno(
         os.truncate, share / "dir", 0
     )
 
@@ -241,20 +241,17 @@ def test_setattr_on_symlink_and_fifo_never_follows_or_opens(fs: PassthroughFS, s
 def test_setattr_through_handle(fs: PassthroughFS, share: Path) -> None:
     e = fs.lookup(ROOT, ROOT_ID, b"file")
     o = fs.open(ROOT, e.nodeid, os.O_RDWR)
-    fs.setattr(ROOT, e.nodeid, SetAttr(valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=o.fh, size=2))
+    fs.setattr(ROOT, e.nodeid, SetAttr(fh=o.fh, size=2))
     assert (share / "file").read_bytes() == b"he"
     # The handle works after the name is gone: ftruncate on the handle's fd.
     os.unlink(share / "file")
     r = fs.setattr(
         ROOT,
         e.nodeid,
-        SetAttr(valid=abi.FATTR_SIZE | abi.FATTR_FH | abi.FATTR_MODE, fh=o.fh, size=9, mode=0o600),
+        SetAttr(fh=o.fh, size=9, mode=0o600),
     )
     assert r.attr.st_size == 9 and stat.S_IMODE(r.attr.st_mode) == 0o600
-    assert (
-        errno_of(fs.setattr, ROOT, e.nodeid, SetAttr(valid=abi.FATTR_SIZE | abi.FATTR_FH, fh=999))
-        == errno.EBADF
-    )
+    assert errno_of(fs.setattr, ROOT, e.nodeid, SetAttr(size=0, fh=999)) == errno.EBADF
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -263,27 +260,27 @@ def test_setattr_through_handle(fs: PassthroughFS, share: Path) -> None:
 def test_write_from_several_buffers_and_append(fs: PassthroughFS, share: Path) -> None:
     e = fs.lookup(ROOT, ROOT_ID, b"file")
     o = fs.open(ROOT, e.nodeid, os.O_WRONLY)
-    assert fs.write(ROOT, e.nodeid, o.fh, 6, [*mv(b"WO"), *mv(b"RLD")], 0) == 5
+    assert fs.write(ROOT, e.nodeid, o.fh, 6, [*mv(b"WO"), *mv(b"RLD")], False) == 5
     assert (share / "file").read_bytes() == b"hello WORLD"
     a = fs.open(ROOT, e.nodeid, os.O_WRONLY | os.O_APPEND)
     with open(share / "file", "ab") as host:  # a host writer moves the end of file
         host.write(b"!")
-    assert fs.write(ROOT, e.nodeid, a.fh, 0, mv(b"+"), 0) == 1
+    assert fs.write(ROOT, e.nodeid, a.fh, 0, mv(b"+"), False) == 1
     assert (share / "file").read_bytes() == b"hello WORLD!+"
     r = fs.open(ROOT, e.nodeid, os.O_RDONLY)
-    assert errno_of(fs.write, ROOT, e.nodeid, r.fh, 0, mv(b"x"), 0) == errno.EBADF
+    assert errno_of(fs.write, ROOT, e.nodeid, r.fh, 0, mv(b"x"), False) == errno.EBADF
 
 
 def test_writeback_opens_write_only_files_readable(share: Path, make_fs: MakeFS) -> None:
     fs = make_fs(share)
     try:
-        fs.init(session(abi.FUSE_WRITEBACK_CACHE))
+        fs.init(session(writeback_cache=True))
         e = fs.lookup(ROOT, ROOT_ID, b"file")
         o = fs.open(ROOT, e.nodeid, os.O_WRONLY | os.O_APPEND)
         buf = bytearray(5)
         assert fs.read(ROOT, e.nodeid, o.fh, 0, 5, [memoryview(buf)]) == 5
         # The guest computes append offsets itself: the offset is honoured.
-        fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"J"), abi.FUSE_WRITE_CACHE)
+        fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"J"), False)
         assert (share / "file").read_bytes() == b"Jello world"
     finally:
         fs.close()
@@ -298,20 +295,20 @@ def test_kill_suidgid_on_write_truncate_open(share: Path, make_fs: MakeFS, killp
         e = fs.lookup(ROOT, ROOT_ID, b"file")
         o = fs.open(ROOT, e.nodeid, os.O_RDWR)
         os.chmod(p, 0o6755)
-        fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"x"), 0)
+        fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"x"), False)
         assert stat.S_IMODE(os.lstat(p).st_mode) == 0o6755  # root keeps them (CAP_FSETID)
-        fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"x"), abi.FUSE_WRITE_KILL_SUIDGID)
+        fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"x"), True)
         want = 0o755 if killpriv else 0o6755
         assert stat.S_IMODE(os.lstat(p).st_mode) == want
         os.chmod(p, 0o6755)
-        fs.setattr(ROOT, e.nodeid, SetAttr(valid=abi.FATTR_SIZE, size=1, kill_suidgid=True))
+        fs.setattr(ROOT, e.nodeid, SetAttr(size=1, kill_suidgid=True))
         assert stat.S_IMODE(os.lstat(p).st_mode) == want
         os.chmod(p, 0o6755)
         fs.open(ROOT, e.nodeid, os.O_RDWR | os.O_TRUNC, kill_suidgid=True)
         assert stat.S_IMODE(os.lstat(p).st_mode) == want
         # The thread got CAP_FSETID back.
         os.chmod(p, 0o6755)
-        fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"x"), 0)
+        fs.write(ROOT, e.nodeid, o.fh, 0, mv(b"x"), False)
         assert stat.S_IMODE(os.lstat(p).st_mode) == 0o6755
     finally:
         fs.close()
@@ -368,7 +365,7 @@ def test_copy_file_range(fs: PassthroughFS, share: Path) -> None:
 
 def test_lseek_data_hole_after_write(fs: PassthroughFS, share: Path) -> None:
     e, o = fs.create(ROOT, ROOT_ID, b"sparse", 0o644, os.O_RDWR, 0)
-    fs.write(ROOT, e.nodeid, o.fh, 1 << 20, mv(b"x"), 0)
+    fs.write(ROOT, e.nodeid, o.fh, 1 << 20, mv(b"x"), False)
     fd = os.open(share / "sparse", os.O_RDONLY)
     assert fs.lseek(ROOT, e.nodeid, o.fh, 0, os.SEEK_DATA) == os.lseek(fd, 0, os.SEEK_DATA)
     assert fs.lseek(ROOT, e.nodeid, o.fh, 0, os.SEEK_HOLE) == os.lseek(fd, 0, os.SEEK_HOLE)
@@ -398,16 +395,16 @@ def test_ioctl_flags(fs: PassthroughFS, share: Path) -> None:
     o = fs.open(ROOT, e.nodeid, os.O_RDONLY)
     get, set_ = 0x80086601, 0x40086602
     try:
-        res, out = fs.ioctl(ROOT, e.nodeid, o.fh, 0, get, 0, b"", 8)
+        res, out = fs.ioctl(ROOT, e.nodeid, o.fh, get, 0, b"", 8)
     except OSError as err:
         pytest.skip(f"no FS_IOC_GETFLAGS here: {err}")
     assert res == 0 and len(out) == 4
     noatime = 0x80  # FS_NOATIME_FL
     flags = int.from_bytes(out, sys.byteorder) | noatime
-    fs.ioctl(ROOT, e.nodeid, o.fh, 0, set_, 0, flags.to_bytes(4, sys.byteorder), 0)
+    fs.ioctl(ROOT, e.nodeid, o.fh, set_, 0, flags.to_bytes(4, sys.byteorder), 0)
     out = subprocess.run(["lsattr", str(share / "file")], capture_output=True, text=True).stdout
     assert "A" in out.split()[0]
-    assert errno_of(fs.ioctl, ROOT, e.nodeid, o.fh, 0, 0x5401, 0, b"", 0) == errno.ENOTTY
+    assert errno_of(fs.ioctl, ROOT, e.nodeid, o.fh, 0x5401, 0, b"", 0) == errno.ENOTTY
 
 
 # -- credentials --------------------------------------------------------------------------
@@ -436,7 +433,7 @@ def test_creation_runs_as_the_guest_user(fs: PassthroughFS, share: Path) -> None
 
 @needs_root
 def test_permission_denied_where_the_host_denies(fs: PassthroughFS, share: Path) -> None:
-    fs.init(session(abi.FUSE_CREATE_SUPP_GROUP))  # the guest tells us the groups
+    fs.init(session(create_supp_group=True))  # the guest tells us the groups
     d = fs.lookup(ROOT, ROOT_ID, b"dir")
     os.chmod(share / "dir", 0o755)  # root's: others may not create
     assert errno_of(fs.create, USER, d.nodeid, b"x", 0o644, os.O_WRONLY, 0) == errno.EACCES
@@ -453,10 +450,10 @@ def test_permission_denied_where_the_host_denies(fs: PassthroughFS, share: Path)
     f = fs.lookup(ROOT, ROOT_ID, b"file")
     o = fs.open(ROOT, f.nodeid, os.O_RDONLY)
     try:
-        fs.ioctl(ROOT, f.nodeid, o.fh, 0, 0x80086601, 0, b"", 8)
+        fs.ioctl(ROOT, f.nodeid, o.fh, 0x80086601, 0, b"", 8)
     except OSError:
         return
-    assert errno_of(fs.ioctl, USER, f.nodeid, o.fh, 0, 0x40086602, 0, bytes(4), 0) == errno.EPERM
+    assert errno_of(fs.ioctl, USER, f.nodeid, o.fh, 0x40086602, 0, bytes(4), 0) == errno.EPERM
 
 
 @needs_root
@@ -538,7 +535,7 @@ def test_translate_uid_gid(share: Path, make_fs: MakeFS) -> None:
         assert (e.attr.st_uid, e.attr.st_gid) == (1003, 7)
         ctx = Context(uid=666, gid=1, pid=1)
         assert errno_of(fs.mkdir, ctx, ROOT_ID, b"no", 0o755, 0) == errno.EPERM
-        fs.setattr(ROOT, f.nodeid, SetAttr(valid=abi.FATTR_UID, uid=1001))
+        fs.setattr(ROOT, f.nodeid, SetAttr(uid=1001))
         assert os.lstat(share / "file").st_uid == 5001
         assert fs.statx(ROOT, f.nodeid, None, 0, 0x7FF).fields["uid"] == 1001
     finally:
@@ -552,19 +549,19 @@ def test_setxattr_removexattr(share: Path, make_fs: MakeFS) -> None:
     fs = make_fs(share, xattr=True)
     try:
         e = fs.lookup(ROOT, ROOT_ID, b"file")
-        fs.setxattr(ROOT, e.nodeid, b"user.a", b"1", 0, 0)
+        fs.setxattr(ROOT, e.nodeid, b"user.a", b"1", 0, False)
         assert os.getxattr(share / "file", "user.a") == b"1"
-        assert errno_of(fs.setxattr, ROOT, e.nodeid, b"user.a", b"2", os.XATTR_CREATE, 0) == (
+        assert errno_of(fs.setxattr, ROOT, e.nodeid, b"user.a", b"2", os.XATTR_CREATE, False) == (
             errno.EEXIST
         )
-        assert errno_of(fs.setxattr, ROOT, e.nodeid, b"user.b", b"2", os.XATTR_REPLACE, 0) == (
+        assert errno_of(fs.setxattr, ROOT, e.nodeid, b"user.b", b"2", os.XATTR_REPLACE, False) == (
             errno.ENODATA
         )
         assert fs.getxattr(ROOT, e.nodeid, b"user.a") == b"1"
         fs.removexattr(ROOT, e.nodeid, b"user.a")
         assert errno_of(fs.removexattr, ROOT, e.nodeid, b"user.a") == errno.ENODATA
         assert (
-            errno_of(fs.setxattr, ROOT, e.nodeid, b"system.posix_acl_access", b"", 0, 0)
+            errno_of(fs.setxattr, ROOT, e.nodeid, b"system.posix_acl_access", b"", 0, False)
             == errno.ENOTSUP
         )
     finally:
@@ -572,7 +569,7 @@ def test_setxattr_removexattr(share: Path, make_fs: MakeFS) -> None:
     off = make_fs(share)
     try:
         e = off.lookup(ROOT, ROOT_ID, b"file")
-        assert errno_of(off.setxattr, ROOT, e.nodeid, b"user.a", b"1", 0, 0) == errno.ENOSYS
+        assert errno_of(off.setxattr, ROOT, e.nodeid, b"user.a", b"1", 0, False) == errno.ENOSYS
         assert errno_of(off.removexattr, ROOT, e.nodeid, b"user.a") == errno.ENOSYS
     finally:
         off.close()
@@ -587,7 +584,7 @@ def test_xattrmap_applied(share: Path, make_fs: MakeFS) -> None:
     fs = make_fs(share, xattr=True, xattrmap=xm)
     try:
         e = fs.lookup(ROOT, ROOT_ID, b"file")
-        fs.setxattr(ROOT, e.nodeid, b"trusted.overlay", b"v", 0, 0)
+        fs.setxattr(ROOT, e.nodeid, b"trusted.overlay", b"v", 0, False)
         assert os.getxattr(share / "file", "user.virtiofs.trusted.overlay") == b"v"
         assert fs.getxattr(ROOT, e.nodeid, b"trusted.overlay") == b"v"
         names = fs.listxattr(ROOT, e.nodeid).split(b"\0")[:-1]
@@ -596,7 +593,8 @@ def test_xattrmap_applied(share: Path, make_fs: MakeFS) -> None:
         assert errno_of(fs.getxattr, ROOT, e.nodeid, b"user.virtiofs.trusted.overlay") == (
             errno.ENODATA
         )
-        assert errno_of(fs.setxattr, ROOT, e.nodeid, b"user.virtiofs.x", b"", 0, 0) == errno.EPERM
+        bad = (ROOT, e.nodeid, b"user.virtiofs.x", b"", 0, False)
+        assert errno_of(fs.setxattr, *bad) == errno.EPERM
         fs.removexattr(ROOT, e.nodeid, b"trusted.overlay")
         assert "user.virtiofs.trusted.overlay" not in os.listxattr(share / "file")
     finally:
@@ -822,7 +820,7 @@ def test_lock_argument_errors(fs: PassthroughFS) -> None:
 
 
 def test_readonly_refuses_every_change(share: Path, make_fs: MakeFS) -> None:
-    fs = make_fs(share, readonly=True, xattr=True)
+    fs = ReadOnlyFS(make_fs(share, xattr=True))
     try:
         f = fs.lookup(ROOT, ROOT_ID, b"file")
         o = fs.open(ROOT, f.nodeid, os.O_RDONLY)
@@ -836,13 +834,13 @@ def test_readonly_refuses_every_change(share: Path, make_fs: MakeFS) -> None:
             (fs.rmdir, ROOT, ROOT_ID, b"dir"),
             (fs.rename, ROOT, ROOT_ID, b"file", ROOT_ID, b"n", 0),
             (fs.tmpfile, ROOT, ROOT_ID, 0o600, os.O_RDWR, 0),
-            (fs.setattr, ROOT, f.nodeid, SetAttr(valid=abi.FATTR_MODE, mode=0o600)),
-            (fs.write, ROOT, f.nodeid, o.fh, 0, mv(b"x"), 0),
+            (fs.setattr, ROOT, f.nodeid, SetAttr(mode=0o600)),
+            (fs.write, ROOT, f.nodeid, o.fh, 0, mv(b"x"), False),
             (fs.fallocate, ROOT, f.nodeid, o.fh, 0, 0, 10),
             (fs.copy_file_range, ROOT, f.nodeid, o.fh, 0, f.nodeid, o.fh, 0, 1, 0),
-            (fs.setxattr, ROOT, f.nodeid, b"user.x", b"1", 0, 0),
+            (fs.setxattr, ROOT, f.nodeid, b"user.x", b"1", 0, False),
             (fs.removexattr, ROOT, f.nodeid, b"user.x"),
-            (fs.ioctl, ROOT, f.nodeid, o.fh, 0, 0x40086602, 0, bytes(4), 0),
+            (fs.ioctl, ROOT, f.nodeid, o.fh, 0x40086602, 0, bytes(4), 0),
         ]
         before = sorted(os.listdir(share))
         for fn, *args in calls:

@@ -10,8 +10,30 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virtiofsd_py.fs.api import Entry, make_stat
+from virtiofsd_py.fs.api import AttrReply, Entry, Opened, make_stat
 from virtiofsd_py.fuse import abi, codec, iov
+
+_NS = 10**9
+
+
+def ref_attr(s: os.stat_result, flags: int = 0) -> tuple[int, ...]:
+    """The 16 fuse_attr fields of ``s``, in ``abi.ATTR_FIELDS`` order: the test's
+    own reading of fuse.h, independent of the codec's packing."""
+    a, m, c = (divmod(t, _NS) for t in (s.st_atime_ns, s.st_mtime_ns, s.st_ctime_ns))
+    return (
+        s.st_ino % 2**64, s.st_size % 2**64, s.st_blocks % 2**64,
+        a[0] % 2**64, m[0] % 2**64, c[0] % 2**64, a[1], m[1], c[1],
+        s.st_mode % 2**32, min(s.st_nlink, 2**32 - 1), s.st_uid % 2**32, s.st_gid % 2**32,
+        s.st_rdev % 2**32, s.st_blksize % 2**32, flags,
+    )  # fmt: skip
+
+
+def ref_entry(e: Entry) -> tuple[int, ...]:
+    """The fuse_entry_out fields of ``e``, in ``abi.ENTRY_OUT_FIELDS`` order."""
+    esec, ensec = codec.timeout_split(e.entry_timeout)
+    asec, ansec = codec.timeout_split(e.attr_timeout)
+    flags = abi.FUSE_ATTR_SUBMOUNT if e.submount else 0
+    return (e.nodeid, e.generation, esec, asec, ensec, ansec, *ref_attr(e.attr, flags))
 
 
 def split_at(data: bytes, points: list[int]) -> list[bytearray]:
@@ -237,7 +259,7 @@ def test_timeout_split(t: float, expected: tuple[int, int]) -> None:
     assert codec.timeout_split(t) == expected
 
 
-def test_attr_values_from_stat() -> None:
+def test_pack_attr_from_stat() -> None:
     s = make_stat(
         mode=stat.S_IFREG | 0o644,
         ino=42,
@@ -251,7 +273,10 @@ def test_attr_values_from_stat() -> None:
         mtime_ns=-1_500_000_000,  # before the epoch
         ctime_ns=5,
     )
-    vals = dict(zip(abi.ATTR_FIELDS, codec.attr_values(s, abi.FUSE_ATTR_SUBMOUNT), strict=True))
+    buf = bytearray(b"\xee" * (abi.ATTR.size + 8))
+    codec.pack_attr(buf, 4, s, True)
+    assert buf[:4] == buf[4 + abi.ATTR.size :] == b"\xee" * 4  # nothing written around it
+    vals = dict(zip(abi.ATTR_FIELDS, abi.ATTR.unpack_from(buf, 4), strict=True))
     assert vals["ino"] == 42 and vals["size"] == 5000 and vals["blocks"] == 10
     assert (vals["atime"], vals["atimensec"]) == (1_700_000_000, 123_456_789)
     assert (vals["mtime"], vals["mtimensec"]) == (2**64 - 2, 500_000_000)  # -2 s + 0.5 s
@@ -260,17 +285,39 @@ def test_attr_values_from_stat() -> None:
     assert (vals["uid"], vals["gid"]) == (1000, 100)
     assert vals["rdev"] == (1 | 8 << 8)  # new_encode_dev(8, 1)
     assert vals["flags"] == abi.FUSE_ATTR_SUBMOUNT
-    abi.ATTR.pack(*codec.attr_values(s))  # every field in range
+    assert tuple(vals.values()) == ref_attr(s, abi.FUSE_ATTR_SUBMOUNT)
+    codec.pack_attr(buf, 0, s, False)
+    assert abi.ATTR.unpack_from(buf)[-1] == 0
 
 
-def test_entry_values_layout() -> None:
+def test_entry_out_layout() -> None:
     s = make_stat(mode=stat.S_IFDIR | 0o755, ino=9)
     e = Entry(nodeid=5, generation=3, attr=s, entry_timeout=1.25, attr_timeout=2.0)
-    vals = dict(zip(abi.ENTRY_OUT_FIELDS, codec.entry_values(e), strict=True))
+    bufs = [bytearray(16), bytearray(abi.ENTRY_OUT.size)]
+    assert codec.write_entry_out(bufs, 1, e) == 16 + abi.ENTRY_OUT.size
+    vals = dict(zip(abi.ENTRY_OUT_FIELDS, abi.ENTRY_OUT.unpack_from(bufs[1]), strict=True))
     assert vals["nodeid"] == 5 and vals["generation"] == 3
     assert (vals["entry_valid"], vals["entry_valid_nsec"]) == (1, 250_000_000)
     assert (vals["attr_valid"], vals["attr_valid_nsec"]) == (2, 0)
-    assert vals["ino"] == 9
+    assert vals["ino"] == 9 and vals["flags"] == 0
+    assert tuple(vals.values()) == ref_entry(e)
+
+
+@pytest.mark.parametrize(
+    ("opened", "flags"),
+    [
+        (Opened(1), 0),
+        (Opened(1, direct_io=True), abi.FOPEN_DIRECT_IO),
+        (Opened(1, keep_cache=True), abi.FOPEN_KEEP_CACHE),
+        (Opened(1, keep_cache=True, cache_dir=True), abi.FOPEN_KEEP_CACHE | abi.FOPEN_CACHE_DIR),
+        (Opened(1, True, True, True),
+         abi.FOPEN_DIRECT_IO | abi.FOPEN_KEEP_CACHE | abi.FOPEN_CACHE_DIR),
+    ],
+)  # fmt: skip
+def test_open_out_flags(opened: Opened, flags: int) -> None:
+    bufs = [bytearray(16), bytearray(16)]
+    assert codec.write_open_out(bufs, 3, opened) == 32
+    assert abi.OPEN_OUT.unpack_from(bufs[1]) == (1, flags, 0)
 
 
 # -- reply writing ------------------------------------------------------------------
@@ -322,14 +369,14 @@ ODD_STAT = make_stat(
 
 @given(st.lists(st.integers(0, 140), max_size=3))
 def test_write_attr_out_matches_generic_packing(points: list[int]) -> None:
-    """The one-pack fast path writes what attr_values + write_struct write,
-    whatever the buffer split (header alone, header with body, straddling)."""
+    """The reply is the fields fuse.h lays out, whatever the buffer split (header
+    alone, header with body, straddling: packed in place or scattered)."""
     total = 16 + abi.ATTR_OUT.size
     expect = abi.OUT_HEADER.pack(total, 0, 7) + abi.ATTR_OUT.pack(
-        1, 500_000_000, 0, *codec.attr_values(ODD_STAT, abi.FUSE_ATTR_SUBMOUNT)
+        1, 500_000_000, 0, *ref_attr(ODD_STAT, abi.FUSE_ATTR_SUBMOUNT)
     )
     bufs = split_at(bytes(total + 5), points)
-    n = codec.write_attr_out(bufs, 7, 1.5, ODD_STAT, abi.FUSE_ATTR_SUBMOUNT)
+    n = codec.write_attr_out(bufs, 7, AttrReply(ODD_STAT, 1.5, submount=True))
     assert n == total
     assert b"".join(bufs)[:total] == expect
 
@@ -338,7 +385,7 @@ def test_write_attr_out_matches_generic_packing(points: list[int]) -> None:
 def test_write_entry_out_matches_generic_packing(points: list[int]) -> None:
     e = Entry(nodeid=5, generation=3, attr=ODD_STAT, entry_timeout=1.25, attr_timeout=2.0)
     total = 16 + abi.ENTRY_OUT.size
-    expect = abi.OUT_HEADER.pack(total, 0, 9) + abi.ENTRY_OUT.pack(*codec.entry_values(e))
+    expect = abi.OUT_HEADER.pack(total, 0, 9) + abi.ENTRY_OUT.pack(*ref_entry(e))
     bufs = split_at(bytes(total), points)
     assert codec.write_entry_out(bufs, 9, e) == total
     assert b"".join(bufs) == expect
@@ -347,7 +394,7 @@ def test_write_entry_out_matches_generic_packing(points: list[int]) -> None:
 def test_attr_and_entry_replies_too_small() -> None:
     e = Entry(nodeid=5, generation=3, attr=ODD_STAT, entry_timeout=1.0, attr_timeout=1.0)
     with pytest.raises(codec.ReplyTooLarge):
-        codec.write_attr_out([bytearray(16), bytearray(50)], 1, 1.0, ODD_STAT, 0)
+        codec.write_attr_out([bytearray(16), bytearray(50)], 1, AttrReply(ODD_STAT, 1.0))
     with pytest.raises(codec.ReplyTooLarge):
         codec.write_entry_out([bytearray(100)], 1, e)
 

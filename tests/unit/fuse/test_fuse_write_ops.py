@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtiofsd_py.fs.api import (
+    NOW,
     ROOT_ID,
     AttrReply,
     Context,
@@ -81,14 +82,14 @@ class WriteFs(MemFs):
     ) -> tuple[Entry, Opened]:
         self._rec("create", ctx, parent, name, mode, flags, umask, kw)
         e = self._new(parent, name, stat.S_IFREG | (mode & 0o7777))
-        return e, Opened(500 + e.nodeid, abi.FOPEN_DIRECT_IO)
+        return e, Opened(500 + e.nodeid, direct_io=True)
 
     def tmpfile(
         self, ctx: Context, parent: int, mode: int, flags: int, umask: int
     ) -> tuple[Entry, Opened]:
         self._rec("tmpfile", ctx, parent, mode, flags, umask)
         e = self._new(parent, b"#tmp%d" % len(self.nodes), stat.S_IFREG | (mode & 0o7777))
-        return e, Opened(600 + e.nodeid, 0)
+        return e, Opened(600 + e.nodeid)
 
     def mknod(
         self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
@@ -135,9 +136,9 @@ class WriteFs(MemFs):
         fh: int,
         offset: int,
         bufs: list[memoryview],
-        write_flags: int,
+        kill_suidgid: bool,
     ) -> int:
-        self._rec("write", ctx, nodeid, fh, offset, list(bufs), write_flags)
+        self._rec("write", ctx, nodeid, fh, offset, list(bufs), kill_suidgid)
         node = self._node(nodeid)
         payload = b"".join(bytes(b) for b in bufs)
         data = bytearray(node.data.ljust(offset, b"\0"))
@@ -183,7 +184,7 @@ class WriteFs(MemFs):
              "nlink": 2, "blksize": 4096, "btime_sec": 1_700_000_000, "btime_nsec": 123,
              "mtime_sec": -2, "rdev_major": 259, "rdev_minor": 3},
             1.25,
-            abi.FUSE_ATTR_SUBMOUNT,
+            submount=True,
         )  # fmt: skip
 
     def ioctl(
@@ -191,13 +192,14 @@ class WriteFs(MemFs):
         ctx: Context,
         nodeid: int,
         fh: int,
-        flags: int,
         cmd: int,
         arg: int,
         in_data: bytes,
         out_size: int,
+        *,
+        compat32: bool = False,
     ) -> tuple[int, bytes]:
-        self._rec("ioctl", ctx, nodeid, fh, flags, cmd, arg, in_data, out_size)
+        self._rec("ioctl", ctx, nodeid, fh, compat32, cmd, arg, in_data, out_size)
         return self.ioctl_result
 
     def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: Lock) -> Lock:
@@ -218,9 +220,9 @@ class WriteFs(MemFs):
         self._rec("setlk", ctx, nodeid, fh, owner, lock, sleep, flock)
 
     def setxattr(
-        self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, setxattr_flags: int
+        self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, acl_kill_sgid: bool
     ) -> None:
-        self._rec("setxattr", ctx, nodeid, name, value, flags, setxattr_flags)
+        self._rec("setxattr", ctx, nodeid, name, value, flags, acl_kill_sgid)
         self._node(nodeid).xattrs[name] = value
 
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
@@ -302,7 +304,24 @@ def test_flags2_knobs_reach_init_out() -> None:
     out = dict(zip(abi.INIT_OUT_FIELDS, r.unpack(abi.INIT_OUT), strict=False))
     assert out["flags2"] & (abi.FUSE_SECURITY_CTX >> 32)
     assert out["flags2"] & (abi.FUSE_DIRECT_IO_ALLOW_MMAP >> 32)
-    assert fs.sessions[-1].flags & abi.FUSE_SECURITY_CTX
+    assert fs.sessions[-1].security_ctx
+
+
+def test_session_info_is_what_was_agreed() -> None:
+    """The backend sees the agreed INIT flags as SessionInfo's booleans."""
+    fields = ("writeback_cache", "create_supp_group", "posix_locks", "flock_locks", "posix_acl",
+              "handle_killpriv_v2", "security_ctx", "submounts")  # fmt: skip
+    _, fs = make(ALL_KNOBS)
+    assert all(getattr(fs.sessions[-1], f) for f in fields)
+    _, fs = make(FuseConfig(posix_locks=False, flock_locks=False, submounts=False))
+    s = fs.sessions[-1]
+    assert [f for f in fields if getattr(s, f)] == ["create_supp_group"]  # always offered
+    fs = WriteFs()
+    d = Dispatcher(fs, ALL_KNOBS)
+    call(d, request(abi.FUSE_INIT, init_args(flags=abi.FUSE_WRITEBACK_CACHE, flags2=0)))
+    s = fs.sessions[-1]
+    assert s.writeback_cache and not (s.posix_locks or s.security_ctx or s.create_supp_group)
+    assert (s.major, s.max_write) == (abi.FUSE_KERNEL_VERSION, ALL_KNOBS.max_write)
 
 
 def test_knobs_not_granted_by_an_old_guest() -> None:
@@ -560,9 +579,9 @@ def test_setattr_decodes_every_field() -> None:
     _, _, nodeid, attr = last(fs)
     assert nodeid == HELLO
     assert attr == SetAttr(
-        valid=valid, fh=33, mode=0o104755, uid=1001, gid=1002, size=4096,
+        mode=0o104755, uid=1001, gid=1002, size=4096,
         atime_ns=10 * 10**9 + 5, mtime_ns=-2 * 10**9 + 999_999_999, ctime_ns=3 * 10**9 + 1,
-        lock_owner=0xABC, kill_suidgid=True,
+        fh=33, lock_owner=0xABC, kill_suidgid=True,
     )  # fmt: skip
 
 
@@ -572,14 +591,8 @@ def test_setattr_now_and_unset_fields() -> None:
     args = setattr_args(valid, fh=33, atime=10, atimensec=2**32 - 1, mtime=7, lock_owner=5)
     assert call(d, request(abi.FUSE_SETATTR, args, nodeid=HELLO)).error == 0
     attr = last(fs)[3]
-    assert (attr.fh, attr.atime_ns, attr.mtime_ns, attr.lock_owner, attr.kill_suidgid) == (
-        None,
-        0,
-        7 * 10**9,
-        0,
-        False,
-    )
-    assert attr.valid == valid
+    # NOW wins over the given (and here invalid) time; unset fields stay None.
+    assert attr == SetAttr(atime_ns=NOW, mtime_ns=7 * 10**9)
 
 
 @pytest.mark.parametrize(
@@ -618,8 +631,8 @@ def test_write_split_across_many_buffers_is_zero_copy() -> None:
     assert n == 16 + 8
     assert abi.OUT_HEADER.unpack_from(writable[0]) == (24, 0, unique)
     assert abi.WRITE_OUT.unpack_from(writable[1]) == (len(payload), 0)
-    _, _, nodeid, fh, offset, bufs, wflags = last(fs)
-    assert (nodeid, fh, offset, wflags) == (HELLO, 102, 3, 0)
+    _, _, nodeid, fh, offset, bufs, kill_suidgid = last(fs)
+    assert (nodeid, fh, offset, kill_suidgid) == (HELLO, 102, 3, False)
     assert b"".join(bytes(b) for b in bufs) == payload
     assert [len(b) for b in bufs] == [1, 4096, 7, 12000 - 4096 - 88, len(data) - 12000]
     for b in bufs:  # views of the request's own buffers, no copy
@@ -635,7 +648,11 @@ def test_write_in_one_buffer_and_flags() -> None:
                   nodeid=HELLO)  # fmt: skip
     r = call(d, req, rsplit=())
     assert r.unpack(abi.WRITE_OUT) == (2, 0)
-    assert last(fs)[-1] == wflags and fs.nodes[HELLO].data == b"HEllo world"
+    assert last(fs)[-1] is True and fs.nodes[HELLO].data == b"HEllo world"
+    # Only FUSE_WRITE_KILL_SUIDGID reaches the backend (as kill_suidgid).
+    wflags = abi.FUSE_WRITE_LOCKOWNER | abi.FUSE_WRITE_CACHE
+    call(d, request(abi.FUSE_WRITE, write_args(7, 0, b"HE", flags=wflags), nodeid=HELLO))
+    assert last(fs)[-1] is False
     r = call(d, request(abi.FUSE_WRITE, write_args(7, 5, b""), nodeid=HELLO))
     assert r.unpack(abi.WRITE_OUT) == (0, 0) and last(fs)[5] == []
 
@@ -744,11 +761,11 @@ def test_setxattr_compat_layout_without_setxattr_ext() -> None:
     d, fs = make()
     args = abi.SETXATTR_IN_COMPAT.pack(5, 1) + b"user.new\0" + b"v\0l\xffe"
     assert call(d, request(abi.FUSE_SETXATTR, args, nodeid=HELLO)).n == 16
-    assert last(fs)[2:] == (HELLO, b"user.new", b"v\0l\xffe", 1, 0)
+    assert last(fs)[2:] == (HELLO, b"user.new", b"v\0l\xffe", 1, False)
     # empty value
     args = abi.SETXATTR_IN_COMPAT.pack(0, 2) + b"user.e\0"
     assert call(d, request(abi.FUSE_SETXATTR, args, nodeid=HELLO)).n == 16
-    assert last(fs)[2:] == (HELLO, b"user.e", b"", 2, 0)
+    assert last(fs)[2:] == (HELLO, b"user.e", b"", 2, False)
 
 
 def test_setxattr_ext_layout() -> None:
@@ -757,8 +774,7 @@ def test_setxattr_ext_layout() -> None:
     args = abi.SETXATTR_IN.pack(len(value), 0, abi.FUSE_SETXATTR_ACL_KILL_SGID, 0)
     args += b"system.posix_acl_access\0" + value
     assert call(d, request(abi.FUSE_SETXATTR, args, nodeid=HELLO), rsplit=(40, 50, 70)).n == 16
-    assert last(fs)[2:] == (HELLO, b"system.posix_acl_access", value, 0,
-                            abi.FUSE_SETXATTR_ACL_KILL_SGID)  # fmt: skip
+    assert last(fs)[2:] == (HELLO, b"system.posix_acl_access", value, 0, True)
     # the 8-byte layout is now misread: its name's NUL falls inside the 16-byte struct
     compat = abi.SETXATTR_IN_COMPAT.pack(3, 0) + b"user.k\0abc"
     n = len(fs.calls)
@@ -854,7 +870,12 @@ def test_ioctl_out_data() -> None:
     assert r.n == 16 + 16 + 8
     assert abi.IOCTL_OUT.unpack_from(r.body) == (0, 0, 0, 0)
     assert r.body[16:] == struct.pack("<q", 0x10)
-    assert last(fs)[2:] == (HELLO, 9, 0, FS_IOC_GETFLAGS, 0xDEADBEEF, b"", 8)
+    assert last(fs)[2:] == (HELLO, 9, False, FS_IOC_GETFLAGS, 0xDEADBEEF, b"", 8)
+    # A 32-bit caller (FUSE_IOCTL_32BIT, with COMPAT) reaches the backend as compat32.
+    compat = abi.FUSE_IOCTL_COMPAT | abi.FUSE_IOCTL_32BIT
+    call(d, request(abi.FUSE_IOCTL, ioctl_args(0x80046601, out_size=4, flags=compat),
+                    nodeid=HELLO))  # fmt: skip
+    assert last(fs)[2:5] == (HELLO, 9, True)
 
 
 def test_ioctl_in_data_split_and_negative_result() -> None:
@@ -864,7 +885,7 @@ def test_ioctl_in_data_split_and_negative_result() -> None:
                                              flags=abi.FUSE_IOCTL_DIR), nodeid=SUB)  # fmt: skip
     r = call(d, req, rsplit=(40, 72, 75))
     assert r.n == 32 and abi.IOCTL_OUT.unpack_from(r.body) == (-5, 0, 0, 0)
-    assert last(fs)[2:] == (SUB, 9, abi.FUSE_IOCTL_DIR, FS_IOC_SETFLAGS, 0xDEADBEEF,
+    assert last(fs)[2:] == (SUB, 9, False, FS_IOC_SETFLAGS, 0xDEADBEEF,
                             b"\1\2\3\4\5\6\7\x08", 0)  # fmt: skip
 
 

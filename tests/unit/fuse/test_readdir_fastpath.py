@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fuse_codec import ODD_STAT
+from test_fuse_codec import ODD_STAT, ref_entry
 
-from virtiofsd_py.fs.api import ROOT_ID, Context, Entry
+from virtiofsd_py.fs.api import ROOT_ID, Context, Entry, Opened
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fuse import abi, codec
 from virtiofsd_py.fuse.dispatcher import Dispatcher
@@ -28,7 +28,7 @@ names = st.binary(min_size=1, max_size=300).filter(lambda b: b"\0" not in b and 
 
 
 def _entry(nodeid: int = 5, timeout: float = 1.25) -> Entry:
-    return Entry(nodeid, 3, _STAT, timeout, 2.0, abi.FUSE_ATTR_SUBMOUNT)
+    return Entry(nodeid, 3, _STAT, timeout, 2.0, submount=True)
 
 
 @given(names, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 15))
@@ -49,9 +49,12 @@ def test_dirent_matches_generic_packing(name: bytes, ino: int, off: int, dtype: 
 def test_direntplus_matches_generic_packing(name: bytes, dot: bool, off: int) -> None:
     e = None if dot else _entry()
     size = abi.direntplus_size(len(name))
-    expect = bytearray(b"\xee" * (size + 8))
-    vals = codec.ZERO_ENTRY if e is None else codec.entry_values(e)
-    codec.pack_direntplus(memoryview(expect), 0, vals, 77, off, 4, name)
+    vals = (0,) * len(abi.ENTRY_OUT_FIELDS) if e is None else ref_entry(e)
+    rec = abi.DIRENTPLUS.pack(*vals, 77, off, len(name), 4) + name
+    expect = bytearray(rec.ljust(size, b"\0") + b"\xee" * 8)
+    generic = bytearray(b"\xee" * (size + 8))
+    assert codec.pack_direntplus(memoryview(generic), 0, e, 77, off, 4, name) == size
+    assert generic == expect
     got = bytearray(b"\xee" * (size + 8))
     packer = codec.DirentPacker(memoryview(got), size)
     assert packer.direntplus(0, e, 77, off, 4, name) == size
@@ -90,14 +93,15 @@ def test_write_create_out_matches_generic_packing(points: list[int]) -> None:
     total = 16 + body
     expect = (
         abi.OUT_HEADER.pack(total, 0, 9)
-        + abi.ENTRY_OUT.pack(*codec.entry_values(e))
-        + abi.OPEN_OUT.pack(42, 3, 0)
+        + abi.ENTRY_OUT.pack(*ref_entry(e))
+        + abi.OPEN_OUT.pack(42, abi.FOPEN_DIRECT_IO | abi.FOPEN_KEEP_CACHE, 0)
     )
+    opened = Opened(42, direct_io=True, keep_cache=True)
     bufs = _split(total, points)
-    assert codec.write_create_out(bufs, 9, e, 42, 3) == total
+    assert codec.write_create_out(bufs, 9, e, opened) == total
     assert b"".join(bufs) == expect
     with pytest.raises(codec.ReplyTooLarge):
-        codec.write_create_out([bytearray(16), bytearray(body - 1)], 9, e, 42, 3)
+        codec.write_create_out([bytearray(16), bytearray(body - 1)], 9, e, opened)
 
 
 @pytest.mark.parametrize("sizes", [[16], [40], [8, 8], [3, 20], [16, 100]])

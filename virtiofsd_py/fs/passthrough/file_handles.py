@@ -43,9 +43,6 @@ log = logging.getLogger("virtiofsd_py.passthrough")
 InodeFileHandles = Literal["never", "prefer", "mandatory"]
 MODES: Final = ("never", "prefer", "mandatory")
 
-#: Flags of the on-demand fd of a handle node: what the node's O_PATH fd was.
-NODE_FD_FLAGS: Final = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-
 
 class FileHandleError(OSError):
     """The shared directory cannot be served with ``--inode-file-handles=mandatory``."""
@@ -102,7 +99,7 @@ class InodeHandles:
         try:
             handle, mnt_id = linux.name_to_handle(root_fd)
             mount = self._mount_for(root_fd, mnt_id, stat.S_IFDIR)
-            os.close(mount.open(handle, NODE_FD_FLAGS))
+            os.close(mount.open(handle, linux.O_PATH_NOFOLLOW))
         except OSError as e:
             why = _why(e)
             if self.mode == "mandatory":

@@ -34,8 +34,9 @@ from types import TracebackType
 from typing import Final
 
 from virtiofsd_py.fs.api import ROOT_ID
-from virtiofsd_py.fs.passthrough.file_handles import NODE_FD_FLAGS, MountFd, NodeHandle
+from virtiofsd_py.fs.passthrough.file_handles import MountFd, NodeHandle
 from virtiofsd_py.fs.passthrough.owned import OwnedFd
+from virtiofsd_py.host.syscalls import O_PATH_NOFOLLOW
 
 #: (st_dev, st_ino, mount id)
 InodeKey = tuple[int, int, int]
@@ -126,7 +127,7 @@ class InodeData(OwnedFd):
         """False for a node migration could not find again (its requests fail)."""
         return self.fd >= 0 or self.handle is not None
 
-    def opened(self, flags: int = NODE_FD_FLAGS) -> NodeFd:
+    def opened(self, flags: int = O_PATH_NOFOLLOW) -> NodeFd:
         """The node's fd for one operation (``with node.opened() as fd``).
 
         A handle node is opened by handle (``flags``; O_PATH by default) and

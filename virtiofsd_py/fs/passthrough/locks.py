@@ -145,17 +145,7 @@ class LockTable:
     def setlk(self, fd: int, lock: Lock, *, sleep: bool) -> None:
         """F_OFD_SETLK; with ``sleep``, wait (interruptibly) until it is granted."""
         arg = flock_arg(lock)
-
-        def attempt() -> bool:
-            try:
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
-            except OSError as e:
-                if e.errno in _BUSY and sleep:
-                    return False
-                raise
-            return True
-
-        self._run(attempt, sleep)
+        self._take(lambda: fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg), sleep)
         if lock.type == fcntl.F_UNLCK:
             self._wake()
 
@@ -168,17 +158,8 @@ class LockTable:
             fcntl.flock(fd, fcntl.LOCK_UN)
             self._wake()
             return
-
-        def attempt() -> bool:
-            try:
-                fcntl.flock(fd, op | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in _BUSY and sleep:
-                    return False
-                raise
-            return True
-
-        self._run(attempt, sleep)
+        nonblocking = op | fcntl.LOCK_NB
+        self._take(lambda: fcntl.flock(fd, nonblocking), sleep)
 
     # -- waiting ----------------------------------------------------------------------
     def interrupt(self) -> None:
@@ -191,11 +172,20 @@ class LockTable:
         with self._cond:
             self._cond.notify_all()
 
-    def _run(self, attempt: Callable[[], bool], sleep: bool) -> None:
+    def _take(self, attempt: Callable[[], object], sleep: bool) -> None:
+        """``attempt()`` to take a lock without blocking; with ``sleep``, again
+        while it is held elsewhere (backing off) until it is granted or
+        ``interrupt`` ends the wait."""
         with self._cond:
             generation = self._generation
         delay = _BACKOFF_START
-        while not attempt():
+        while True:
+            try:
+                attempt()
+                return
+            except OSError as e:
+                if not sleep or e.errno not in _BUSY:
+                    raise
             with self._cond:
                 if self._generation == generation:
                     self._cond.wait(delay)
