@@ -31,11 +31,12 @@ from virtiofsd_py.fs.memory import MemoryFS, memory_fs_from_options
 from virtiofsd_py.fs.passthrough.creds import drop_supplementary_groups
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fs.passthrough.idmap import IdMap
-from virtiofsd_py.fs.passthrough.migration.load import MigrationConfig
+from virtiofsd_py.fs.passthrough.migration.config import MigrationConfig
+from virtiofsd_py.fs.passthrough.migration.migratable import PassthroughMigration
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
 from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
 from virtiofsd_py.host.fdbudget import FD_TABLE_AT_START, reserve_fd_table
-from virtiofsd_py.migration.envelope import DaemonState
+from virtiofsd_py.migration.envelope import StateProvider
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
 from virtiofsd_py.vhost.connection import VhostUserConnection
 from virtiofsd_py.virtio.runner import QueueRunner
@@ -198,17 +199,36 @@ def build_filesystem(opts: Options) -> PassthroughFS | MemoryFS:
                 preserve_noatime=opts.preserve_noatime,
                 uid_map=IdMap(opts.translate_uid),
                 gid_map=IdMap(opts.translate_gid),
-                migration=MigrationConfig(
-                    mode=opts.migration_mode,  # type: ignore[arg-type]
-                    on_error=opts.migration_on_error,  # type: ignore[arg-type]
-                    verify_handles=opts.migration_verify_handles,
-                    confirm_paths=opts.migration_confirm_paths,
-                ),
                 inode_file_handles=opts.inode_file_handles,  # type: ignore[arg-type]
             )
         )
     except OSError as e:
         raise StartupError(str(e)) from None
+
+
+def state_provider(
+    opts: Options,
+    dispatcher: Dispatcher,
+    fs: PassthroughFS | MemoryFS,
+    state_dir: tuple[str, int] | None,
+) -> StateProvider | None:
+    """What migrates the session and the tables; None for a backend that cannot
+    migrate (the memory one): the front-end is then offered no migration."""
+    if not isinstance(fs, PassthroughFS):
+        log.info("the %s backend cannot migrate: migration is not offered", opts.backend)
+        return None
+    config = MigrationConfig(
+        mode=opts.migration_mode,  # type: ignore[arg-type]
+        on_error=opts.migration_on_error,  # type: ignore[arg-type]
+        verify_handles=opts.migration_verify_handles,
+        confirm_paths=opts.migration_confirm_paths,
+    )
+    return StateProvider(
+        dispatcher,
+        PassthroughMigration(fs, config),
+        opts.shared_dir or "",
+        *(state_dir or (None, None)),
+    )
 
 
 def run(opts: Options) -> int:
@@ -293,12 +313,7 @@ async def serve(
             runner,
             BackendConfig(tag=opts.tag),
             on_reset=dispatcher.reset,
-            state=DaemonState(
-                dispatcher,
-                fs,
-                opts.shared_dir or "",
-                *(state_dir or (None, None)),
-            ),
+            state=state_provider(opts, dispatcher, fs, state_dir),
         )
         hooks.serving(lambda: backend.rings, fs)
         conn = VhostUserConnection(conn_sock, backend)
