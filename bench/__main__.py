@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             res_m = migstate.run_migstate(sizes, log=log)
             out["migration"] = [r.as_json() for r in res_m]
             report.append(
-                "== migration state (passthrough tables, DaemonState save/load) ==\n"
+                "== migration state (passthrough tables, StateProvider save/load) ==\n"
                 + table(*migstate.mig_table(res_m))
             )
     out["elapsed_s"] = time.monotonic() - t0

@@ -2,9 +2,9 @@
 
 A tree of N regular files (100 per directory) is looked up through the
 Filesystem API of one PassthroughFS (the source), so its inode table holds
-N + N/100 nodes; ``DaemonState.save`` serialises it and a second
+N + N/100 nodes; ``StateProvider.save`` serialises it and a second
 PassthroughFS on the same directory (the destination) ``load``\\ s it, finding
-every inode again (virtiofsd_py/migration/state.py, docs/migration-format.md).
+every inode again (virtiofsd_py/migration/envelope.py, docs/migration-format.md).
 
 Each size runs twice: nodes held as O_PATH fds (the default; skipped when
 RLIMIT_NOFILE cannot hold one fd per inode -- the 100k row on a machine whose
@@ -31,8 +31,9 @@ from bench.micro import new_workdir
 from virtiofsd_py.fs.api import Context
 from virtiofsd_py.fs.passthrough.file_handles import InodeFileHandles
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
+from virtiofsd_py.fs.passthrough.migration.migratable import PassthroughMigration
 from virtiofsd_py.fuse.dispatcher import Dispatcher
-from virtiofsd_py.migration.envelope import DaemonState
+from virtiofsd_py.migration.envelope import StateProvider
 
 CTX = Context(0, 0, 1)
 PER_DIR = 100
@@ -79,10 +80,10 @@ def make_tree(root: Path, files: int) -> None:
             (sub / f"f{i:03d}").touch()
 
 
-def _wait_prepared(fs: PassthroughFS) -> None:
+def _wait_prepared(migration: PassthroughMigration) -> None:
     """Join the preparation thread (an implementation detail: fine for a benchmark)."""
-    prep = getattr(fs, "_preparer", None)
-    thread = getattr(prep, "_thread", None)
+    prep = migration.preparer
+    thread = prep._thread if prep is not None else None
     if thread is not None:
         thread.join()
 
@@ -108,23 +109,24 @@ def measure(files: int, workdir: Path, handles: bool = False) -> MigResult:
             for f in range(min(PER_DIR, files - int(dname[1:]) * PER_DIR)):
                 src.lookup(CTX, d, f"f{f:03d}".encode())
         lookup_s = time.monotonic() - t
-        src_state = DaemonState(Dispatcher(src), src, str(share))
+        src_migration = PassthroughMigration(src)
+        src_state = StateProvider(Dispatcher(src), src_migration, str(share))
         t = time.monotonic()
         data = src_state.save()
         save_cold_s = time.monotonic() - t
         t = time.monotonic()
-        src.prepare_migration(True)
-        _wait_prepared(src)
+        src_state.log_all_changed(True)
+        _wait_prepared(src_migration)
         prepare_s = time.monotonic() - t
         t = time.monotonic()
         data = src_state.save()
         save_s = time.monotonic() - t
-        src.prepare_migration(False)
+        src_state.log_all_changed(False)
     finally:
         src.close()
     dst = PassthroughFS(PassthroughConfig(share, inode_file_handles=mode))
     try:
-        dst_state = DaemonState(Dispatcher(dst), dst, str(share))
+        dst_state = StateProvider(Dispatcher(dst), PassthroughMigration(dst), str(share))
         t = time.monotonic()
         dst_state.load(data)
         load_s = time.monotonic() - t

@@ -28,7 +28,8 @@ TAG = "share"
 
 
 #: ``--migration-on-error`` values measured (both daemons take the option):
-#: with guest-error ours finds the nodes after the switch-over (deferred_nodes.py).
+#: with guest-error ours finds the nodes after the switch-over
+#: (fs/passthrough/migration/deferred.py).
 ON_ERROR = ("abort", "guest-error")
 
 

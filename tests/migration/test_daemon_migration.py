@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import shlex
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,3 +185,26 @@ def test_dirty_log_of_a_running_daemon(sides: tuple[Side, Side], share: Path) ->
 def _dirty(fd: int, size: int) -> set[int]:
     with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
         return {i * 8 + b for i, byte in enumerate(m[:size]) for b in range(8) if byte >> b & 1}
+
+
+def test_memory_backend_offers_no_migration(tmp_path: Path) -> None:
+    """Its tables cannot move: QEMU is told up front (no LOG_ALL, no DEVICE_STATE),
+    and so refuses to migrate, instead of the save failing at the switch-over."""
+    command = f"{shlex.quote(sys.executable)} -m virtiofsd_py --socket-path {{socket}}"
+    args = ["--backend", "memory", "--sandbox", "none", "--log-level", "debug"]
+    daemon = DaemonProcess(tmp_path / "unused", tmp_path / "run", template=command, extra_args=args)
+    daemon.start()
+    fe = VhostUserFrontend.connect(daemon.socket_path)
+    try:
+        fe.connect_and_start(queues=2, queue_size=256)
+        assert not fe.device_features & bit(VHOST_F_LOG_ALL)
+        assert not fe.has_protocol_feature(ProtocolFeature.DEVICE_STATE)
+        assert not fe.has_protocol_feature(ProtocolFeature.LOG_SHMFD)
+        FuseClient(fe).init()  # and it serves as before
+    finally:
+        fe.close()
+        status = daemon.wait(10)
+        if status is None:
+            daemon.kill()
+    assert status == 0, daemon.log()
+    assert "cannot migrate" in daemon.log()

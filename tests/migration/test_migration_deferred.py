@@ -1,7 +1,7 @@
 """Migrated nodes found after the switch-over (``--migration-on-error guest-error``).
 
 The destination installs placeholders, answers the load at once, and finds
-the nodes afterwards (virtiofsd_py/fs/deferred_nodes.py).  ``held`` keeps
+the nodes afterwards (virtiofsd_py/fs/passthrough/migration/deferred.py).  ``held`` keeps
 the background pass from starting, so that each test decides which node is
 still a placeholder when a request reaches it; the rest let it run.
 """
@@ -159,8 +159,8 @@ def test_migrating_on_finds_every_node_first(gpair: Pair, held: None) -> None:
     gpair.lookup("dir/sub/file")
     gpair.lookup("append")
     gpair.migrate()
-    doc = decode(gpair.dst_state.save())
-    assert all(i["path"] is not None for i in doc["fs"]["inodes"])
+    env = decode(gpair.dst_state.save())
+    assert all(i.path is not None for i in env.fs.inodes)
     assert not placeholders(gpair.dst)
 
 

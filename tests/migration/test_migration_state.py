@@ -2,7 +2,8 @@
 
 Source and destination are two PassthroughFS instances on the same host
 directory (as two daemons on one host are); the state goes through the real
-msgpack envelope of virtiofsd_py.migration.envelope.
+msgpack envelope of virtiofsd_py.migration.envelope.  Broken states are made
+by editing the plain msgpack data, as a hostile or buggy source would.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import pytest
 
 from virtiofsd_py.fs.api import Context, Lock
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughFS
-from virtiofsd_py.fs.passthrough.migration.load import MigrationConfig
+from virtiofsd_py.fs.passthrough.migration.config import MigrationConfig
+from virtiofsd_py.fs.passthrough.migration.migratable import PassthroughMigration
+from virtiofsd_py.fs.passthrough.migration.relock import LockRestorer
 from virtiofsd_py.fuse.dispatcher import Dispatcher
-from virtiofsd_py.migration.envelope import DaemonState, StateError, decode, encode
+from virtiofsd_py.migration.envelope import StateError, StateProvider, decode
 from virtiofsd_py.migration.inspect import describe
 
 CTX = Context(0, 0, 1)
@@ -32,6 +35,12 @@ O_RDWR = os.O_RDWR
 
 
 MakeFS = Callable[..., PassthroughFS]
+
+
+def provider(fs: PassthroughFS, share: object = "", **mig: object) -> StateProvider:
+    """The daemon's device state over ``fs``; ``mig``: ``--migration-*`` (MigrationConfig)."""
+    migration = PassthroughMigration(fs, MigrationConfig(**mig))  # type: ignore[arg-type]
+    return StateProvider(Dispatcher(fs), migration, str(share))
 
 
 @pytest.fixture
@@ -47,10 +56,10 @@ def share(tmp_path: Path) -> Path:
 
 class Pair:
     def __init__(self, make_fs: MakeFS, share: Path, **mig: Any) -> None:
-        self.src = make_fs(share, migration=MigrationConfig(**mig))
-        self.dst = make_fs(share, migration=MigrationConfig(**mig))
-        self.src_state = DaemonState(Dispatcher(self.src), self.src, str(share))
-        self.dst_state = DaemonState(Dispatcher(self.dst), self.dst, str(share))
+        self.src = make_fs(share)
+        self.dst = make_fs(share)
+        self.src_state = provider(self.src, share, **mig)
+        self.dst_state = provider(self.dst, share, **mig)
 
     def lookup(self, path: str) -> int:
         node = 1
@@ -109,12 +118,12 @@ def test_nodes_and_handles_keep_their_ids(pair: Pair, share: Path) -> None:
 
 def test_renamed_directory_is_found_at_its_new_path(pair: Pair, share: Path) -> None:
     f = pair.lookup("dir/sub/file")
-    pair.src.prepare_migration(True)  # paths prepared before the rename...
+    pair.src_state.log_all_changed(True)  # paths prepared before the rename...
     pair.src.rename(CTX, 1, b"dir", 1, b"moved", 0)  # ...are stale after it
     pair.migrate()
     st = pair.dst.getattr(CTX, f, None).attr
     assert st.st_ino == (share / "moved" / "sub" / "file").stat().st_ino
-    pair.src.prepare_migration(False)
+    pair.src_state.log_all_changed(False)
 
 
 def test_unlinked_flag_with_prepared_paths(share: Path, make_pair: MakePair) -> None:
@@ -125,13 +134,13 @@ def test_unlinked_flag_with_prepared_paths(share: Path, make_pair: MakePair) -> 
         kept = p.lookup("dir/sub/file")
         g = p.lookup("gone")
         fh = p.src.open(CTX, g, O_RDWR).fh
-        p.src.prepare_migration(True)
+        p.src_state.log_all_changed(True)
         p.src.unlink(CTX, 1, b"gone")
-        doc = decode(p.src_state.save())
-        p.src.prepare_migration(False)
-        entries = {i["id"]: i for i in doc["fs"]["inodes"]}
-        assert entries[kept]["path"] == b"dir/sub/file" and not entries[kept]["unlinked"]
-        assert entries[g]["path"] is None and entries[g]["unlinked"]
+        env = decode(p.src_state.save())
+        p.src_state.log_all_changed(False)
+        entries = {i.id: i for i in env.fs.inodes}
+        assert entries[kept].path == b"dir/sub/file" and not entries[kept].unlinked
+        assert entries[g].path is None and entries[g].unlinked
         p.src.release(CTX, g, fh, O_RDWR)
     finally:
         p.close()
@@ -152,9 +161,9 @@ def test_unlinked_open_file_with_file_handles(share: Path, make_pair: MakePair) 
         g = p.lookup("gone")
         fh = p.src.open(CTX, g, O_RDWR).fh
         p.src.unlink(CTX, 1, b"gone")
-        doc = decode(p.migrate())
-        (entry,) = [i for i in doc["fs"]["inodes"] if i["id"] == g]
-        assert entry["path"] is None and entry["unlinked"] and entry["handle"]
+        env = decode(p.migrate())
+        (entry,) = [i for i in env.fs.inodes if i.id == g]
+        assert entry.path is None and entry.unlinked and entry.handle
         buf = bytearray(17)
         assert p.dst.read(CTX, g, fh, 0, 17, [memoryview(buf)]) == 17
         assert bytes(buf) == b"unlinked but open"
@@ -175,9 +184,9 @@ def test_unlinked_file_without_a_handle_fails_or_becomes_eio(
             i["handle"] = None  # as a source that cannot make file handles
         with pytest.raises(StateError, match="inode"):
             p.dst_state.load(msgpack.packb(doc))
-        guest_error = make_fs(share, migration=MigrationConfig(on_error="guest-error"))
+        guest_error = make_fs(share)
         try:
-            DaemonState(Dispatcher(guest_error), guest_error, "").load(msgpack.packb(doc))
+            provider(guest_error, on_error="guest-error").load(msgpack.packb(doc))
             with pytest.raises(OSError):
                 guest_error.getattr(CTX, g, None)
             # Everything else still works.
@@ -212,8 +221,8 @@ def test_locks_are_taken_again_once_the_source_lets_go(share: Path, make_pair: M
         f = p.lookup("dir/sub/file")
         ffh = p.src.open(CTX, f, O_RDWR).fh
         p.src.setlk(CTX, f, ffh, 0, Lock(0, 0, fcntl.F_WRLCK), sleep=False, flock=True)
-        doc = decode(p.migrate())
-        assert {(lk["inode"], lk["flock"]) for lk in doc["fs"]["locks"]} == {(a, False), (f, True)}
+        env = decode(p.migrate())
+        assert {(lk.inode, lk.flock) for lk in env.fs.locks} == {(a, False), (f, True)}
         p.src.close()  # the source daemon exits: its locks go, the destination's come
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -265,7 +274,7 @@ def test_malformed_states_are_refused(pair: Pair, mutate) -> None:  # type: igno
     assert len(pair.dst.inodes) == 1  # nothing was installed
 
 
-@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x93\x01\x02", encode({"format": 1})[:-1]])
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x93\x01\x02", msgpack.packb({"format": 1})[:-1]])
 def test_garbage_is_refused(pair: Pair, data: bytes) -> None:
     with pytest.raises(StateError):
         pair.dst_state.load(data)
@@ -369,7 +378,9 @@ def test_rejected_state_is_kept_for_inspection(pair: Pair, tmp_path: Path) -> No
     doc["fs"]["inodes"][0]["path"] = b"no/such/file"
     doc["fs"]["inodes"][0]["handle"] = None
     data = msgpack.packb(doc)
-    keeper = DaemonState(Dispatcher(pair.dst), pair.dst, "", dump_dir=str(tmp_path))
+    keeper = StateProvider(
+        Dispatcher(pair.dst), PassthroughMigration(pair.dst), "", dump_dir=str(tmp_path)
+    )
     with pytest.raises(StateError, match="inspect-state") as e:
         keeper.load(data)
     (kept,) = tmp_path.glob("virtiofsd-py-rejected-state-*")
@@ -387,7 +398,7 @@ def test_destroy_stops_waiting_for_the_sources_locks(share: Path, make_pair: Mak
         p.src.setlk(CTX, a, fh, 0xAB, Lock(0, 9, fcntl.F_WRLCK), sleep=False, flock=False)
         p.migrate()
         restorer = p.dst.lock_restorer
-        assert restorer is not None
+        assert isinstance(restorer, LockRestorer)
         p.dst.destroy()
         assert p.dst.lock_restorer is None
         assert restorer._thread is not None and not restorer._thread.is_alive()

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from virtiofsd_py.app.errors import StartupError, describe
 from virtiofsd_py.app.options import Options
 from virtiofsd_py.confine.sandbox import SandboxView
-from virtiofsd_py.fs.api import Filesystem
+from virtiofsd_py.fs.api import Filesystem, Migratable
 from virtiofsd_py.fs.memory import MemoryConfig, MemoryFS
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fs.passthrough.idmap import IdMap
-from virtiofsd_py.fs.passthrough.migration.load import MigrationConfig
+from virtiofsd_py.fs.passthrough.migration.config import MigrationConfig
+from virtiofsd_py.fs.passthrough.migration.migratable import PassthroughMigration
+from virtiofsd_py.fs.passthrough.migration.schema import PassthroughState
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
 from virtiofsd_py.fs.readonly import ReadOnlyFS
 from virtiofsd_py.fuse.dispatcher import FuseConfig
@@ -46,6 +48,8 @@ class Backend:
     fd_dir: str
     #: None: the back-end keeps no tables worth showing.
     tables: TableSizes | None = None
+    #: How its tables migrate; None: it cannot, and no migration is offered.
+    migration: Migratable[PassthroughState] | None = None
 
 
 def fuse_config(opts: Options, readdirplus: bool) -> FuseConfig:
@@ -85,12 +89,6 @@ def passthrough_fs(opts: Options, view: SandboxView) -> PassthroughFS:
             preserve_noatime=opts.preserve_noatime,
             uid_map=IdMap(opts.translate_uid),
             gid_map=IdMap(opts.translate_gid),
-            migration=MigrationConfig(
-                mode=opts.migration_mode,
-                on_error=opts.migration_on_error,
-                verify_handles=opts.migration_verify_handles,
-                confirm_paths=opts.migration_confirm_paths,
-            ),
             inode_file_handles=opts.inode_file_handles,
         )
     )
@@ -121,4 +119,13 @@ def build(opts: Options, view: SandboxView) -> Backend:
         fuse_config(opts, fs.policy.readdirplus),
         view.proc_self_fd,
         TableSizes(fs.inodes.__len__, fs.handles.__len__),
+        PassthroughMigration(
+            fs,
+            MigrationConfig(
+                mode=opts.migration_mode,
+                on_error=opts.migration_on_error,
+                verify_handles=opts.migration_verify_handles,
+                confirm_paths=opts.migration_confirm_paths,
+            ),
+        ),
     )

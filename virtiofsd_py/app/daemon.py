@@ -19,7 +19,7 @@ from virtiofsd_py.app.options import Options
 from virtiofsd_py.app.startup import Started, start_daemon
 from virtiofsd_py.confine.sandbox import FORWARDED_SIGNALS, exit_like
 from virtiofsd_py.fuse.dispatcher import Dispatcher
-from virtiofsd_py.migration.envelope import DaemonState
+from virtiofsd_py.migration.envelope import StateProvider
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
 from virtiofsd_py.vhost.connection import VhostUserConnection
 from virtiofsd_py.virtio.runner import QueueRunner
@@ -76,15 +76,21 @@ async def serve(opts: Options, started: Started) -> int:
             may_block=dispatcher.may_block,
             interrupt=fs.interrupt_waits,
         )
+        if served.migration is None:
+            log.info("the %s backend cannot migrate: migration is not offered", opts.backend)
         backend = VhostUserBackend(
             runner,
             BackendConfig(tag=opts.tag),
             on_reset=dispatcher.reset,
-            state=DaemonState(
-                dispatcher,
-                fs,
-                opts.shared_dir or "",
-                *(state_dir or (None, None)),
+            state=(
+                StateProvider(
+                    dispatcher,
+                    served.migration,
+                    opts.shared_dir or "",
+                    *(state_dir or (None, None)),
+                )
+                if served.migration is not None
+                else None
             ),
         )
         hooks.serving(lambda: backend.rings, served.fd_dir, served.tables)

@@ -30,7 +30,7 @@ from virtiofsd_py.confine.sandbox import SandboxMode
 from virtiofsd_py.fs.cache import CacheMode
 from virtiofsd_py.fs.passthrough.file_handles import InodeFileHandles
 from virtiofsd_py.fs.passthrough.idmap import IdMap, IdMapError
-from virtiofsd_py.fs.passthrough.migration.load import MigrationMode, OnError
+from virtiofsd_py.fs.passthrough.migration.config import MigrationMode, OnError
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap, XattrMapError
 from virtiofsd_py.host.capabilities import CapabilityError
 

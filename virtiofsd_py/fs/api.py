@@ -33,7 +33,7 @@ import os
 import stat as stat_mod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import ClassVar, Final, Protocol, TypeVar
 
 ROOT_ID = 1
 
@@ -539,20 +539,28 @@ class Filesystem:
         requests, e.g. before migration): a lock wait must not hold it up.
         """
 
-    # -- migration ----------------------------------------------------------------
-    # The daemon's tables travel to the destination daemon inside QEMU's
-    # migration stream (virtiofsd_py/migration, docs/migration-format.md).
+
+S = TypeVar("S")
+
+
+class Migratable(Protocol[S]):
+    """A backend whose tables can move to another daemon (live migration).
+
+    Not every backend can: the daemon offers migration to the front-end only
+    for one that has this (vhost-user.rst, "Migrating back-end state").  ``S``
+    is the backend's typed state; the daemon carries it inside QEMU's
+    migration stream (virtiofsd_py/migration, docs/migration-format.md).
+    """
+
     def prepare_migration(self, enabled: bool) -> None:
         """Migration starts (True) or is cancelled (False): warm up or stop."""
 
-    def export_state(self) -> dict[str, Any]:
-        """The backend's tables as plain msgpack-able data (device suspended)."""
-        raise enosys("migration")
+    def export_state(self) -> S:
+        """The backend's tables (called while the device is suspended)."""
 
-    def import_state(self, state: dict[str, Any]) -> None:
-        """Rebuild the tables from ``export_state`` output of another daemon.
+    def import_state(self, state: S) -> None:
+        """Rebuild the tables from another daemon's ``export_state``.
 
         Raises ``OSError``/``ValueError`` with a clear message when the state
         is unusable; on success node ids and fh values are those of the source.
         """
-        raise enosys("migration")

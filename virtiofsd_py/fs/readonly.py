@@ -274,13 +274,3 @@ class ReadOnlyFS(Filesystem):
         flags: int,
     ) -> int:
         raise _erofs()
-
-    # -- migration: the backend's tables move, the share does not change ------
-    def prepare_migration(self, enabled: bool) -> None:
-        self.inner.prepare_migration(enabled)
-
-    def export_state(self) -> dict[str, Any]:
-        return self.inner.export_state()
-
-    def import_state(self, state: dict[str, Any]) -> None:
-        self.inner.import_state(state)

@@ -6,12 +6,14 @@ docs/migration-format.md)::
     {"format": "virtiofsd-py/device-state", "version": 1,
      "source": {...},            # who wrote it, for humans and logs
      "fuse": {...} | None,       # the negotiated FUSE session (Dispatcher)
-     "fs": {...}}                # the backend's tables (Filesystem.export_state)
+     "fs": {...}}                # the backend's tables (fs/passthrough/migration/schema.py)
 
-``DaemonState`` is the ``DeviceState`` the vhost-user back-end calls: ``save``
-on the source while the device is suspended, ``load`` on the destination.
-Decoding is strict: anything that is not exactly a state of a version we know
-is refused with a message naming what is wrong, before any of it is used.
+``Envelope`` is that map typed; ``decode`` is the one way from bytes to it
+and is strict: anything that is not exactly a state of a version we know is
+refused with a message naming what is wrong, before any of it is used.
+``StateProvider`` is what the vhost-user back-end calls for it (its
+``DeviceState``): ``save`` on the source while the device is suspended,
+``load`` on the destination.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
 
-from virtiofsd_py.fs.api import Filesystem
-from virtiofsd_py.fuse.dispatcher import Dispatcher
+from virtiofsd_py.fs.api import Migratable
+from virtiofsd_py.fs.passthrough.migration import schema
+from virtiofsd_py.fs.passthrough.migration.schema import MigrationError, PassthroughState
+from virtiofsd_py.fuse.dispatcher import Dispatcher, SessionState
 
 log = logging.getLogger("virtiofsd_py.migration")
 
@@ -40,13 +45,46 @@ class StateError(ValueError):
     """A device state that cannot be loaded; the message says why."""
 
 
-def encode(doc: dict[str, Any]) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Who wrote the state: for logs and humans only (a field of the wrong type is None)."""
+
+    host: str | None
+    pid: int | None
+    shared_dir: str | None
+    time: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One device state of ``VERSION``."""
+
+    source: Source
+    #: The negotiated FUSE session; None if the guest had not mounted.
+    fuse: SessionState | None
+    fs: PassthroughState
+
+
+def encode(env: Envelope) -> bytes:
+    src = env.source
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": {
+            "host": src.host,
+            "pid": src.pid,
+            "shared_dir": src.shared_dir,
+            "time": src.time,
+        },
+        "fuse": None if env.fuse is None else env.fuse.to_dict(),
+        "fs": schema.encode(env.fs),
+    }
     data: bytes = msgpack.packb(doc, use_bin_type=True)
     return data
 
 
-def decode(data: bytes) -> dict[str, Any]:
-    """Parse and check the envelope of a saved state."""
+def decode(data: bytes) -> Envelope:
+    """Parse and check a saved state (StateError if it is not one we can load)."""
     if not data:
         raise StateError("empty device state")
     try:
@@ -74,22 +112,43 @@ def decode(data: bytes) -> dict[str, Any]:
     fuse = doc.get("fuse")
     if fuse is not None and not isinstance(fuse, dict):
         raise StateError("device state: bad FUSE session")
-    return doc
+    try:
+        session = None if fuse is None else SessionState.from_dict(fuse)
+    except ValueError as e:
+        raise StateError(f"device state: bad FUSE session: {e}") from None
+    try:
+        tables = schema.decode(doc["fs"])
+    except MigrationError as e:
+        raise StateError(str(e)) from None
+    return Envelope(_source(doc.get("source")), session, tables)
 
 
-class DaemonState:
-    """Save/load of the dispatcher session and backend tables (``DeviceState``)."""
+def _source(raw: object) -> Source:
+    d: dict[Any, Any] = raw if isinstance(raw, dict) else {}
+
+    def typed(key: str, *kinds: type) -> Any:
+        value = d.get(key)
+        return value if type(value) in kinds else None
+
+    return Source(
+        typed("host", str), typed("pid", int), typed("shared_dir", str), typed("time", float, int)
+    )
+
+
+class StateProvider:
+    """The vhost-user back-end's ``DeviceState``: the dispatcher's session and a
+    backend's tables, in one ``Envelope``."""
 
     def __init__(
         self,
         dispatcher: Dispatcher,
-        fs: Filesystem,
+        backend: Migratable[PassthroughState],
         shared_dir: str,
         dump_dir: str | None = None,
         dump_dir_fd: int | None = None,
     ) -> None:
         self.dispatcher = dispatcher
-        self.fs = fs
+        self.backend = backend
         self.shared_dir = shared_dir
         #: Where a state that could not be loaded is kept for inspection (the
         #: fd, opened before the sandbox, reaches it from inside; the path is
@@ -108,26 +167,15 @@ class DaemonState:
         return data
 
     def _save(self) -> bytes:
-        doc = {
-            "format": FORMAT,
-            "version": VERSION,
-            "source": {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "shared_dir": self.shared_dir,
-                "time": time.time(),
-            },
-            "fuse": self.dispatcher.export_session(),
-            "fs": self.fs.export_state(),
-        }
-        return encode(doc)
+        source = Source(socket.gethostname(), os.getpid(), self.shared_dir, time.time())
+        return encode(Envelope(source, self.dispatcher.session, self.backend.export_state()))
 
     def load(self, data: bytes) -> None:
         t0, c0 = time.monotonic(), time.thread_time()
         try:
             with gc_paused():
-                doc = decode(data)
-                self.fs.import_state(doc["fs"])
+                env = decode(data)
+                self.backend.import_state(env.fs)
         except (StateError, OSError, ValueError, TypeError, LookupError, ArithmeticError) as e:
             path = dump_rejected(data, self.dump_dir, self.dump_dir_fd)
             raise StateError(
@@ -138,15 +186,14 @@ class DaemonState:
                     else ""
                 )
             ) from e
-        self.dispatcher.restore_session(doc["fuse"])
-        src = doc.get("source", {})
+        self.dispatcher.restore_session(None if env.fuse is None else env.fuse.to_dict())
         log.info(
             "device state from %s pid %s loaded in %.3f s (cpu %.3f s)",
-            src.get("host"), src.get("pid"), time.monotonic() - t0, time.thread_time() - c0,
+            env.source.host, env.source.pid, time.monotonic() - t0, time.thread_time() - c0,
         )  # fmt: skip
 
     def log_all_changed(self, enabled: bool) -> None:
-        self.fs.prepare_migration(enabled)
+        self.backend.prepare_migration(enabled)
 
 
 @contextlib.contextmanager

@@ -2,69 +2,63 @@
 
 For debugging failed migrations: the destination keeps a state it could not
 load and names the file in its log; this prints what it holds (session,
-inodes with their paths and file handles, open handles, locks).
+inodes with their paths and file handles, open handles, locks), or, for a
+state that cannot even be decoded, what is wrong with it.
 """
 
 from __future__ import annotations
 
 import stat
 import sys
-from typing import Any
 
-from virtiofsd_py.migration.envelope import StateError, decode
+from virtiofsd_py.migration.envelope import FORMAT, VERSION, Envelope, StateError, decode
 
 
-def _name(value: Any) -> str:
+def _name(value: bytes | str | int | float | None) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
     return "-" if value is None else str(value)
 
 
-def describe(doc: dict[str, Any]) -> str:
+def describe(env: Envelope) -> str:
     out: list[str] = []
-    src = doc.get("source", {})
-    out.append(f"format {doc['format']} version {doc['version']}")
+    src = env.source
+    out.append(f"format {FORMAT} version {VERSION}")
     out.append(
-        f"source: host {src.get('host')} pid {src.get('pid')} shared dir {src.get('shared_dir')}"
+        f"source: host {_name(src.host)} pid {_name(src.pid)} shared dir {_name(src.shared_dir)}"
     )
-    fuse = doc.get("fuse")
-    if fuse:
+    fuse = env.fuse
+    if fuse is not None:
         out.append(
-            f"FUSE session: {fuse.get('major')}.{fuse.get('minor')} flags {fuse.get('flags', 0):#x}"
-            f" max_write {fuse.get('max_write')}"
+            f"FUSE session: {fuse.major}.{fuse.minor} flags {fuse.flags:#x}"
+            f" max_write {fuse.max_write}"
         )
     else:
         out.append("FUSE session: none (guest had not mounted)")
-    fs = doc["fs"]
-    inodes = fs.get("inodes", [])
-    handles = fs.get("handles", [])
-    locks = fs.get("locks", [])
-    counts = f"{len(inodes)} inodes, {len(handles)} handles, {len(locks)} locks"
-    out.append(f"backend {fs.get('kind')}: {counts}")
+    fs = env.fs
+    counts = f"{len(fs.inodes)} inodes, {len(fs.handles)} handles, {len(fs.locks)} locks"
+    out.append(f"backend passthrough: {counts}")
     out.append(
         f"{'node':>8} {'lookups':>8} {'type':4} {'dev:ino':>20}  path / parent+name / handle"
     )
-    for ino in inodes:
-        key = ino.get("key") or [0, 0, 0]
-        kind = stat.filemode(ino.get("mode", 0))[0]
-        where = ino.get("path")
-        where = (
-            _name(where) if where is not None else f"{ino.get('parent')}/{_name(ino.get('name'))}"
-        )
-        if ino.get("handle"):
+    for ino in fs.inodes:
+        dev, inum = ino.key[:2] if ino.key is not None else ("-", "-")
+        kind = stat.filemode(ino.mode)[0]
+        where = _name(ino.path) if ino.path is not None else f"{ino.parent}/{_name(ino.name)}"
+        if ino.handle is not None:
             where += "  [file handle]"
-        if ino.get("unlinked"):
+        if ino.unlinked:
             where += "  (unlinked)"
+        out.append(f"{ino.id:>8} {ino.lookups:>8} {kind:4} {dev:>10}:{inum:<9}  {where}")
+    for h in fs.handles:
+        out.append(f"handle {h.fh}: node {h.inode} flags {h.flags:#o}")
+    for lk in fs.locks:
         out.append(
-            f"{ino.get('id'):>8} {ino.get('lookups'):>8} {kind:4} {key[0]:>10}:{key[1]:<9}  {where}"
+            f"lock node {lk.inode} owner {lk.owner:#x} type {lk.type}"
+            f" [{lk.start}, {lk.end}]{' flock' if lk.flock else ''}"
         )
-    for h in handles:
-        out.append(f"handle {h.get('fh')}: node {h.get('inode')} flags {h.get('flags', 0):#o}")
-    for lk in locks:
-        out.append(
-            f"lock node {lk.get('inode')} owner {lk.get('owner'):#x} type {lk.get('type')}"
-            f" [{lk.get('start')}, {lk.get('end')}]{' flock' if lk.get('flock') else ''}"
-        )
+    for reason in fs.skipped_locks:
+        out.append(f"lock left out: {reason}")
     return "\n".join(out)
 
 

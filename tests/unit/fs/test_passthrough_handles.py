@@ -18,10 +18,12 @@ from virtiofsd_py.fs.passthrough.creds import DropCap
 from virtiofsd_py.fs.passthrough.file_handles import FileHandleError
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fs.passthrough.inodes import InodeData
-from virtiofsd_py.fs.passthrough.migration.load import MigrationConfig, _path_of, _root_path
+from virtiofsd_py.fs.passthrough.migration.config import MigrationConfig
+from virtiofsd_py.fs.passthrough.migration.export import path_of
+from virtiofsd_py.fs.passthrough.migration.migratable import PassthroughMigration
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.host import syscalls as linux
-from virtiofsd_py.migration.envelope import DaemonState, decode
+from virtiofsd_py.migration.envelope import StateProvider, decode
 
 CTX = Context(uid=0, gid=0, pid=1)
 CAP_DAC_READ_SEARCH = 2
@@ -266,8 +268,7 @@ def test_directory_renamed_on_the_host(fs: PassthroughFS, share: Path) -> None:
     (share / "elsewhere/sub/late").write_bytes(b"late")
     assert fs.lookup(CTX, d, b"late").attr.st_size == 4
     assert fs.getattr(CTX, f, None).attr.st_size == 11
-    root = _root_path(fs)
-    assert _path_of(fs, node(fs, f), root) == b"elsewhere/sub/file"
+    assert path_of(fs, node(fs, f), fs.share_root()) == b"elsewhere/sub/file"
 
 
 def test_handle_node_outside_the_share_after_a_host_move(
@@ -373,8 +374,8 @@ def test_migration_with_handle_nodes(
     share: Path, mig_mode: str, src_mode: str, dst_mode: str
 ) -> None:
     mig = MigrationConfig(mode=mig_mode)  # type: ignore[arg-type]
-    src = make_fs(share, src_mode, migration=mig)
-    dst = make_fs(share, dst_mode, migration=mig)
+    src = make_fs(share, src_mode)
+    dst = make_fs(share, dst_mode)
     try:
         f = walk(src, "dir/sub/file")
         link = walk(src, "link")
@@ -382,14 +383,13 @@ def test_migration_with_handle_nodes(
         g = walk(src, "file")
         gfh = src.open(CTX, g, os.O_RDWR).fh
         os.unlink(share / "file")  # unlinked but open: found by handle
-        data = DaemonState(Dispatcher(src), src, str(share)).save()
-        doc = decode(data)
-        by_id = {i["id"]: i for i in doc["fs"]["inodes"]}
-        assert by_id[f]["path"] == b"dir/sub/file"
-        assert by_id[g]["path"] is None and by_id[g]["handle"] == node(src, g).handle
+        data = StateProvider(Dispatcher(src), PassthroughMigration(src, mig), str(share)).save()
+        by_id = {i.id: i for i in decode(data).fs.inodes}
+        assert by_id[f].path == b"dir/sub/file"
+        assert by_id[g].path is None and by_id[g].handle == node(src, g).handle
         if mig_mode == "file-handles":
-            assert by_id[f]["handle"] == node(src, f).handle
-        DaemonState(Dispatcher(dst), dst, str(share)).load(data)
+            assert by_id[f].handle == node(src, f).handle
+        StateProvider(Dispatcher(dst), PassthroughMigration(dst, mig), str(share)).load(data)
         for i in (f, link, g):
             n = node(dst, i)
             assert (n.handle is not None) == (dst_mode == "prefer")

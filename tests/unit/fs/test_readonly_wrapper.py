@@ -185,24 +185,3 @@ def test_locks_and_release_keyword_are_forwarded() -> None:
         ("release", 2, 3, 0, {"lock_owner": 9}),
         ("interrupt",),
     ]
-
-
-def test_migration_is_the_backends() -> None:
-    """The backend's tables travel (nothing in the share changes by that)."""
-    calls: list[Any] = []
-
-    class Migrating(Filesystem):
-        def prepare_migration(self, enabled: bool) -> None:
-            calls.append(enabled)
-
-        def export_state(self) -> dict[str, Any]:
-            return {"kind": "test"}
-
-        def import_state(self, state: dict[str, Any]) -> None:
-            calls.append(state)
-
-    ro = ReadOnlyFS(Migrating())
-    ro.prepare_migration(True)
-    assert ro.export_state() == {"kind": "test"}
-    ro.import_state({"kind": "test"})
-    assert calls == [True, {"kind": "test"}]

@@ -18,18 +18,17 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from virtiofsd_py.fs.api import ROOT_ID, Context, Entry, Filesystem, Opened, SessionInfo, fs_error
 from virtiofsd_py.fs.cache import CacheMode, CachePolicy
 from virtiofsd_py.fs.passthrough.creds import CAP_FSETID, Credentials, DropCap
 from virtiofsd_py.fs.passthrough.file_handles import InodeFileHandles, InodeHandles
+from virtiofsd_py.fs.passthrough.hooks import PendingNodes, Stoppable
 from virtiofsd_py.fs.passthrough.idmap import IdMap
 from virtiofsd_py.fs.passthrough.inodes import InodeData, InodeTable
 from virtiofsd_py.fs.passthrough.locks import LockTable
-from virtiofsd_py.fs.passthrough.migration.deferred import DeferredNodes
-from virtiofsd_py.fs.passthrough.migration.load import LockRestorer, MigrationConfig, Preparer
 from virtiofsd_py.fs.passthrough.open_files import HandleTable
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
 from virtiofsd_py.host import syscalls as linux
@@ -81,8 +80,6 @@ class PassthroughConfig:
     #: ``--translate-uid`` / ``--translate-gid``.
     uid_map: IdMap | None = None
     gid_map: IdMap | None = None
-    #: ``--migration-*``.
-    migration: MigrationConfig = field(default_factory=MigrationConfig)
     #: ``--inode-file-handles``: nodes as file handles instead of O_PATH fds.
     inode_file_handles: InodeFileHandles = "never"
 
@@ -126,7 +123,6 @@ class PassthroughCore(Filesystem):
         self._supp_group_ext = False
         self._uid_map = config.uid_map if config.uid_map else None
         self._gid_map = config.gid_map if config.gid_map else None
-        self.migration = config.migration
         #: Guest fd budget (CVE-2020-10717): nodes + handles + lock OFDs the
         #: guest may make us hold; past it requests get ENFILE and the daemon
         #: keeps the rest of RLIMIT_NOFILE for itself.
@@ -140,11 +136,10 @@ class PassthroughCore(Filesystem):
         )
         #: Guest renames/unlinks so far: prepared migration paths are stale after one.
         self.namespace_changes = 0
-        self._preparer: Preparer | None = None
         #: Migrated nodes still to be found after the switch-over (deferred_nodes.py).
-        self.deferred: DeferredNodes | None = None
+        self.deferred: PendingNodes | None = None
         #: Migrated locks still being taken again (the source may hold them a while).
-        self.lock_restorer: LockRestorer | None = None
+        self.lock_restorer: Stoppable | None = None
 
     def close(self) -> None:
         """Close every fd, the root's included (for tests and shutdown)."""
@@ -302,39 +297,57 @@ class PassthroughCore(Filesystem):
         self.handles.clear()
         self.inodes.clear()
 
-    def share_path(self, fd: int) -> bytes | None:
+    def share_path(
+        self, fd: int, root: bytes | None = None, *, ident: tuple[int, int] | None = None
+    ) -> bytes | None:
         """``fd``'s current path relative to the share (b"" for the share itself),
         or None when it lies outside (or is unlinked).
 
         The path the kernel shows for an fd cannot decide this alone: inside
         ``--sandbox chroot`` the share reads "/" and a directory a host process
         moved out of it reads as its host path, which starts with "/" too.  So
-        the path is walked again from the share, without following symlinks
-        or "..", and must lead to the same inode.
+        the path must lead from the share to the same inode again: walked one
+        component at a time without following symlinks or "..", which decides
+        whether an fd is inside the share.  A caller that knows the inode
+        already, as ``ident`` (st_dev, st_ino), wants only its path: one
+        fstatat from the share confirms it (migration's source, which needs the
+        path of every node at switch-over; the destination walks it strictly
+        itself).  ``root`` is ``share_root()``, for a caller asking about many fds.
         """
         root_fd = self.inodes.root.fd
         try:
-            root = os.readlink(self.proc_path(root_fd).encode())
+            if root is None:
+                root = self.share_root()
             where = os.readlink(self.proc_path(fd).encode())
-            st = os.fstat(fd)
         except OSError:
             return None
         prefix = root.rstrip(b"/") + b"/"
         if where == root:
-            rel, found = b"", os.dup(root_fd)
+            rel = b""
         elif where.startswith(prefix):
             rel = where[len(prefix) :]
-            try:
-                found = linux.open_beneath(root_fd, rel)
-            except OSError:
-                return None
         else:
             return None
         try:
-            other = os.fstat(found)
-        finally:
-            os.close(found)
-        return rel if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino) else None
+            if ident is not None:
+                found = os.stat(rel or b".", dir_fd=root_fd, follow_symlinks=False)
+                return rel if (found.st_dev, found.st_ino) == ident else None
+            st = os.fstat(fd)
+            if not rel:
+                found = os.fstat(root_fd)
+            else:
+                walked = linux.open_beneath(root_fd, rel)
+                try:
+                    found = os.fstat(walked)
+                finally:
+                    os.close(walked)
+        except OSError:
+            return None
+        return rel if (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino) else None
+
+    def share_root(self) -> bytes:
+        """The share's own path as this process reads it ("/" inside a chroot)."""
+        return os.readlink(self.proc_path(self.inodes.root.fd).encode())
 
     def _add_entry(self, p: InodeData, name: bytes, fd: int) -> Entry:
         """Count one lookup of the O_PATH ``fd`` found as ``name`` in ``p``; takes ``fd``."""

@@ -39,15 +39,11 @@ wraps it in ``ReadOnlyFS`` (fs/readonly.py).
 
 from __future__ import annotations
 
-from typing import Any
-
 from virtiofsd_py.fs.passthrough.attrs import AttrOps
 from virtiofsd_py.fs.passthrough.core import PassthroughConfig
 from virtiofsd_py.fs.passthrough.dirs import DirOps
 from virtiofsd_py.fs.passthrough.files import FileOps
 from virtiofsd_py.fs.passthrough.locking import LockOps
-from virtiofsd_py.fs.passthrough.migration import load as migration
-from virtiofsd_py.fs.passthrough.migration.load import Preparer
 from virtiofsd_py.fs.passthrough.names import NameOps
 from virtiofsd_py.fs.passthrough.xattrs import XattrOps
 
@@ -55,19 +51,7 @@ __all__ = ["PassthroughConfig", "PassthroughFS"]
 
 
 class PassthroughFS(NameOps, AttrOps, FileOps, DirOps, XattrOps, LockOps):
-    """``Filesystem`` over a host directory.  Thread-safe."""
+    """``Filesystem`` over a host directory.  Thread-safe.
 
-    def prepare_migration(self, enabled: bool) -> None:
-        if self._preparer is not None:
-            self._preparer.stop()
-            self._preparer = None
-        if enabled:
-            self._preparer = Preparer(self)
-            self._preparer.start()
-
-    def export_state(self) -> dict[str, Any]:
-        self.settle_migration()
-        return migration.export_state(self, self._preparer)
-
-    def import_state(self, state: dict[str, Any]) -> None:
-        migration.import_state(self, state)
+    Live migration of its tables is ``migration.migratable.PassthroughMigration``,
+    built on it (the core knows only the hooks in ``hooks.py``)."""

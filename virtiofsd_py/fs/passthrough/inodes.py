@@ -278,7 +278,7 @@ class InodeTable:
 
         The table must hold only the root.  Each node's ``parent`` must be the
         root or another node of ``nodes`` and the parent links must not form a
-        cycle (``passthrough_migration`` sanitises hostile states before this).
+        cycle (the migration schema's ``decode`` sees to it for any state).
         """
         with self._lock:
             if len(self._nodes) != 1:

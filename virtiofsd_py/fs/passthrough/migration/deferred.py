@@ -11,10 +11,10 @@ found during the load (docs/migration-format.md).
 
 What keeps this equal to finding everything at once:
 
-* A node is found exactly as the eager load finds it (``Loader.find``: by
-  handle or by path from the share, identity checked), on the same host and
-  file system only (``Loader.same_fs``), where handles and (st_dev, st_ino)
-  still name the same inodes.
+* A node is found exactly as the eager load finds it (``NodeFinder.find``:
+  by handle or by path from the share, identity checked), on the same host
+  and file system only (``NodeFinder.same_fs``), where handles and (st_dev,
+  st_ino) still name the same inodes.
 * Paths are the source's: a guest RENAME, UNLINK or RMDIR would change
   them, so each first finds every node left (``settle``).
 * A LOOKUP that reaches a placeholder's inode (same st_dev, st_ino as the
@@ -30,38 +30,36 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
 
+from virtiofsd_py.fs.passthrough.filesystem import PassthroughFS
 from virtiofsd_py.fs.passthrough.inodes import InodeData, InodeKey
 from virtiofsd_py.fs.passthrough.migration.background import Background
-
-if TYPE_CHECKING:
-    from virtiofsd_py.fs.passthrough.filesystem import PassthroughFS
-    from virtiofsd_py.fs.passthrough.migration.load import Loader
+from virtiofsd_py.fs.passthrough.migration.find import NodeFinder
+from virtiofsd_py.fs.passthrough.migration.schema import InodeState
 
 log = logging.getLogger("virtiofsd_py.migration")
 
 
 class DeferredNodes(Background):
-    """The placeholders of one load and the thread that finds them."""
+    """The placeholders of one load and the thread that finds them
+    (``PassthroughFS.deferred``, a ``hooks.PendingNodes``)."""
 
     name = "vfsd-migration-find"
 
     def __init__(
-        self, fs: PassthroughFS, loader: Loader, pending: dict[int, dict[str, Any]]
+        self, fs: PassthroughFS, finder: NodeFinder, pending: dict[int, InodeState]
     ) -> None:
         super().__init__()
         self.fs = fs
-        self.loader = loader
+        self.finder = finder
         #: node id -> its state entry, until found (or given up).
         self.pending = pending
         #: The source's (st_dev, st_ino) -> node ids, for LOOKUPs that reach them
         #: (more than one when the source had a stale file-handle node too).
         self.by_inode: dict[tuple[int, int], list[int]] = {}
-        for nodeid, d in pending.items():
-            key = d.get("key")
-            if type(key) is list and len(key) >= 2 and type(key[0]) is type(key[1]) is int:
-                self.by_inode.setdefault((key[0], key[1]), []).append(nodeid)
+        for nodeid, i in pending.items():
+            if i.key is not None:
+                self.by_inode.setdefault(i.key[:2], []).append(nodeid)
         self._lock = threading.Lock()
         #: Set once the background pass is over (every node found, or cancelled).
         self.finished = threading.Event()
@@ -89,36 +87,36 @@ class DeferredNodes(Background):
         self._close()
 
     def _close(self) -> None:
-        """No more finding: under the lock, so that no find is using the loader."""
+        """No more finding: under the lock, so that no find is using the finder."""
         with self._lock:
             self.pending.clear()
-            self.loader.close()
+            self.finder.close()
 
     def _find(self, nodeid: int) -> None:
         with self._lock:
             if self._stop.is_set():
                 return
-            d = self.pending.get(nodeid)
-            if d is None:
+            i = self.pending.get(nodeid)
+            if i is None:
                 return  # found by the other thread while this one waited
             try:
-                self._find_locked(nodeid, d)
+                self._find_locked(nodeid, i)
             finally:
                 # Only now: a request that saw the node pending waits on the lock.
                 del self.pending[nodeid]
 
-    def _find_locked(self, nodeid: int, d: dict[str, Any]) -> None:
-        loader = self.loader
+    def _find_locked(self, nodeid: int, i: InodeState) -> None:
+        finder = self.finder
         node = self.fs.inodes.get(nodeid)
         if node is None:
             return  # forgotten by the guest meanwhile
         try:
-            found = loader.find(d)
+            found = finder.find(i)
         except Exception as e:  # OSError, MigrationError; anything else is a bug, logged
-            loader.failed.append(loader.reason(d, e))
+            finder.failed.append(finder.reason(i, e))
             log.error(
                 "migration: %s; the guest gets errors for it",
-                loader.failed[-1],
+                finder.failed[-1],
                 exc_info=not isinstance(e, (OSError, ValueError)),
             )
             return
@@ -126,7 +124,7 @@ class DeferredNodes(Background):
             if found[0] >= 0:
                 os.close(found[0])
             return
-        loader.remember_dir(node, d)
+        finder.remember_dir(node, i)
 
     def _run(self) -> None:
         cpu = time.thread_time()
@@ -145,5 +143,5 @@ class DeferredNodes(Background):
             "%d unusable",
             time.monotonic() - self._started,
             time.thread_time() - cpu,
-            len(self.loader.failed),
+            len(self.finder.failed),
         )
