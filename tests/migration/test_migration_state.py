@@ -294,11 +294,11 @@ def test_paths_cannot_leave_the_share(pair: Pair, share: Path, path: bytes) -> N
 
 def handle_of(path: Path) -> bytes:
     """The file handle of ``path``; the test is skipped where there are none."""
-    from virtiofsd_py.host import syscalls as linux
+    from virtiofsd_py.host import syscalls
 
     fd = os.open(path, os.O_PATH)
     try:
-        return linux.name_to_handle(fd)[0]
+        return syscalls.name_to_handle(fd)[0]
     except OSError as e:
         pytest.skip(f"no file handles here: {e}")
     finally:
@@ -325,9 +325,9 @@ def test_file_handle_outside_the_share_is_refused(pair: Pair, share: Path) -> No
     ],
 )
 def test_malformed_file_handles_are_refused(pair: Pair, handle: bytes) -> None:
-    from virtiofsd_py.host import syscalls as linux
+    from virtiofsd_py.host import syscalls
 
-    assert not linux.well_formed_handle(handle)
+    assert not syscalls.well_formed_handle(handle)
     doc = state_doc(pair)
     for i in doc["fs"]["inodes"]:
         i["path"], i["handle"] = None, handle
@@ -336,9 +336,9 @@ def test_malformed_file_handles_are_refused(pair: Pair, handle: bytes) -> None:
 
 
 def test_own_file_handles_are_well_formed(share: Path) -> None:
-    from virtiofsd_py.host import syscalls as linux
+    from virtiofsd_py.host import syscalls
 
-    assert linux.well_formed_handle(handle_of(share / "append"))
+    assert syscalls.well_formed_handle(handle_of(share / "append"))
 
 
 def test_wrong_file_type_is_refused(pair: Pair) -> None:

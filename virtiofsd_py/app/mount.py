@@ -47,7 +47,7 @@ from virtiofsd_py.app.options import Options
 from virtiofsd_py.app.startup import start_mount
 from virtiofsd_py.confine.process import ConfinementError, install_seccomp
 from virtiofsd_py.fuse.dispatcher import Dispatcher
-from virtiofsd_py.host import syscalls as libc
+from virtiofsd_py.host import syscalls
 
 log = logging.getLogger("virtiofsd_py.app.mount")
 
@@ -166,7 +166,7 @@ class FuseMount:
             raise MountError(f"/dev/fuse: {e.strerror}") from None
         data = mount_options(fd, stat.S_IFDIR, os.getuid(), os.getgid())
         try:
-            libc.mount(self.fsname, self.mountpoint, FSTYPE, _MS_NOSUID | _MS_NODEV, data)
+            syscalls.mount(self.fsname, self.mountpoint, FSTYPE, _MS_NOSUID | _MS_NODEV, data)
         except OSError as e:
             os.close(fd)
             raise MountError(f"mount {self.mountpoint}: {e.strerror}") from None
@@ -248,10 +248,10 @@ class FuseMount:
             subprocess.run([tool, "-u", "-z", "--", self.mountpoint], check=False)
             return
         try:
-            libc.umount2(self.mountpoint, 0)
+            syscalls.umount2(self.mountpoint, 0)
         except OSError as e:
             if e.errno == errno.EBUSY:
-                libc.umount2(self.mountpoint, libc.MNT_DETACH)
+                syscalls.umount2(self.mountpoint, syscalls.MNT_DETACH)
             elif e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise
 

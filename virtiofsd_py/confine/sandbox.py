@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
-from virtiofsd_py.host import syscalls as libc
+from virtiofsd_py.host import syscalls
 
 SandboxMode = Literal["namespace", "chroot", "none"]
 MODES: Final[tuple[SandboxMode, ...]] = get_args(SandboxMode)
@@ -199,7 +199,7 @@ def enter_namespace(
     try:
         if os.geteuid() != 0:
             _enter_user_namespace(uid_map, gid_map)
-        libc.unshare(libc.CLONE_NEWPID)
+        syscalls.unshare(syscalls.CLONE_NEWPID)
     except OSError as e:
         raise SandboxError(
             f"--sandbox namespace: cannot create namespaces ({e.strerror}); "
@@ -218,7 +218,7 @@ def enter_namespace(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     try:
         os.close(lifeline_w)
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         if not _parent_alive(lifeline_r):
             os._exit(1)
         os.close(lifeline_r)
@@ -247,7 +247,7 @@ def _enter_user_namespace(uid_map: Sequence[IdMapping], gid_map: Sequence[IdMapp
     """An unprivileged daemon gets its capabilities from a user namespace of its own."""
     uid, gid = os.geteuid(), os.getegid()
     if not uid_map and not gid_map:
-        libc.unshare(libc.CLONE_NEWUSER)
+        syscalls.unshare(syscalls.CLONE_NEWUSER)
         # user_namespaces(7): one line mapping our own id may be written by
         # ourselves; gid_map needs setgroups denied first.
         _write_proc("/proc/self/uid_map", f"{uid} {uid} 1\n")
@@ -276,7 +276,7 @@ def _enter_user_namespace(uid_map: Sequence[IdMapping], gid_map: Sequence[IdMapp
             os._exit(code)
     os.close(go_r)
     try:
-        libc.unshare(libc.CLONE_NEWUSER)
+        syscalls.unshare(syscalls.CLONE_NEWUSER)
     finally:
         os.write(go_w, b"g")
         os.close(go_w)
@@ -305,32 +305,34 @@ def _jail_base() -> str:
 
 def _build_jail(shared_dir: str | None) -> None:
     """In the child: new mount+net namespaces, the tmpfs root, pivot_root into it."""
-    libc.unshare(libc.CLONE_NEWNS | libc.CLONE_NEWNET)
+    syscalls.unshare(syscalls.CLONE_NEWNS | syscalls.CLONE_NEWNET)
     # Opened in the new namespace (a bind source must be one of its mounts).
     share_fd = -1
     if shared_dir is not None:
         share_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        libc.mount(None, "/", None, libc.MS_SLAVE | libc.MS_REC)
+        syscalls.mount(None, "/", None, syscalls.MS_SLAVE | syscalls.MS_REC)
         base = _jail_base()
-        hardening = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
-        libc.mount("tmpfs", base, "tmpfs", hardening, "mode=0755,size=16k,nr_inodes=16")
+        hardening = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+        syscalls.mount("tmpfs", base, "tmpfs", hardening, "mode=0755,size=16k,nr_inodes=16")
         proc = base + JAIL_PROC
         share = base + JAIL_SHARED
         os.mkdir(proc, 0o555)
         os.mkdir(share, 0o555)
-        libc.mount("proc", proc, "proc", hardening | libc.MS_RELATIME)
+        syscalls.mount("proc", proc, "proc", hardening | syscalls.MS_RELATIME)
         # The share by its fd: a mount on an ancestor (the tmpfs on /tmp) may hide its path.
         if share_fd >= 0:
-            libc.mount(f"/proc/self/fd/{share_fd}", share, None, libc.MS_BIND | libc.MS_REC)
-        libc.mount(None, base, None, libc.MS_REMOUNT | libc.MS_RDONLY | hardening)
+            syscalls.mount(
+                f"/proc/self/fd/{share_fd}", share, None, syscalls.MS_BIND | syscalls.MS_REC
+            )
+        syscalls.mount(None, base, None, syscalls.MS_REMOUNT | syscalls.MS_RDONLY | hardening)
         old_root = os.open("/", os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.chdir(base)
-            libc.pivot_root(".", ".")
+            syscalls.pivot_root(".", ".")
             os.fchdir(old_root)
-            libc.mount(None, ".", None, libc.MS_SLAVE | libc.MS_REC)
-            libc.umount2(".", libc.MNT_DETACH)
+            syscalls.mount(None, ".", None, syscalls.MS_SLAVE | syscalls.MS_REC)
+            syscalls.umount2(".", syscalls.MNT_DETACH)
         finally:
             os.close(old_root)
         os.chdir("/")

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from collections.abc import Iterable
 from typing import Final
 
-from virtiofsd_py.host import syscalls as libc
+from virtiofsd_py.host import syscalls
+from virtiofsd_py.host.syscalls import CapData
 
 #: capability.h numbers, by the names --modcaps uses (lower case, no ``cap_``).
 NAMES: Final[dict[str, int]] = {
@@ -83,48 +83,19 @@ DEFAULT_KEEP: Final = frozenset(
     )
 )
 
-_CAP_V3: Final = 0x20080522
-
 
 class CapabilityError(Exception):
     """A bad ``--modcaps`` or a capset that failed; the message is for the operator."""
 
 
-class _Header(ctypes.Structure):
-    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-
-class CapData(ctypes.Structure):
-    """One 32-bit word of each set (``struct __user_cap_data_struct``); there are two."""
-
-    _fields_ = (
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    )
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_capget = _libc.capget
-_capget.argtypes = (ctypes.POINTER(_Header), ctypes.POINTER(CapData))
-_capset = _libc.capset
-_capset.argtypes = (ctypes.POINTER(_Header), ctypes.POINTER(CapData))
-
-
 def thread_caps() -> ctypes.Array[CapData]:
-    """The calling thread's capability sets (capget(2), pid 0), as two words."""
-    data = (CapData * 2)()
-    if _capget(ctypes.byref(_Header(_CAP_V3, 0)), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capget: {os.strerror(err)}")
-    return data
+    """The calling thread's capability sets, as two words."""
+    return syscalls.capget()
 
 
 def set_thread_caps(data: ctypes.Array[CapData]) -> None:
-    """capset(2) the calling thread's sets (capabilities are per thread)."""
-    if _capset(ctypes.byref(_Header(_CAP_V3, 0)), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
+    """Set the calling thread's capability sets (capabilities are per thread)."""
+    syscalls.capset(data)
 
 
 def parse_modcaps(spec: str | None, base: Iterable[int] = DEFAULT_KEEP) -> frozenset[int]:
@@ -179,7 +150,7 @@ def get() -> tuple[frozenset[int], frozenset[int]]:
 
 
 def in_bounding_set(cap: int) -> bool:
-    return libc.prctl(libc.PR_CAPBSET_READ, cap) == 1
+    return syscalls.prctl(syscalls.PR_CAPBSET_READ, cap) == 1
 
 
 def restrict(keep: frozenset[int]) -> frozenset[int]:
@@ -191,12 +162,12 @@ def restrict(keep: frozenset[int]) -> frozenset[int]:
     for cap in range(last_cap() + 1):
         if cap not in keep and in_bounding_set(cap):
             try:
-                libc.prctl(libc.PR_CAPBSET_DROP, cap)
+                syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
             except OSError as e:
                 raise CapabilityError(
                     f"cannot drop {names([cap])[0]} from the bounding set: {e}"
                 ) from None
-    libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
+    syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
     remaining = permitted & keep
     lo, hi = _mask(remaining)
     try:

@@ -31,7 +31,7 @@ import signal
 import struct
 from typing import Final
 
-from virtiofsd_py.host import syscalls as libc
+from virtiofsd_py.host import syscalls
 from virtiofsd_py.host.bpf import OFFSET_ARCH, OFFSET_NR, Program
 from virtiofsd_py.host.syscall_table import BY_MACHINE
 
@@ -333,10 +333,10 @@ def _install_trap_handler() -> None:
     act = _Sigaction()
     act.handler = ctypes.cast(handler, ctypes.c_void_p).value
     act.flags = _SA_SIGINFO
-    c = ctypes.CDLL(None, use_errno=True)
-    if c.sigaction(signal.SIGSYS, ctypes.byref(act), None) != 0:
-        err = ctypes.get_errno()
-        raise SeccompError(f"sigaction(SIGSYS): {os.strerror(err)}")
+    try:
+        syscalls.sigaction(signal.SIGSYS, act)
+    except OSError as e:
+        raise SeccompError(f"sigaction(SIGSYS): {e.strerror}") from None
 
 
 def install(action: str, extra: frozenset[str] = frozenset()) -> None:
@@ -354,7 +354,9 @@ def install(action: str, extra: frozenset[str] = frozenset()) -> None:
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p).value)
     try:
-        libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
-        libc.prctl_ptr(libc.PR_SET_SECCOMP, libc.SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+        syscalls.prctl_ptr(
+            syscalls.PR_SET_SECCOMP, syscalls.SECCOMP_MODE_FILTER, ctypes.addressof(prog)
+        )
     except OSError as e:
         raise SeccompError(f"--seccomp {action}: cannot install the filter: {e}") from None

@@ -280,7 +280,6 @@ class Dirent(NamedTuple):
     name: bytes
 
 
-_SYS_GETDENTS64: Final = {"x86_64": 217, "aarch64": 61}.get(os.uname().machine, 217)
 _getdents64 = getattr(_libc, "getdents64", None)
 if _getdents64 is not None:
     _getdents64.restype = ctypes.c_ssize_t
@@ -296,7 +295,7 @@ def getdents64(fd: int, buf: bytearray) -> list[Dirent]:
     if _getdents64 is not None:
         n = _getdents64(fd, cbuf, len(buf))
     else:  # glibc < 2.30
-        n = _libc.syscall(_SYS_GETDENTS64, fd, cbuf, len(buf))
+        n = _libc.syscall(SYSNO["getdents64"], fd, cbuf, len(buf))
     del cbuf
     if n < 0:
         raise _oserror("getdents64")
@@ -312,27 +311,7 @@ def getdents64(fd: int, buf: bytearray) -> list[Dirent]:
     return out
 
 
-# -- write-side syscalls (issue 3) ---------------------------------------------------
-
-_MACHINE: Final = os.uname().machine
-#: Raw syscall numbers of the credential calls: the glibc wrappers broadcast
-#: to every thread (setxid), the raw syscalls change only the calling thread.
-_SYSNO: Final[dict[str, int]] = {
-    "x86_64": {
-        "setgroups": 116,
-        "setresuid": 117,
-        "setresgid": 119,
-        "renameat2": 316,
-        "syncfs": 306,
-    },
-    "aarch64": {
-        "setgroups": 159,
-        "setresuid": 147,
-        "setresgid": 149,
-        "renameat2": 276,
-        "syncfs": 267,
-    },
-}.get(_MACHINE, {})
+# -- write-side calls ------------------------------------------------------------
 
 RENAME_NOREPLACE: Final = 1 << 0
 RENAME_EXCHANGE: Final = 1 << 1
@@ -351,7 +330,7 @@ def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) 
     if _renameat2 is not None:
         rc = _renameat2(olddirfd, old, newdirfd, new, ctypes.c_uint(flags))
     else:
-        rc = _libc.syscall(_SYSNO["renameat2"], olddirfd, old, newdirfd, new, ctypes.c_uint(flags))
+        rc = _libc.syscall(SYSNO["renameat2"], olddirfd, old, newdirfd, new, ctypes.c_uint(flags))
     if rc != 0:
         raise _oserror("renameat2")
 
@@ -373,7 +352,7 @@ def fchown_empty(fd: int, uid: int, gid: int) -> None:
 
 def syncfs(fd: int) -> None:
     """syncfs(2): flush the whole filesystem that ``fd`` is on."""
-    rc = _syncfs(fd) if _syncfs is not None else _libc.syscall(_SYSNO["syncfs"], fd)
+    rc = _syncfs(fd) if _syncfs is not None else _libc.syscall(SYSNO["syncfs"], fd)
     if rc != 0:
         raise _oserror("syncfs")
 
@@ -543,3 +522,78 @@ def open_beneath(root_fd: int, path: bytes) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# -- per-thread credentials, capabilities, signals -------------------------------------
+# The glibc wrappers of setresuid/setresgid/setgroups broadcast to every
+# thread (setxid); the raw syscalls change only the calling thread's.
+
+_KEEP: Final = -1
+_sys_ids = _libc["syscall"]
+_sys_ids.restype = ctypes.c_long
+_sys_ids.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long)
+_sys_groups = _libc["syscall"]
+_sys_groups.restype = ctypes.c_long
+_sys_groups.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p)
+
+
+def thread_set_euid(uid: int) -> None:
+    """setresuid(-1, uid, -1) for the calling thread only."""
+    if _sys_ids(SYSNO.get("setresuid", -1), _KEEP, uid, _KEEP) != 0:
+        raise _oserror("setresuid")
+
+
+def thread_set_egid(gid: int) -> None:
+    """setresgid(-1, gid, -1) for the calling thread only."""
+    if _sys_ids(SYSNO.get("setresgid", -1), _KEEP, gid, _KEEP) != 0:
+        raise _oserror("setresgid")
+
+
+def thread_set_groups(groups: tuple[int, ...]) -> None:
+    """setgroups(2) for the calling thread only."""
+    arr = (ctypes.c_uint32 * len(groups))(*groups) if groups else None
+    if _sys_groups(SYSNO.get("setgroups", -1), len(groups), arr) != 0:
+        raise _oserror("setgroups")
+
+
+class CapHeader(ctypes.Structure):
+    """``struct __user_cap_header_struct``."""
+
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class CapData(ctypes.Structure):
+    """One 32-bit word of each set (``struct __user_cap_data_struct``); there are two."""
+
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+_CAP_V3: Final = 0x20080522
+_capget = _libc.capget
+_capget.argtypes = (ctypes.POINTER(CapHeader), ctypes.POINTER(CapData))
+_capset = _libc.capset
+_capset.argtypes = (ctypes.POINTER(CapHeader), ctypes.POINTER(CapData))
+
+
+def capget() -> ctypes.Array[CapData]:
+    """The calling thread's capability sets (capget(2), pid 0, version 3), as two words."""
+    data = (CapData * 2)()
+    if _capget(ctypes.byref(CapHeader(_CAP_V3, 0)), data) != 0:
+        raise _oserror("capget")
+    return data
+
+
+def capset(data: ctypes.Array[CapData]) -> None:
+    """capset(2) the calling thread's sets (capabilities are per thread)."""
+    if _capset(ctypes.byref(CapHeader(_CAP_V3, 0)), data) != 0:
+        raise _oserror("capset")
+
+
+def sigaction(signum: int, act: ctypes.Structure) -> None:
+    """sigaction(2) with a caller-built ``struct sigaction`` (no old action)."""
+    if _libc.sigaction(signum, ctypes.byref(act), None) != 0:
+        raise _oserror("sigaction")

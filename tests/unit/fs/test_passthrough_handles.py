@@ -22,7 +22,7 @@ from virtiofsd_py.fs.passthrough.migration.config import MigrationConfig
 from virtiofsd_py.fs.passthrough.migration.export import path_of
 from virtiofsd_py.fs.passthrough.migration.migratable import PassthroughMigration
 from virtiofsd_py.fuse.dispatcher import Dispatcher
-from virtiofsd_py.host import syscalls as linux
+from virtiofsd_py.host import syscalls
 from virtiofsd_py.migration.envelope import StateProvider, decode
 
 CTX = Context(uid=0, gid=0, pid=1)
@@ -101,7 +101,7 @@ def test_node_operations_by_handle(fs: PassthroughFS, share: Path) -> None:
     assert stat.S_ISLNK(fs.getattr(CTX, walk(fs, "link"), None).attr.st_mode)
     fs.access(CTX, f, os.R_OK)
     assert fs.statfs(CTX, f).f_bsize > 0
-    assert fs.statx(CTX, f, None, 0, linux.STATX_BASIC_STATS).fields["size"] == 10
+    assert fs.statx(CTX, f, None, 0, syscalls.STATX_BASIC_STATS).fields["size"] == 10
     # OPEN straight by handle, READ, directory listing with readdirplus.
     fh = fs.open(CTX, f, os.O_RDONLY).fh
     buf = bytearray(10)
@@ -356,7 +356,7 @@ def test_a_node_without_handle_is_eio_when_mandatory_and_an_fd_when_preferred(
         def no_handle(fd: int) -> tuple[bytes, int]:
             raise OSError(errno.EOPNOTSUPP, "no handles here")
 
-        monkeypatch.setattr(linux, "name_to_handle", no_handle)
+        monkeypatch.setattr(syscalls, "name_to_handle", no_handle)
         assert errno_of(mandatory.lookup, CTX, ROOT_ID, b"file") == errno.EIO
         assert len(mandatory.inodes) == 1
         f = prefer.lookup(CTX, ROOT_ID, b"file").nodeid

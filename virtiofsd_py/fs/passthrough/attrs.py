@@ -18,7 +18,7 @@ from virtiofsd_py.fs.passthrough.core import PassthroughCore
 from virtiofsd_py.fs.passthrough.creds import CAP_FSETID, DropCap
 from virtiofsd_py.fs.passthrough.inodes import InodeData, NodeFd
 from virtiofsd_py.fs.passthrough.open_files import HandleData
-from virtiofsd_py.host import syscalls as linux
+from virtiofsd_py.host import syscalls
 
 
 class AttrOps(PassthroughCore):
@@ -36,11 +36,11 @@ class AttrOps(PassthroughCore):
     def statx(self, ctx: Context, nodeid: int, fh: int | None, flags: int, mask: int) -> StatxReply:
         if fh is not None:
             h = self.handles.get(fh, nodeid)
-            fields = linux.statx_fields(h.fd, flags, mask)
+            fields = syscalls.statx_fields(h.fd, flags, mask)
         else:
             node = self._node(nodeid)
             with node.opened() as nfd:
-                fields = linux.statx_fields(nfd, flags, mask)
+                fields = syscalls.statx_fields(nfd, flags, mask)
         if self._uid_map is not None:
             fields["uid"] = self._uid_map.to_guest(fields["uid"])
         if self._gid_map is not None:
@@ -124,7 +124,7 @@ class AttrOps(PassthroughCore):
         if chown:
             uid = self._host_uid(attr.uid) if attr.uid is not None else -1
             gid = self._host_gid(attr.gid) if attr.gid is not None else -1
-            linux.fchown_empty(nfd, uid, gid)
+            syscalls.fchown_empty(nfd, uid, gid)
         if attr.size is not None:
             if not stat.S_ISREG(node.mode):
                 code = errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EINVAL
@@ -136,7 +136,7 @@ class AttrOps(PassthroughCore):
                     os.truncate(path, attr.size)
         atime, mtime = attr.atime_ns, attr.mtime_ns
         if atime is not None or mtime is not None:
-            linux.utimens(
+            syscalls.utimens(
                 fd if fd >= 0 else self._proc_fd,
                 None if fd >= 0 else str(nfd).encode(),
                 None if atime is NOW else atime,

@@ -31,7 +31,7 @@ from virtiofsd_py.fs.passthrough.inodes import InodeData, InodeTable
 from virtiofsd_py.fs.passthrough.locks import LockTable
 from virtiofsd_py.fs.passthrough.open_files import HandleTable
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
-from virtiofsd_py.host import syscalls as linux
+from virtiofsd_py.host import syscalls
 from virtiofsd_py.host.fdbudget import FdBudget
 from virtiofsd_py.host.syscalls import stat_fd
 
@@ -336,7 +336,7 @@ class PassthroughCore(Filesystem):
             if not rel:
                 found = os.fstat(root_fd)
             else:
-                walked = linux.open_beneath(root_fd, rel)
+                walked = syscalls.open_beneath(root_fd, rel)
                 try:
                     found = os.fstat(walked)
                 finally:

@@ -40,33 +40,18 @@ prints the number.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import threading
 from typing import Final
 
+from virtiofsd_py.host import syscalls
 from virtiofsd_py.host.capabilities import set_thread_caps, thread_caps
-from virtiofsd_py.host.syscalls import _SYSNO
 
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-_sys_ids = _libc["syscall"]
-_sys_ids.restype = ctypes.c_long
-_sys_ids.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long)
-_sys_groups = _libc["syscall"]
-_sys_groups.restype = ctypes.c_long
-_sys_groups.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p)
-
-_SYS_SETRESUID: Final = _SYSNO.get("setresuid", -1)
-_SYS_SETRESGID: Final = _SYSNO.get("setresgid", -1)
-_SYS_SETGROUPS: Final = _SYSNO.get("setgroups", -1)
 _CLONE_FS: Final = 0x200
-_KEEP: Final = -1
 
 #: Only root switches; an unprivileged daemon owns everything it creates.
 IS_ROOT: Final = os.geteuid() == 0
@@ -76,20 +61,12 @@ CAP_DAC_OVERRIDE: Final = 1
 CAP_FSETID: Final = 4
 
 
-def _fail(what: str) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _set_ids(sysno: int, eid: int) -> None:
-    if _sys_ids(sysno, _KEEP, eid, _KEEP) != 0:
-        raise _fail("setres[ug]id")
+def _set_ids(gid: bool, eid: int) -> None:
+    (syscalls.thread_set_egid if gid else syscalls.thread_set_euid)(eid)
 
 
 def _set_groups(groups: tuple[int, ...]) -> None:
-    arr = (ctypes.c_uint32 * len(groups))(*groups) if groups else None
-    if _sys_groups(_SYS_SETGROUPS, len(groups), arr) != 0:
-        raise _fail("setgroups")
+    syscalls.thread_set_groups(groups)
 
 
 def _set_effective_cap(cap: int, on: bool) -> bool:
@@ -159,7 +136,9 @@ _fs_local = _FsLocal()
 def _own_fs_struct() -> bool:
     """Give this thread its own umask/cwd (unshare(CLONE_FS)); once per thread."""
     if not _fs_local.unshared:
-        if _libc.unshare(_CLONE_FS) != 0:
+        try:
+            syscalls.unshare(_CLONE_FS)
+        except OSError:
             return False
         _fs_local.unshared = True
     return True
@@ -224,10 +203,10 @@ class Credentials:
                 _set_groups(self.groups)
                 self.set_groups = True
             if self.gid != 0:
-                _set_ids(_SYS_SETRESGID, self.gid)
+                _set_ids(True, self.gid)
                 self.set_gid = True
             if self.uid != 0:
-                _set_ids(_SYS_SETRESUID, self.uid)
+                _set_ids(False, self.uid)
                 self.set_uid = True
                 if self.dac:
                     _set_effective_cap(CAP_DAC_OVERRIDE, True)
@@ -239,10 +218,10 @@ class Credentials:
     def __exit__(self, *exc: object) -> None:
         try:
             if self.set_uid:  # first: back to euid 0 restores the capabilities
-                _set_ids(_SYS_SETRESUID, 0)
+                _set_ids(False, 0)
                 self.set_uid = False
             if self.set_gid:
-                _set_ids(_SYS_SETRESGID, 0)
+                _set_ids(True, 0)
                 self.set_gid = False
             if self.set_groups:
                 _set_groups(())

@@ -36,7 +36,7 @@ import weakref
 from typing import Final, Literal
 
 from virtiofsd_py.fs.passthrough.owned import OwnedFd
-from virtiofsd_py.host import syscalls as linux
+from virtiofsd_py.host import syscalls
 
 log = logging.getLogger("virtiofsd_py.passthrough")
 
@@ -62,7 +62,7 @@ class MountFd(OwnedFd):
 
     def open(self, handle: bytes, flags: int) -> int:
         """``open_by_handle_at(self.fd, handle, flags)``."""
-        return linux.open_by_handle(self.fd, handle, flags | os.O_CLOEXEC)
+        return syscalls.open_by_handle(self.fd, handle, flags | os.O_CLOEXEC)
 
     def __repr__(self) -> str:
         return f"MountFd(fd={self.fd}, mnt_id={self.mnt_id})"
@@ -97,9 +97,9 @@ class InodeHandles:
     def _check_root(self, root_fd: int) -> None:
         """Make and open the shared directory's own handle once: can we work at all?"""
         try:
-            handle, mnt_id = linux.name_to_handle(root_fd)
+            handle, mnt_id = syscalls.name_to_handle(root_fd)
             mount = self._mount_for(root_fd, mnt_id, stat.S_IFDIR)
-            os.close(mount.open(handle, linux.O_PATH_NOFOLLOW))
+            os.close(mount.open(handle, syscalls.O_PATH_NOFOLLOW))
         except OSError as e:
             why = _why(e)
             if self.mode == "mandatory":
@@ -120,7 +120,7 @@ class InodeHandles:
         raises EIO instead.
         """
         try:
-            handle, mnt_id = linux.name_to_handle(fd)
+            handle, mnt_id = syscalls.name_to_handle(fd)
             return handle, self._mount_for(fd, mnt_id, mode)
         except OSError as e:
             why = _why(e)

@@ -18,7 +18,7 @@ from typing import Final
 from virtiofsd_py.fs.api import FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, Context, Opened, fs_error
 from virtiofsd_py.fs.passthrough.core import PassthroughCore
 from virtiofsd_py.fs.passthrough.creds import CAP_FSETID, DropCap
-from virtiofsd_py.host import syscalls as linux
+from virtiofsd_py.host import syscalls
 
 _SEEK_WHENCE: Final = frozenset((os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE))
 
@@ -93,7 +93,7 @@ class FileOps(PassthroughCore):
     ) -> None:
         h = self.handles.get(fh, nodeid)
         self._drop_capability(h.fd)
-        linux.fallocate(h.fd, mode, offset, length)
+        syscalls.fallocate(h.fd, mode, offset, length)
 
     def copy_file_range(
         self,
@@ -121,7 +121,7 @@ class FileOps(PassthroughCore):
         target = node if stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode) else self.inodes.root
         fd = self._reopen(target, os.O_RDONLY | os.O_NONBLOCK)
         try:
-            linux.syncfs(fd)
+            syscalls.syncfs(fd)
         finally:
             os.close(fd)
 

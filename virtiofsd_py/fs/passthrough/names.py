@@ -20,13 +20,15 @@ from virtiofsd_py.fs.api import ROOT_ID, Context, Entry, Opened, fs_error
 from virtiofsd_py.fs.passthrough.core import PassthroughCore
 from virtiofsd_py.fs.passthrough.creds import Umask
 from virtiofsd_py.fs.passthrough.inodes import InodeData
-from virtiofsd_py.host import syscalls as linux
+from virtiofsd_py.host import syscalls
 from virtiofsd_py.host.syscalls import O_PATH_NOFOLLOW
 
 _CREATE_TYPES: Final = frozenset(
     (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 )
-_RENAME_FLAGS: Final = linux.RENAME_NOREPLACE | linux.RENAME_EXCHANGE | linux.RENAME_WHITEOUT
+_RENAME_FLAGS: Final = (
+    syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE | syscalls.RENAME_WHITEOUT
+)
 _AT_REMOVEDIR: Final = 0x200
 
 
@@ -248,7 +250,7 @@ class NameOps(PassthroughCore):
         with p.opened() as pfd, np.opened() as npfd:
             if flags:
                 # WHITEOUT creates a character device (0/0): only as the host allows.
-                linux.renameat2(pfd, name, npfd, newname, flags)
+                syscalls.renameat2(pfd, name, npfd, newname, flags)
             else:
                 os.rename(name, newname, src_dir_fd=pfd, dst_dir_fd=npfd)
         self.namespace_changes += 1

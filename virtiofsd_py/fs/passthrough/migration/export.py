@@ -36,7 +36,7 @@ from virtiofsd_py.fs.passthrough.migration.schema import (
     LockState,
     PassthroughState,
 )
-from virtiofsd_py.host import syscalls as linux
+from virtiofsd_py.host import syscalls
 
 log = logging.getLogger("virtiofsd_py.migration")
 
@@ -93,7 +93,7 @@ def _handle_of(node: InodeData) -> bytes | None:
     if node.handle is not None:
         return node.handle
     try:
-        return linux.name_to_handle(node.fd)[0]
+        return syscalls.name_to_handle(node.fd)[0]
     except OSError:
         return None
 

@@ -23,7 +23,7 @@ from virtiofsd_py.fs.passthrough.migration.schema import (
     MigrationError,
     PassthroughState,
 )
-from virtiofsd_py.host import syscalls as linux
+from virtiofsd_py.host import syscalls
 
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _S_IFMT = 0o170000
@@ -122,9 +122,9 @@ class NodeFinder:
         return self.mount_fd
 
     def _by_handle(self, handle: bytes) -> int:
-        if not linux.well_formed_handle(handle):
+        if not syscalls.well_formed_handle(handle):
             raise OSError(errno.EINVAL, "malformed file handle")
-        fd = linux.open_by_handle(self._mount_fd(), handle, os.O_PATH | os.O_NOFOLLOW)
+        fd = syscalls.open_by_handle(self._mount_fd(), handle, os.O_PATH | os.O_NOFOLLOW)
         # A file handle names any file of the file system: keep only what lies
         # inside the share (or is unlinked, reachable only through open fds).
         try:
@@ -142,12 +142,12 @@ class NodeFinder:
         dir_node = self.dirs.get(parent)
         dir_fd = dir_node.fd if dir_node is not None else -1
         if dir_fd < 0 or name in _NOT_NAMES or path[:1] == b"/":
-            return linux.open_beneath(self.fs.inodes.root.fd, path)
+            return syscalls.open_beneath(self.fs.inodes.root.fd, path)
         return os.open(name, _O_PATH, dir_fd=dir_fd)
 
     def _check_identity(self, fd: int, i: InodeState) -> tuple[int, InodeKey]:
         """The mode and key of ``fd``, once it is known to be the node ``i`` describes."""
-        mode, dev, ino, mnt_id = linux.stat_identity(fd)
+        mode, dev, ino, mnt_id = syscalls.stat_identity(fd)
         if (mode ^ i.mode) & _S_IFMT:
             raise MigrationError(
                 f"file type {mode & _S_IFMT:o} is not the source's {i.mode & _S_IFMT:o}"
@@ -157,6 +157,6 @@ class NodeFinder:
                 raise MigrationError("the state gives no (st_dev, st_ino) to check it against")
             if i.key[0] != dev or i.key[1] != ino:
                 raise MigrationError("found a different inode than the source had")
-        if self.cfg.verify_handles and i.handle != linux.name_to_handle(fd)[0]:
+        if self.cfg.verify_handles and i.handle != syscalls.name_to_handle(fd)[0]:
             raise MigrationError("file handle differs from the source's")
         return mode, (dev, ino, mnt_id)
