@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,57 +60,61 @@ class NotifyReceiver:
         self.sock.close()
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_connection() -> None:
-    sdnotify._connected = None
+@pytest.fixture
+def notifier() -> Iterator[sdnotify.Notifier]:
+    n = sdnotify.Notifier()
+    yield n
+    n.close()
 
 
 @pytest.mark.parametrize("abstract", [False, True])
 def test_notify_sends_one_datagram(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, abstract: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, abstract: bool, notifier: sdnotify.Notifier
 ) -> None:
     rx = NotifyReceiver(tmp_path, abstract)
     monkeypatch.setenv("NOTIFY_SOCKET", rx.env)
     try:
-        assert sdnotify.ready("serving")
+        assert notifier.ready("serving")
         assert rx.receive() == {"READY": "1", "STATUS": "serving"}
-        assert sdnotify.stopping("bye")
+        assert notifier.stopping("bye")
         assert rx.receive() == {"STOPPING": "1", "STATUS": "bye"}
     finally:
         rx.close()
 
 
 def test_prepared_connection_survives_the_path_going_away(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, notifier: sdnotify.Notifier
 ) -> None:
     rx = NotifyReceiver(tmp_path)
     monkeypatch.setenv("NOTIFY_SOCKET", rx.env)
     try:
-        sdnotify.prepare()
+        notifier.prepare()
         os.unlink(rx.env)  # as inside a sandbox: the path no longer resolves
-        assert sdnotify.status("still here")
+        assert notifier.status("still here")
         assert rx.receive() == {"STATUS": "still here"}
     finally:
-        if sdnotify._connected is not None:
-            sdnotify._connected.close()
         rx.close()
 
 
-def test_without_notify_socket_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_notify_socket_nothing_is_sent(
+    monkeypatch: pytest.MonkeyPatch, notifier: sdnotify.Notifier
+) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert not sdnotify.ready("x")
+    assert not notifier.ready("x")
 
 
-def test_a_vanished_manager_is_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_vanished_manager_is_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, notifier: sdnotify.Notifier
+) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody"))
-    assert not sdnotify.status("x")
+    assert not notifier.status("x")
 
 
-def test_bad_assignments_are_refused() -> None:
+def test_bad_assignments_are_refused(notifier: sdnotify.Notifier) -> None:
     with pytest.raises(ValueError):
-        sdnotify.notify("READY")
+        notifier.notify("READY")
     with pytest.raises(ValueError):
-        sdnotify.notify("STATUS=a\nREADY=1")
+        notifier.notify("STATUS=a\nREADY=1")
 
 
 # -- the daemon under a (simulated) service manager --------------------------------

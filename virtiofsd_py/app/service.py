@@ -33,23 +33,28 @@ def prepare(opts: Options) -> ServiceHooks:
     """Before the sandbox: connect to systemd's notify socket and bind the
     metrics socket, which the sandbox (mount namespace, seccomp without
     ``bind``) would no longer allow."""
-    sdnotify.prepare()
+    notifier = sdnotify.Notifier()
+    notifier.prepare()
     if opts.metrics is None:
-        return ServiceHooks(None)
+        return ServiceHooks(None, notifier)
     server = MetricsServer(Metrics(), parse_address(opts.metrics))
     try:
         server.open()
     except OSError as e:
+        notifier.close()
         raise _startup_error(server, e) from None
-    return ServiceHooks(server)
+    return ServiceHooks(server, notifier)
 
 
 class ServiceHooks:
     """Made once per daemon by :func:`prepare`; ``start`` before listening,
     ``close`` at exit, both on the event loop."""
 
-    def __init__(self, server: MetricsServer | None) -> None:
+    def __init__(
+        self, server: MetricsServer | None, notifier: sdnotify.Notifier | None = None
+    ) -> None:
         self.server = server
+        self.notifier = notifier if notifier is not None else sdnotify.Notifier()
         self.metrics = server.metrics if server is not None else Metrics()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -69,7 +74,7 @@ class ServiceHooks:
 
     def listening(self, where: str) -> None:
         """The socket accepts connections: startup is over (systemd Type=notify)."""
-        sdnotify.ready(f"waiting for a vhost-user front-end on {where}")
+        self.notifier.ready(f"waiting for a vhost-user front-end on {where}")
 
     def instrument(self, handler: ChainHandler) -> ChainHandler:
         """The request handler the queue runner should call: counted always (for
@@ -84,10 +89,11 @@ class ServiceHooks:
         self.metrics.fd_dir = fd_dir
         if tables is not None:
             self.metrics.add_gauges(table_gauges(tables.inodes, tables.handles))
-        sdnotify.status("serving a vhost-user front-end")
+        self.notifier.status("serving a vhost-user front-end")
 
     async def close(self) -> None:
-        sdnotify.stopping("shutting down")
+        self.notifier.stopping("shutting down")
+        self.notifier.close()
         if self._loop is not None:
             self._loop.remove_signal_handler(signal.SIGUSR1)
         if self.server is not None:
