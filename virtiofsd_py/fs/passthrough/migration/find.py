@@ -25,7 +25,6 @@ from virtiofsd_py.fs.passthrough.migration.schema import (
 )
 from virtiofsd_py.host import syscalls
 
-_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _S_IFMT = 0o170000
 #: Last path components that are not a name in the directory before them.
 _NOT_NAMES = frozenset((b"", b".", b".."))
@@ -143,7 +142,7 @@ class NodeFinder:
         dir_fd = dir_node.fd if dir_node is not None else -1
         if dir_fd < 0 or name in _NOT_NAMES or path[:1] == b"/":
             return syscalls.open_beneath(self.fs.inodes.root.fd, path)
-        return os.open(name, _O_PATH, dir_fd=dir_fd)
+        return os.open(name, syscalls.O_PATH_NOFOLLOW, dir_fd=dir_fd)
 
     def _check_identity(self, fd: int, i: InodeState) -> tuple[int, InodeKey]:
         """The mode and key of ``fd``, once it is known to be the node ``i`` describes."""
