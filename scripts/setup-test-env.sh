@@ -101,6 +101,18 @@ if [ "$installed" != "$PWD" ] || ! requirements_met "$PWD/pyproject.toml" \
     log "pip install -e .[test] ruff mypy"
     PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore -e '.[test]' ruff mypy
 fi
+# The compiled core, built in place (the editable install builds it once; a
+# changed .pyx needs a rebuild): Cython and the Python headers.
+if ! (cd / && python3 -c 'import Cython; assert int(Cython.__version__.split(".")[0]) >= 3') 2>/dev/null; then
+    log "pip install Cython>=3"
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore 'Cython>=3'
+fi
+if [ ! -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then
+    log "installing python3-dev (Python.h for the compiled core)"
+    apt_update
+    "${APT[@]}" install -y --no-install-recommends python3-dev
+fi
+python3 setup.py -q build_ext --inplace 2>&1 | grep -v "^running\|^copying" || true
 # tests/test_packaging.py builds the sdist and wheel without build isolation.
 if ! (cd / && python3 -c 'import build, wheel') 2>/dev/null; then
     log "pip install build wheel setuptools>=68"
