@@ -117,3 +117,19 @@ def test_build_and_install_the_wheel(tmp_path: Path) -> None:
         [str(exe), "--print-capabilities"], capture_output=True, text=True, timeout=20, cwd=tmp_path
     )
     assert json.loads(caps.stdout)["type"] == "fs"
+
+    # The compiled core: `python -m build` builds the wheel from the sdist, so
+    # a compiled module in the wheel shows that the sdist builds it too.
+    compiled = sorted(p.relative_to(ROOT) for p in (ROOT / "virtiofsd_py").rglob("_c*.pyx"))
+    for pyx in compiled:
+        assert str(pyx) in members, f"{pyx} not in the sdist"
+    if compiled and importlib.util.find_spec("Cython") and shutil.which("cc"):
+        for pyx in compiled:
+            stem = str(pyx.with_suffix(""))
+            assert any(n.startswith(stem + ".") and n.endswith(".so") for n in names), (
+                f"{stem} not compiled into the wheel"
+            )
+        version = subprocess.run(
+            [str(exe), "--version"], capture_output=True, text=True, timeout=20, cwd=tmp_path
+        )
+        assert "(compiled core)" in version.stdout, version.stdout + version.stderr

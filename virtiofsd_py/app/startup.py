@@ -2,6 +2,8 @@
 
 In order, for the daemon (:func:`start_daemon`):
 
+0. say which core serves (compiled or pure Python, ``host.native``), with
+   one warning when the compiled core should be there and is not;
 1. raise RLIMIT_NOFILE (``--rlimit-nofile``) and drop the supplementary
    groups (CVE-2022-0358: never act with the operator's groups);
 2. check the share: a missing or non-directory ``--shared-dir`` is said
@@ -18,7 +20,7 @@ In order, for the daemon (:func:`start_daemon`):
    with the child's exit status;
 7. the back-end, on the paths the sandbox left (``backends.build``).
 
-``virtiofsd-py mount`` runs steps 1, 2 and 7 (:func:`start_mount`; its
+``virtiofsd-py mount`` runs steps 0, 1, 2 and 7 (:func:`start_mount`; its
 mount and seccomp filter follow in mount.py).  Every failure is a
 :class:`StartupError`, which the command line turns into one log line and
 exit status 1.
@@ -38,6 +40,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 
+from virtiofsd_py import __version__
 from virtiofsd_py.app import backends, service
 from virtiofsd_py.app.backends import Backend
 from virtiofsd_py.app.errors import StartupError, describe
@@ -46,6 +49,7 @@ from virtiofsd_py.app.service import ServiceHooks
 from virtiofsd_py.confine.process import ConfinementError, check_shared_dir, confine
 from virtiofsd_py.confine.sandbox import FORWARDED_SIGNALS, unconfined
 from virtiofsd_py.fs.passthrough.creds import drop_supplementary_groups
+from virtiofsd_py.host import native
 from virtiofsd_py.host.fdbudget import FD_TABLE_AT_START, reserve_fd_table
 
 log = logging.getLogger("virtiofsd_py")
@@ -200,8 +204,24 @@ def raise_nofile_limit(wanted: int | None) -> None:
         log.warning("could not raise RLIMIT_NOFILE to %d: %s", target, e)
 
 
+def announce_core() -> None:
+    """Step 0: the version and the core in one line; a warning when a compiled
+    module was expected (not forced off) but could not be imported."""
+    log.info("virtiofsd-py %s, %s", __version__, native.describe())
+    missing = native.missing()
+    if missing:
+        why = "; ".join(f"{name}: {err}" for name, err in sorted(missing.items()))
+        log.warning(
+            "the compiled core is not built (%s): serving with the pure-Python twins, "
+            "which cost more CPU per request; reinstall with a C compiler and the "
+            "Python headers to build it",
+            why,
+        )
+
+
 def prepare_process(opts: Options) -> None:
-    """Steps 1 and 2, for the daemon and the host mount alike."""
+    """Steps 0, 1 and 2, for the daemon and the host mount alike."""
+    announce_core()
     raise_nofile_limit(opts.rlimit_nofile)
     drop_supplementary_groups()
     if opts.backend == "passthrough" and opts.shared_dir is not None:
