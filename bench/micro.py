@@ -332,7 +332,7 @@ def run_micro(
 
 def micro_table(results: list[MicroResult]) -> tuple[list[str], list[list[object]]]:
     """Rows of the report, with ours/ref ratios of req/s and of daemon CPU per request."""
-    from bench.daemons import OURS, REF
+    from bench.daemons import OURS_ALL, REF
     from bench.report import ratio
 
     by = {(r.daemon, r.workload, r.qd): r for r in results}
@@ -342,7 +342,7 @@ def micro_table(results: list[MicroResult]) -> tuple[list[str], list[list[object
     ]  # fmt: skip
     rows: list[list[object]] = []
     for r in results:
-        other = by.get((REF, r.workload, r.qd)) if r.daemon == OURS else None
+        other = by.get((REF, r.workload, r.qd)) if r.daemon in OURS_ALL else None
         rows.append([
             r.workload, r.qd, r.daemon, r.req_per_s, r.us_per_req, r.d_us_per_req,
             1e6 * r.user_s / r.requests if r.requests else None, r.peak_rss_kib / 1024,
