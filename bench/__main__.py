@@ -54,6 +54,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="guest: run every row N times (targets interleaved); switchover: migrate N"
         " times; the median is reported",
     )
+    p.add_argument(
+        "--queues",
+        type=int,
+        default=1,
+        help="guest: request queues per virtio-fs device (the Rust daemon serves one:"
+        " left out when N > 1)",
+    )
     p.add_argument("--seconds", type=float, help="micro: seconds per run")
     p.add_argument("--count", type=int, help="micro: requests per run instead of a duration")
     p.add_argument("--qd", default=None, help="micro: queue depths, e.g. 1,16")
@@ -153,7 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work = micro.new_workdir_in(args.workdir, "vfb-guest-")
                 try:
                     res_g = guest_mod.run_guest(
-                        specs, work, params, rows, repeat=args.repeat, log=log
+                        specs,
+                        work,
+                        params,
+                        rows,
+                        repeat=args.repeat,
+                        queues=args.queues,
+                        log=log,
                     )
                 finally:
                     micro.remove_tree(work)

@@ -4,13 +4,18 @@ One QEMU guest (the test harness's, ``virtiofsd_py.testing.qemu.guest``, with
 the benchmark image of ``guestimage.py``) carries every target at once, so
 all of them see the same guest, the same moment and the same host:
 
-- ``py``: virtio-fs served by virtiofsd-py (``--cache auto``);
+- ``py``: virtio-fs served by virtiofsd-py (``--cache auto``), compiled core;
+- ``pyp``: the same with the pure-Python core, when the compiled one is built;
 - ``rs``: virtio-fs served by the Rust virtiofsd (same options), if installed;
 - ``blk``: ext4 on a virtio-blk disk backed by a host file in the same host
   directory as the shares (QEMU ``cache=writeback``: the host page cache,
   like the daemons' ``--cache auto``);
 - ``tmpfs``: a tmpfs in the guest, the ceiling of what a guest file system
   can do.
+
+With ``queues`` > 1 every virtio-fs device gets that many request queues
+(``num-request-queues``) and the Rust virtiofsd, which serves one, is left
+out; the ``-2jobs`` rows then spread two fio jobs over them.
 
 Each row runs on each target in turn. Around each row on a virtio-fs target
 the serving daemon's CPU time (process tree) and peak RSS are sampled. The
@@ -35,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procstat
-from bench.daemons import OURS, REF, DaemonSpec
+from bench.daemons import OURS, OURS_PURE, REF, DaemonSpec
 from bench.guestimage import load_bench_initramfs, load_modules_cmd
 from virtiofsd_py.testing.daemon_proc import DaemonProcess
 from virtiofsd_py.testing.qemu.guest import Guest
@@ -43,8 +48,8 @@ from virtiofsd_py.testing.qemu.guest import Guest
 SCRIPTS = Path(__file__).resolve().parent / "guest_scripts"
 MNT = "/mnt"
 SRC_TAR = "/tmp/src.tar"
-TARGETS = ("py", "rs", "blk", "tmpfs")
-TARGET_DAEMON = {"py": OURS, "rs": REF}
+TARGETS = ("py", "pyp", "rs", "blk", "tmpfs")
+TARGET_DAEMON = {"py": OURS, "pyp": OURS_PURE, "rs": REF}
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class FioJob:
     engine: str
     iodepth: int
     direct: bool
+    #: fio processes at once (``--numjobs``, reported as one group).
+    numjobs: int = 1
 
     @property
     def metric(self) -> str:
@@ -88,6 +95,8 @@ FIO_JOBS = (
     FioJob("randread-4k-qd16", "randread", "4k", "libaio", 16, True),
     FioJob("randwrite-4k-qd1", "randwrite", "4k", "psync", 1, True),
     FioJob("randwrite-4k-qd16", "randwrite", "4k", "libaio", 16, True),
+    FioJob("randread-4k-qd16-2jobs", "randread", "4k", "libaio", 16, True, numjobs=2),
+    FioJob("randwrite-4k-qd16-2jobs", "randwrite", "4k", "libaio", 16, True, numjobs=2),
 )
 META_ROWS = ("meta-create", "meta-stat", "meta-readdir", "meta-unlink")
 REAL_ROWS = ("real-untar", "real-git-status", "real-find-stat")
@@ -129,6 +138,8 @@ def fio_cmd(job: FioJob, path: str, p: Params) -> str:
         f"--ioengine={job.engine}", f"--iodepth={job.iodepth}", f"--direct={int(job.direct)}",
         f"--runtime={p.fio_seconds}", "--time_based", "--invalidate=1", "--randrepeat=1",
     ]  # fmt: skip
+    if job.numjobs > 1:
+        args += [f"--numjobs={job.numjobs}", "--group_reporting"]
     if "write" in job.rw:
         args.append("--end_fsync=1")
     return " ".join(args)
@@ -149,14 +160,17 @@ def parse_fio(text: str, job: FioJob) -> Cell:
 class Rig:
     """Daemons, the disk image, the guest with everything mounted."""
 
-    def __init__(self, specs: list[DaemonSpec], workdir: Path, p: Params) -> None:
+    def __init__(self, specs: list[DaemonSpec], workdir: Path, p: Params, queues: int = 1) -> None:
         self.p = p
+        self.queues = queues
         self.workdir = workdir
         self.daemons: dict[str, DaemonProcess] = {}
         self.guest: Guest | None = None
         self.targets: list[str] = []
         by_name = {s.name: s for s in specs}
         for tgt, dname in TARGET_DAEMON.items():
+            if dname == REF and queues > 1:
+                continue  # the Rust virtiofsd serves one request queue
             if dname in by_name:
                 share = workdir / f"share-{tgt}"
                 share.mkdir()
@@ -182,7 +196,9 @@ class Rig:
         ]  # fmt: skip
         sockets = {tgt: str(d.socket_path) for tgt, d in self.daemons.items()}
         log(f"  booting the guest (targets: {', '.join([*sockets, 'blk', 'tmpfs'])})")
-        self.guest = g = Guest.boot(vhost_sockets=sockets, mem_mib=2048, extra_args=extra)
+        self.guest = g = Guest.boot(
+            vhost_sockets=sockets, mem_mib=2048, extra_args=extra, num_request_queues=self.queues
+        )
         self.watch()
         g.run(load_modules_cmd()).check()
         for tgt in sockets:
@@ -310,6 +326,7 @@ def run_guest(
     rows: Sequence[str] = ROWS,
     *,
     repeat: int = 1,
+    queues: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Cell]]:
     """Every selected row on every target; results[row][target].
@@ -325,7 +342,7 @@ def run_guest(
     if any(r in rows for r in REAL_ROWS):
         groups.append("real")
     runs: dict[str, dict[str, list[Cell]]] = {}
-    rig = Rig(specs, workdir, p)
+    rig = Rig(specs, workdir, p, queues)
     try:
         rig.start(log)
         for grp, tgt in [(g, t) for _ in range(repeat) for g in groups for t in rig.targets]:
@@ -370,8 +387,8 @@ def guest_table(
     from bench.report import ratio
 
     headers = [
-        "row", "unit", "py", "rs", "blk", "tmpfs", "py/rs", "py/blk", "py/tmpfs",
-        "py cpu s", "rs cpu s", "py MiB", "rs MiB",
+        "row", "unit", "py", "pyp", "rs", "blk", "tmpfs", "py/rs", "pyp/rs", "py/blk",
+        "py/tmpfs", "py cpu s", "pyp cpu s", "rs cpu s", "py MiB", "pyp MiB", "rs MiB",
     ]  # fmt: skip
     rows: list[list[object]] = []
     for name in ROWS:
@@ -388,17 +405,18 @@ def guest_table(
             x = getattr(c, attr) if c is not None else None
             return None if x is None else (x / 1024 if attr == "peak_rss_kib" else x)
 
-        def speed(t: str, r: dict[str, Cell] = r) -> float | None:
-            """py's speed relative to target t: > 1 means py is faster."""
-            if "py" not in r or t not in r:
+        def speed(t: str, r: dict[str, Cell] = r, ours: str = "py") -> float | None:
+            """Our target's speed relative to target t: > 1 means ours is faster."""
+            if ours not in r or t not in r:
                 return None
-            fast = r["py"].higher_better
-            return ratio(v("py"), v(t)) if fast else ratio(v(t), v("py"))
+            fast = r[ours].higher_better
+            return ratio(v(ours), v(t)) if fast else ratio(v(t), v(ours))
 
         rows.append([
-            name, unit, v("py"), v("rs"), v("blk"), v("tmpfs"),
-            speed("rs"), speed("blk"), speed("tmpfs"),
-            u("py", "cpu_s"), u("rs", "cpu_s"), u("py", "peak_rss_kib"), u("rs", "peak_rss_kib"),
+            name, unit, v("py"), v("pyp"), v("rs"), v("blk"), v("tmpfs"),
+            speed("rs"), speed("rs", ours="pyp"), speed("blk"), speed("tmpfs"),
+            u("py", "cpu_s"), u("pyp", "cpu_s"), u("rs", "cpu_s"),
+            u("py", "peak_rss_kib"), u("pyp", "peak_rss_kib"), u("rs", "peak_rss_kib"),
         ])  # fmt: skip
     return headers, rows
 
