@@ -75,6 +75,7 @@ async def serve(opts: Options, started: Started) -> int:
             thread_pool_size=opts.thread_pool_size,
             may_block=dispatcher.may_block,
             interrupt=fs.interrupt_waits,
+            queue_threads=opts.thread_pool_size == 0,
         )
         if served.migration is None:
             log.info("the %s backend cannot migrate: migration is not offered", opts.backend)
