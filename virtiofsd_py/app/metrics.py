@@ -349,8 +349,10 @@ def ring_gauges(rings: Callable[[], Sequence[Any]]) -> GaugeSource:
             if q is None:
                 continue
             labels = (("queue", str(ring.index)),)
+            worker = ring.served_by
+            last = worker.last_avail_idx if worker is not None else q.last_avail_idx
             try:
-                pending = (q.avail_idx() - q.last_avail_idx) & 0xFFFF
+                pending = (q.avail_idx() - last) & 0xFFFF
             except (OSError, ValueError):
                 pending = 0  # memory unmapped under us: the ring is going away
             yield Gauge("queue_pending", "Available chains not yet taken.", pending, labels)

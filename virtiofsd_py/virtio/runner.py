@@ -102,6 +102,7 @@ class QueueRunner:
                     fast=self._fast,
                 )
                 self._workers[ring.index] = w
+                ring.served_by = w
                 if not self._window:
                     w.start()
             return
@@ -263,6 +264,7 @@ class QueueRunner:
         """
         w = self._workers.pop(ring.index, None)
         if w is not None:
+            ring.served_by = None
             await asyncio.to_thread(w.begin_stop)
             if w.inflight and self._interrupt is not None:
                 self._interrupt()

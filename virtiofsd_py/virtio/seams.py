@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from virtiofsd_py.virtio.virtqueue import SplitQueue
 
@@ -43,6 +43,8 @@ class Ring(Protocol):
     broken: bool
     #: Used index before the first completion not yet published, or None.
     publish_from: int | None
+    #: The queue worker serving the ring (set and cleared by the runner).
+    served_by: Any
 
     @property
     def ready(self) -> bool:

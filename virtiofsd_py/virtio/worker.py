@@ -169,6 +169,12 @@ class QueueWorker:
             self._wake_fd = -1
 
     @property
+    def last_avail_idx(self) -> int:
+        """The next avail-ring slot to pop (the queue's, while this serves it)."""
+        q = self._queue
+        return q.last_avail_idx if q is not None else 0
+
+    @property
     def inflight(self) -> int:
         """Slow requests not yet on the used ring."""
         return self._slow
