@@ -25,7 +25,12 @@ import os
 import threading
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
+from cpython.pycapsule cimport (
+    PyCapsule_Destructor,
+    PyCapsule_GetPointer,
+    PyCapsule_IsValid,
+    PyCapsule_New,
+)
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
@@ -525,6 +530,7 @@ cdef class QueueWorker:
     cdef object _dlog
     cdef object _on_used_write
     cdef bint _started_seen
+    cdef bint _look
     cdef uint64_t _counts[OP_SLOTS][ERRNO_SLOTS]
 
     def __init__(self, ring, handler, *, slow, dirty_log, may_block=None, fast=None):
@@ -560,6 +566,7 @@ cdef class QueueWorker:
         self._dlog = None
         self._on_used_write = None
         self._started_seen = False
+        self._look = False
         memset(self._counts, 0, sizeof(self._counts))
 
     # -- control (event loop side) ------------------------------------------------
@@ -573,7 +580,9 @@ cdef class QueueWorker:
         self._thread.start()
 
     def _load(self):
+        """Snapshot the ring; True if the queue, the kick fd or readiness changed."""
         ring = self._ring
+        before = (self._queue, self._kick_fd, self._ready)
         q = ring.queue
         if q is not self._queue or self._walker is None:
             if self._walker is not None and self._queue is not None:
@@ -589,6 +598,7 @@ cdef class QueueWorker:
         self._on_used_write = q.on_used_write if q is not None else None
         if self._kick_fd >= 0:
             os.set_blocking(self._kick_fd, False)
+        return before != (self._queue, self._kick_fd, self._ready)
 
     def _sync(self):
         """Indices back to the ``SplitQueue`` (while parked or stopped)."""
@@ -615,7 +625,7 @@ cdef class QueueWorker:
         with self._cv:
             if self._ctl != PAUSE:
                 return
-            self._load()
+            self._look = self._load()
             vfsd_store_int(&self._ctl, RUN)
             self._cv.notify_all()
 
@@ -698,7 +708,7 @@ cdef class QueueWorker:
             ctl = vfsd_load_int(&self._ctl)
             if ctl == PAUSE:
                 self._park()
-                more = True
+                more = self._look
                 continue
             if ctl == STOP:
                 if not self._stopping:
@@ -919,3 +929,38 @@ cdef class QueueWorker:
         ring.broken = True
         self._ready = False
         ring.signal_error()
+
+
+# -- a fast-operations capsule for the tests ------------------------------------------
+cdef struct _reply_ops:
+    vfsd_fast_ops ops
+    int32_t error
+
+cdef int64_t _reply_handle(void *ctx, const vfsd_chain *chain) noexcept nogil:
+    """Answers with a bare fuse_out_header (the given error) if it fits, else declines."""
+    cdef _reply_ops *me = <_reply_ops *>ctx
+    cdef uint32_t out[4]
+    if chain.nrd == 0 or chain.rd[0].iov_len < 16 or chain.nwr == 0 or chain.wr[0].iov_len < 16:
+        return VFSD_FAST_DECLINE
+    out[0] = 16
+    memcpy(&out[1], &me.error, 4)
+    memcpy(&out[2], <char *>chain.rd[0].iov_base + 8, 8)  # unique
+    memcpy(chain.wr[0].iov_base, out, 16)
+    return 16
+
+cdef void _free_reply_ops(object capsule) noexcept:
+    # a PyCapsule_Destructor
+    free(PyCapsule_GetPointer(capsule, VFSD_FAST_OPS_CAPSULE))
+
+def testing_fast_ops(uint64_t opcodes, int error):
+    """A ``VFSD_FAST_OPS_CAPSULE`` answering requests of ``opcodes`` (a bit mask)
+    with a bare out header carrying ``-error`` (for the tests of the fast path)."""
+    cdef _reply_ops *me = <_reply_ops *>malloc(sizeof(_reply_ops))
+    if me == NULL:
+        raise MemoryError()
+    me.ops.abi = VFSD_FAST_ABI
+    me.ops.ctx = me
+    me.ops.handle = _reply_handle
+    me.ops.opcodes = opcodes
+    me.error = -error
+    return PyCapsule_New(me, VFSD_FAST_OPS_CAPSULE, <PyCapsule_Destructor>_free_reply_ops)

@@ -98,6 +98,7 @@ class QueueWorker:
         self._call_fd: int | None = None
         self._ready = False
         self._dlog: DirtyLog | None = None
+        self._look = False  # set by resume: serve before waiting for a kick
 
     # -- control (event loop side) ------------------------------------------------
     def start(self) -> None:
@@ -110,8 +111,11 @@ class QueueWorker:
         )
         self._thread.start()
 
-    def _load(self) -> None:
+    def _load(self) -> bool:
+        """Snapshot the ring; True if what decides serving changed (the queue,
+        the kick fd, readiness): the worker then looks at the ring at once."""
         ring = self._ring
+        before = (self._queue, self._kick_fd, self._ready)
         self._queue = ring.queue
         self._kick_fd = ring.kick_fd
         self._call_fd = ring.call_fd
@@ -119,6 +123,7 @@ class QueueWorker:
         self._dlog = self._dirty_log_of()
         if self._kick_fd is not None:
             os.set_blocking(self._kick_fd, False)
+        return before != (self._queue, self._kick_fd, self._ready)
 
     def wake(self) -> None:
         """Look at the ring again (enabled, features or logging changed)."""
@@ -143,7 +148,7 @@ class QueueWorker:
         with self._cv:
             if self._ctl != PAUSE:
                 return
-            self._load()
+            self._look = self._load()
             self._ctl = RUN
             self._cv.notify_all()
 
@@ -213,7 +218,7 @@ class QueueWorker:
                     self._cv.wait_for(lambda: self._ctl != PAUSE)
                     self._parked = False
                 poller, kick = self._poller()
-                more = True
+                more = self._look
                 continue
             if ctl == STOP:
                 if not self._stopping:

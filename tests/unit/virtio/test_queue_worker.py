@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -249,5 +250,29 @@ async def test_restart_after_stop_keeps_the_indices(twin: Any) -> None:
         rig.submit(q, b"again")
         (used,) = await rig.completions(q)
         assert used.length == 5
+    finally:
+        await rig.close()
+
+
+@pytest.mark.skipif(workers.CompiledQueueWorker is None, reason="the compiled core is not built")
+async def test_compiled_fast_operations_capsule_and_counts() -> None:
+    from virtiofsd_py.virtio._cworker import testing_fast_ops
+
+    getattr_, lookup = 3, 1
+    rig = Rig(worker=workers.CompiledQueueWorker, fast=testing_fast_ops(1 << getattr_, 2))
+    try:
+        (q,) = await started(rig, 1)
+
+        def request(opcode: int, unique: int) -> bytes:
+            return struct.pack("<IIQQIIII", 40, opcode, unique, 1, 0, 0, 0, 0)
+
+        fc = rig.submit(q, request(getattr_, 7))
+        pc = rig.submit(q, request(lookup, 8))
+        used = {u.chain.head: u.length for u in await rig.completions(q, 2)}
+        assert used == {fc.head: 16, pc.head: 40}  # answered in C / echoed by Python
+        assert struct.unpack("<IiQ", rig.dmem.read(fc.in_[0].gpa, 16)) == (16, -2, 7)
+        assert rig.runner.fast_counts() == {(getattr_, 2): 1}
+        await rig.send(p.MessageType.GET_VRING_BASE, p.VRING_STATE.pack(1, 0))
+        assert rig.runner.fast_counts() == {(getattr_, 2): 1}  # kept after the worker ends
     finally:
         await rig.close()
