@@ -29,7 +29,7 @@ from virtiofsd_py.vhost.connection import StateTransfers
 from virtiofsd_py.virtio.memory import GuestMemory, map_region
 from virtiofsd_py.virtio.runner import QueueRunner
 from virtiofsd_py.virtio.types import MemoryRegion, VringAddr
-from virtiofsd_py.virtio.virtqueue import ChainError, QueueError, SplitQueue
+from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError, SplitQueue
 
 Target = Callable[[bytes], None]
 
@@ -151,14 +151,9 @@ def _shared_ring() -> _Ring:
     return _ring
 
 
-def virtqueue(data: bytes) -> None:
-    """Descriptor table, avail ring and indirect tables straight from the input.
-
-    Addresses are biased into (and just around) the 64 KiB of guest memory so
-    that indirect tables, loops and tables-inside-tables are reachable.
-    Rules: only ChainError / QueueError; every view lies in guest memory; a
-    chain never has more bytes than the memory has; at most ``VQ_SIZE`` pops.
-    """
+def _fill_ring(data: bytes) -> tuple[_Ring, bool]:
+    """Descriptor table, avail ring and indirect tables straight from the input;
+    returns the ring and whether EVENT_IDX is on."""
     r = _shared_ring()
     b = Bytes(data)
     mode = b.int(1)
@@ -181,7 +176,19 @@ def virtqueue(data: bytes) -> None:
     for slot, h in enumerate(heads):
         r.dmem.write(r.avail + 4 + 2 * slot, struct.pack("<H", h % (VQ_SIZE + 1)))
     r.dmem.write(r.avail + 2, struct.pack("<H", len(heads) if mode & 2 else mode << 4))
-    q = r.queue(event_idx=bool(mode & 4))
+    return r, bool(mode & 4)
+
+
+def virtqueue(data: bytes) -> None:
+    """The pure walker (``SplitQueue``) on a ring made of the input.
+
+    Addresses are biased into (and just around) the 64 KiB of guest memory so
+    that indirect tables, loops and tables-inside-tables are reachable.
+    Rules: only ChainError / QueueError; every view lies in guest memory; a
+    chain never has more bytes than the memory has; at most ``VQ_SIZE`` pops.
+    """
+    r, event_idx = _fill_ring(data)
+    q = r.queue(event_idx=event_idx)
     base = r.mem.regions[0].view
     for _ in range(VQ_SIZE + 1):
         try:
@@ -198,6 +205,53 @@ def virtqueue(data: bytes) -> None:
             total += len(v)
         assert total <= VQ_MEM * (VQ_SIZE + 4096 // 16), "chain longer than possible"
         q.add_used(chain.head, 0)
+
+
+def _outcome(pop: Callable[[], Chain | None], base: memoryview) -> object:
+    try:
+        chain = pop()
+    except ChainError as e:
+        return ("chain", e.head, e.reason)
+    except QueueError as e:
+        return ("queue", str(e))
+    if chain is None:
+        return None
+    for v in [*chain.readable, *chain.writable]:
+        assert v.obj is base.obj, "a view outside guest memory"
+    return (
+        chain.head,
+        b"".join(bytes(v) for v in chain.readable),
+        b"".join(bytes(v) for v in chain.writable),
+        sum(n for _, n in chain.writable_gpas),
+    )
+
+
+def virtqueue_compiled(data: bytes) -> None:
+    """The compiled walker (virtio/_cworker.pyx) against the pure one, on a ring
+    made of the input as ``virtqueue`` makes it.
+
+    Rules: the compiled walker gives the same chains (bytes readable and
+    writable, bytes to log), the same errors and the same indices; every view
+    it makes lies in guest memory.  Without the compiled core: the pure
+    target.
+    """
+    from virtiofsd_py.virtio import workers
+
+    if workers.CompiledQueueWorker is None:
+        virtqueue(data)
+        return
+    from virtiofsd_py.virtio._cworker import Walker
+
+    r, event_idx = _fill_ring(data)
+    pure = r.queue(event_idx=event_idx)
+    compiled = Walker(r.queue(event_idx=event_idx))
+    base = r.mem.regions[0].view
+    for _ in range(VQ_SIZE + 1):
+        a, b = _outcome(pure.pop, base), _outcome(compiled.pop, base)
+        assert a == b, f"pure {a!r} != compiled {b!r}"
+        assert pure.last_avail_idx == compiled.last_avail_idx
+        if a is None or a[0] == "queue":  # type: ignore[index]
+            return
 
 
 # -- vhost-user back-end state machine ------------------------------------------------
@@ -468,6 +522,7 @@ def _handle(
 TARGETS: dict[str, Target] = {
     "vhost_codec": vhost_codec,
     "virtqueue": virtqueue,
+    "virtqueue_compiled": virtqueue_compiled,
     "vhost_backend": vhost_backend,
     "fuse_passthrough": fuse_passthrough,
 }

@@ -34,9 +34,25 @@ def echo(readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
 
 
 class Rig:
-    def __init__(self, handler=echo, pool: int = 0, tag: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(  # type: ignore[no-untyped-def]
+        self,
+        handler=echo,
+        pool: int = 0,
+        tag: str | None = None,
+        *,
+        worker: type | None = None,
+        **runner_kw,
+    ) -> None:
+        """``worker``: serve request queues with this ``QueueWorker`` class."""
         self.loop = asyncio.get_running_loop()
-        self.runner = QueueRunner(self.loop, handler, thread_pool_size=pool)
+        self.runner = QueueRunner(
+            self.loop,
+            handler,
+            thread_pool_size=pool,
+            queue_threads=worker is not None,
+            worker=worker,
+            **runner_kw,
+        )
         self.backend = VhostUserBackend(self.runner, BackendConfig(max_queues=3, tag=tag))
         self.dmem = drv.GuestMemory(8 << 20, gpa_base=GPA_BASE)
         self.queues: dict[int, drv.SplitQueue] = {}

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from fuzz import targets  # noqa: E402
 
 #: Inputs per atheris harness in the default suite.
-ATHERIS_RUNS = {"vhost_codec": 20000, "virtqueue": 3000, "vhost_backend": 600,
-                "fuse_passthrough": 800}  # fmt: skip
+ATHERIS_RUNS = {"vhost_codec": 20000, "virtqueue": 3000, "virtqueue_compiled": 3000,
+                "vhost_backend": 600, "fuse_passthrough": 800}  # fmt: skip
 HAS_ATHERIS = importlib.util.find_spec("atheris") is not None
 
 
@@ -52,6 +52,12 @@ def test_hypothesis_vhost_codec(data: bytes) -> None:
 @given(st.binary(max_size=800))
 def test_hypothesis_virtqueue(data: bytes) -> None:
     targets.virtqueue(data)
+
+
+@FUZZ
+@given(st.binary(max_size=800))
+def test_hypothesis_virtqueue_compiled(data: bytes) -> None:
+    targets.virtqueue_compiled(data)
 
 
 @settings(FUZZ, max_examples=100)

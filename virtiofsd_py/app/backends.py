@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from virtiofsd_py.app.errors import StartupError, describe
 from virtiofsd_py.app.options import Options
@@ -50,6 +51,10 @@ class Backend:
     tables: TableSizes | None = None
     #: How its tables migrate; None: it cannot, and no migration is offered.
     migration: Migratable[PassthroughState] | None = None
+    #: Compiled fast operations the queue workers offer each chain first: a
+    #: ``VFSD_FAST_OPS_CAPSULE`` PyCapsule (include/vfsd_fastops.h) for the
+    #: compiled worker, a ``FastCall`` for the pure one; None: none.
+    fast_ops: Any = None
 
 
 def fuse_config(opts: Options, readdirplus: bool) -> FuseConfig:

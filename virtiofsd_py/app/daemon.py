@@ -75,6 +75,8 @@ async def serve(opts: Options, started: Started) -> int:
             thread_pool_size=opts.thread_pool_size,
             may_block=dispatcher.may_block,
             interrupt=fs.interrupt_waits,
+            queue_threads=opts.thread_pool_size == 0,
+            fast=served.fast_ops,
         )
         if served.migration is None:
             log.info("the %s backend cannot migrate: migration is not offered", opts.backend)
@@ -93,7 +95,7 @@ async def serve(opts: Options, started: Started) -> int:
                 else None
             ),
         )
-        hooks.serving(lambda: backend.rings, served.fd_dir, served.tables)
+        hooks.serving(lambda: backend.rings, served.fd_dir, served.tables, runner.fast_counts)
         conn = VhostUserConnection(conn_sock, backend)
         serving = asyncio.ensure_future(conn.serve())
         stopped = asyncio.ensure_future(stop.wait())

@@ -43,6 +43,8 @@ from virtiofsd_py.virtio.runner import ChainHandler
 #: Counter slots: every FUSE opcode the kernel sends is below 64; the rest
 #: (CUSE_INIT, garbage) share slot 0, which no real request uses.
 SLOTS = 64
+#: (opcode, errno) -> requests answered by compiled fast operations (errno 0: success).
+FastCounts = Callable[[], dict[tuple[int, int], int]]
 #: Latency buckets are powers of two in ns: bucket i holds requests with
 #: 2**(MIN_BIT+i-1) <= ns < 2**(MIN_BIT+i); the first also holds faster ones,
 #: the last slower ones (2**10 ns ~ 1 us ... 2**30 ns ~ 1.07 s, then +Inf).
@@ -83,12 +85,19 @@ class OpStats:
     sum_ns: int
     #: Per-bucket (not cumulative) counts, see ``bucket_bounds_ns``.
     buckets: tuple[int, ...]
+    #: Of ``requests``, those answered by compiled fast operations (not timed).
+    fast: int = 0
+
+    @property
+    def timed_requests(self) -> int:
+        """Requests the histogram holds (``buckets`` and ``sum_ns``)."""
+        return self.requests - self.fast
 
     def quantile_ns(self, q: float) -> int:
         """Upper bound of the bucket holding the ``q`` quantile (0 if no requests)."""
-        if not self.requests:
+        if not self.timed_requests:
             return 0
-        want = q * self.requests
+        want = q * self.timed_requests
         seen = 0
         for i, n in enumerate(self.buckets):
             seen += n
@@ -123,6 +132,7 @@ class Metrics:
         self._shards: list[_Shard] = []
         self._shards_lock = threading.Lock()
         self._gauges: list[GaugeSource] = []
+        self._fast: list[FastCounts] = []
         self.started = time.time()
         #: This process's fd directory as it can name it (relative under --sandbox chroot).
         self.fd_dir = "/proc/self/fd"
@@ -202,13 +212,32 @@ class Metrics:
         """Register a callable asked for its gauges at every read."""
         self._gauges.append(source)
 
+    def add_fast_counts(self, source: FastCounts) -> None:
+        """Register the counts of requests the compiled fast operations answered
+        (``QueueRunner.fast_counts``): counted as requests and errors, not timed.
+        Asked only when someone reads, so the fast path stays free of Python."""
+        self._fast.append(source)
+
+    def _fast_counts(self) -> dict[tuple[int, int], int]:
+        total: dict[tuple[int, int], int] = {}
+        for source in self._fast:
+            for k, n in source().items():
+                total[k] = total.get(k, 0) + n
+        return total
+
     def op_stats(self) -> list[OpStats]:
         """Totals per opcode seen so far, by opcode number."""
         with self._shards_lock:
             shards = list(self._shards)
+        fast_requests = [0] * SLOTS
+        fast_errors = [0] * SLOTS
+        for (op, err), n in self._fast_counts().items():
+            fast_requests[op] += n
+            if err:
+                fast_errors[op] += n
         out = []
         for op in range(SLOTS):
-            requests = sum(s.requests[op] for s in shards)
+            requests = sum(s.requests[op] for s in shards) + fast_requests[op]
             if not requests:
                 continue
             base = op * BUCKETS
@@ -217,9 +246,10 @@ class Metrics:
                 OpStats(
                     op,
                     requests,
-                    sum(s.errors[op] for s in shards),
+                    sum(s.errors[op] for s in shards) + fast_errors[op],
                     sum(s.sum_ns[op] for s in shards),
                     buckets,
+                    fast_requests[op],
                 )
             )
         return out
@@ -231,6 +261,9 @@ class Metrics:
         total: dict[int, int] = {}
         for s in shards:
             for e, n in list(s.errnos.items()):
+                total[e] = total.get(e, 0) + n
+        for (_, e), n in self._fast_counts().items():
+            if e:
                 total[e] = total.get(e, 0) + n
         return total
 
@@ -256,9 +289,11 @@ class Metrics:
         out = []
         for s in self.op_stats():
             line = f"metrics: {_op(s)} requests={s.requests} errors={s.errors}"
-            if self.timed:
+            if s.fast:
+                line += f" fast={s.fast}"
+            if self.timed and s.timed_requests:
                 line += (
-                    f" mean={s.sum_ns / s.requests / 1000:.1f}us"
+                    f" mean={s.sum_ns / s.timed_requests / 1000:.1f}us"
                     f" p50<{s.quantile_ns(0.5) / 1000:.0f}us p99<{s.quantile_ns(0.99) / 1000:.0f}us"
                 )
             out.append(line)
@@ -297,8 +332,10 @@ class PrometheusCollector(Collector):
         )
         bounds = [f"{bound / 1e9:.9g}" for bound in bucket_bounds_ns()]
         for s in stats if m.timed else ():
+            if not s.timed_requests:
+                continue
             finite = zip(bounds, itertools.accumulate(s.buckets), strict=False)
-            buckets = [*finite, ("+Inf", s.requests)]
+            buckets = [*finite, ("+Inf", s.timed_requests)]
             duration.add_metric([_op(s)], buckets, s.sum_ns / 1e9)
         yield from (requests, errors, errnos, duration)
         gauges: dict[str, GaugeMetricFamily] = {}
@@ -349,8 +386,10 @@ def ring_gauges(rings: Callable[[], Sequence[Any]]) -> GaugeSource:
             if q is None:
                 continue
             labels = (("queue", str(ring.index)),)
+            worker = ring.served_by
+            last = worker.last_avail_idx if worker is not None else q.last_avail_idx
             try:
-                pending = (q.avail_idx() - q.last_avail_idx) & 0xFFFF
+                pending = (q.avail_idx() - last) & 0xFFFF
             except (OSError, ValueError):
                 pending = 0  # memory unmapped under us: the ring is going away
             yield Gauge("queue_pending", "Available chains not yet taken.", pending, labels)

@@ -256,7 +256,7 @@ class Options:
     # -- the process ------------------------------------------------------------------
     thread_pool_size: int = opt(
         0, "--thread-pool-size", metavar="N", group=PROCESS,
-        help="Worker threads for requests; 0 runs them on the event loop",
+        help="Worker threads for requests; 0 serves each request queue on its own thread",
     )  # fmt: skip
     rlimit_nofile: int | None = opt(
         None, "--rlimit-nofile", metavar="N", group=PROCESS,

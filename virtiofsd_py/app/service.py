@@ -17,7 +17,7 @@ from typing import Any
 from virtiofsd_py.app import sdnotify
 from virtiofsd_py.app.backends import TableSizes
 from virtiofsd_py.app.errors import StartupError, describe
-from virtiofsd_py.app.metrics import Metrics, ring_gauges, table_gauges
+from virtiofsd_py.app.metrics import FastCounts, Metrics, ring_gauges, table_gauges
 from virtiofsd_py.app.metrics_server import MetricsServer, parse_address
 from virtiofsd_py.app.options import Options
 from virtiofsd_py.virtio.runner import ChainHandler
@@ -82,10 +82,17 @@ class ServiceHooks:
         return self.metrics.instrument(handler, timed=self.server is not None)
 
     def serving(
-        self, rings: Callable[[], Sequence[Any]], fd_dir: str, tables: TableSizes | None
+        self,
+        rings: Callable[[], Sequence[Any]],
+        fd_dir: str,
+        tables: TableSizes | None,
+        fast_counts: FastCounts | None = None,
     ) -> None:
-        """A front-end is connected: expose its queues and the back-end's tables."""
+        """A front-end is connected: expose its queues, the back-end's tables
+        and the requests compiled fast operations answered."""
         self.metrics.add_gauges(ring_gauges(rings))
+        if fast_counts is not None:
+            self.metrics.add_fast_counts(fast_counts)
         self.metrics.fd_dir = fd_dir
         if tables is not None:
             self.metrics.add_gauges(table_gauges(tables.inodes, tables.handles))

@@ -191,7 +191,11 @@ class VhostUserBackend:
             for rule in requires:
                 if not rule.holds(self, msg):
                     raise ProtocolError(rule.otherwise)
-            reply = await handler(self, msg)
+            if msg.request in RECONFIGURES:
+                async with self.runner.paused():
+                    reply = await handler(self, msg)
+            else:
+                reply = await handler(self, msg)
         except (ProtocolError, GuestMemoryError, QueueError) as e:
             log.error("vhost-user %s: %s", msg.name, e)
             return self._nak(msg)
@@ -573,6 +577,27 @@ CONFIG_SPACE: Final = Requirement(
 )
 TRANSFER_ASKED: Final = Requirement(
     lambda b, m: b._transfer is not None, "no device state transfer to check"
+)
+
+#: Messages that change what a queue worker uses (memory, a ring's queue,
+#: eventfds, features, the dirty log): handled while the workers are parked
+#: (``QueueRunner.paused``), so no thread ever touches an unmapped region or
+#: a closed fd.
+RECONFIGURES: Final = frozenset(
+    {
+        MessageType.SET_FEATURES,
+        MessageType.SET_MEM_TABLE,
+        MessageType.ADD_MEM_REG,
+        MessageType.REM_MEM_REG,
+        MessageType.SET_VRING_NUM,
+        MessageType.SET_VRING_ADDR,
+        MessageType.SET_VRING_BASE,
+        MessageType.SET_VRING_KICK,
+        MessageType.SET_VRING_CALL,
+        MessageType.SET_VRING_ERR,
+        MessageType.SET_VRING_ENABLE,
+        MessageType.SET_LOG_BASE,
+    }
 )
 
 #: The message table: message type -> (handler, the states it is valid in).

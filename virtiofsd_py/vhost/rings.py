@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from virtiofsd_py.vhost.protocol import VRING_F_LOG
 from virtiofsd_py.virtio.dirty_log import DirtyLog
@@ -48,6 +49,9 @@ class Vring:
     #: Used index before the first used element not yet published (batched
     #: completions from worker threads), or None.
     publish_from: int | None = None
+    #: The queue worker serving the ring on its own thread, if one does: its
+    #: indices are the ring's while it serves (``last_avail_idx``).
+    served_by: Any = None
 
     def __post_init__(self) -> None:
         self.idle.set()

@@ -1,76 +1,49 @@
 """Drives the virtqueues: kick eventfds in, request handler, used ring + call out.
 
-This module owns the rings' eventfds on the event loop.  A kick pops the
-available chains and hands each to the request handler (the FUSE
-dispatcher): inline on the loop when there is no thread pool (cheapest per
-request, as the Rust virtiofsd's default), or in a worker thread otherwise.
-Used entries are published from the loop thread only, in batches, with at
-most one call-eventfd write per batch (EVENT_IDX suppression decides).
+Two ways to serve a request queue (ring index >= 1):
 
-The hiprio queue (0) only carries FORGET/BATCH_FORGET/INTERRUPT, always
-runs inline and is never queued behind request queues: a request-queue batch
-yields to the loop every ``BATCH`` chains.
+- ``queue_threads=True`` (the daemon's default, ``--thread-pool-size 0``):
+  each request queue has its own thread, a ``QueueWorker`` (virtio/worker.py,
+  or its compiled twin virtio/_cworker.pyx, chosen once at import by
+  ``virtio.workers``), so N queues are served by N threads, as the Rust
+  virtiofsd serves each queue on its own thread.  The loop thread only
+  starts, pauses, resumes and stops workers: ``paused()`` is the window in
+  which the vhost-user back-end may change what a worker uses (memory,
+  eventfds, the queue, the dirty log); ``drain`` stops a worker.
+- otherwise, on the event loop: a kick pops the available chains and hands
+  each to the request handler (the FUSE dispatcher), inline on the loop, or
+  in a pool of ``thread_pool_size`` threads.  Used entries are published
+  from the loop thread only, in batches, with at most one call-eventfd
+  write per batch (EVENT_IDX suppression decides).
+
+The hiprio queue (0) only carries FORGET/BATCH_FORGET/INTERRUPT and always
+runs inline on the loop; it is never queued behind request queues (a
+request-queue batch on the loop yields every ``BATCH`` chains).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
 
 from virtiofsd_py.virtio.dirty_log import DirtyLog
-from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError, SplitQueue
+from virtiofsd_py.virtio.seams import ChainHandler, MayBlock, Ring
+from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError
+from virtiofsd_py.virtio.workers import FastOps, QueueWorker
+
+__all__ = ["BATCH", "HIPRIO", "ChainHandler", "MayBlock", "QueueRunner", "Ring"]
 
 log = logging.getLogger("virtiofsd_py.queue")
 
-#: Serves one chain: (device-readable views, device-writable views) -> bytes written.
-ChainHandler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
-MayBlock = Callable[[Sequence[memoryview]], bool]
 #: Chains processed per loop turn before yielding to other rings and messages.
 BATCH = 64
 #: Threads for requests that may block (lock waits): beyond this they queue.
 BLOCKING_THREADS = 64
 HIPRIO = 0
-
-
-class Ring(Protocol):
-    """What the runner reads and updates of one ring (``vhost.rings.Vring``).
-
-    Plain attributes, not methods, where the request path touches them: the
-    runner reads them once per batch or per request.
-    """
-
-    index: int
-    #: The eventfd the driver kicks; watched while the ring is served.
-    kick_fd: int | None
-    #: Set by the runner on a kick (vhost-user.rst, "Ring states": a kick
-    #: starts the ring; the owner stops it).
-    started: bool
-    queue: SplitQueue | None
-    #: Requests popped but not yet on the used ring (worker threads).
-    inflight: int
-    #: Set while nothing is in flight; ``drain`` waits on it.
-    idle: asyncio.Event
-    #: A fatal ring error was logged: not served until reconfigured.
-    broken: bool
-    #: Used index before the first completion not yet published, or None.
-    publish_from: int | None
-
-    @property
-    def ready(self) -> bool:
-        """Whether to process the ring now (started, enabled, mapped, not broken)."""
-        ...
-
-    def notify(self) -> None:
-        """Signal the driver (call eventfd)."""
-        ...
-
-    def signal_error(self) -> None:
-        """Tell the front-end the ring broke (err eventfd)."""
-        ...
 
 
 class QueueRunner:
@@ -82,11 +55,23 @@ class QueueRunner:
         thread_pool_size: int = 0,
         may_block: MayBlock | None = None,
         interrupt: Callable[[], None] | None = None,
+        queue_threads: bool = False,
+        fast: FastOps | None = None,
+        worker: type[QueueWorker] | None = None,
     ) -> None:
         self._loop = loop
         self._handler = handler
         self._may_block = may_block
         self._interrupt = interrupt
+        #: Request queues on their own threads (``QueueWorker``), else on the loop.
+        self.queue_threads = queue_threads
+        #: Fast operations offered to the workers (a capsule or a callable).
+        self._fast = fast
+        #: The worker class (both twins in tests): by default the one chosen at import.
+        self._worker_class = worker or QueueWorker
+        self._workers: dict[int, QueueWorker] = {}
+        self._window = 0  # nesting depth of ``paused()``
+        self._fast_done: dict[tuple[int, int], int] = {}
         self._pool = (
             ThreadPoolExecutor(thread_pool_size, thread_name_prefix="vfsd-worker")
             if thread_pool_size > 0
@@ -100,7 +85,27 @@ class QueueRunner:
 
     # -- kick watching ---------------------------------------------------------
     def watch(self, ring: Ring) -> None:
-        """(Re)start watching ``ring``'s kick eventfd."""
+        """(Re)start watching ``ring``'s kick eventfd.
+
+        A request queue served by a worker gets one (started now, or when
+        the ``paused()`` window this runs in ends); a worker that exists
+        takes the new kick fd when its window ends.
+        """
+        if self.queue_threads and ring.index != HIPRIO:
+            if ring.index not in self._workers:
+                w = self._worker_class(
+                    ring,
+                    self._handler,
+                    slow=self._slow_pool,
+                    dirty_log=lambda: self.dirty_log,
+                    may_block=self._may_block,
+                    fast=self._fast,
+                )
+                self._workers[ring.index] = w
+                ring.served_by = w
+                if not self._window:
+                    w.start()
+            return
         self.unwatch(ring)
         if ring.kick_fd is None:
             return
@@ -129,7 +134,15 @@ class QueueRunner:
 
     # -- processing ------------------------------------------------------------
     def process(self, ring: Ring) -> None:
-        """Handle what the driver made available, up to one batch."""
+        """Handle what the driver made available, up to one batch (a worker's
+        ring: tell the worker to look at the ring again)."""
+        w = self._workers.get(ring.index)
+        if w is not None:
+            if not self._window:
+                w.wake()
+            return
+        if self.queue_threads and ring.index != HIPRIO:
+            return
         if not ring.ready:
             return
         q = ring.queue
@@ -207,21 +220,82 @@ class QueueRunner:
         self.unwatch(ring)
         ring.signal_error()
 
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """A window in which no worker touches its ring: on entry each worker
+        ends its batch and parks; on exit each takes a new snapshot of its
+        ring (memory, eventfds, queue, dirty log) and serves it again."""
+        if self._window or not self._workers:
+            self._window += 1
+            try:
+                yield
+            finally:
+                self._window -= 1
+                if not self._window:
+                    for w in list(self._workers.values()):
+                        w.resume()
+            return
+        workers = list(self._workers.values())
+        await asyncio.to_thread(_pause_all, workers)
+        self._window += 1
+        try:
+            yield
+        finally:
+            self._window -= 1
+            for w in list(self._workers.values()):
+                w.resume()
+
+    def fast_counts(self) -> dict[tuple[int, int], int]:
+        """(opcode, errno) -> requests answered by compiled fast operations,
+        summed over the running workers and the ones already stopped."""
+        total = dict(self._fast_done)
+        for w in list(self._workers.values()):
+            for k, n in w.fast_counts().items():
+                total[k] = total.get(k, 0) + n
+        return total
+
     async def drain(self, ring: Ring) -> None:
         """Wait until every request popped from ``ring`` is on its used ring.
 
         Requests waiting for a lock are interrupted first (they complete with
         EINTR), so that stopping a ring cannot hang on another process's lock.
+        A worker's ring: the worker stops popping, its slow requests finish,
+        the batch is published and the thread ends.
         """
+        w = self._workers.pop(ring.index, None)
+        if w is not None:
+            ring.served_by = None
+            await asyncio.to_thread(w.begin_stop)
+            if w.inflight and self._interrupt is not None:
+                self._interrupt()
+            await asyncio.to_thread(w.stop)
+            self._keep_counts(w)
+            ring.inflight = 0
+            return
         if ring.inflight and self._interrupt is not None:
             self._interrupt()
         await ring.idle.wait()
         self._publish(ring)
 
+    def _keep_counts(self, w: QueueWorker) -> None:
+        for k, n in w.fast_counts().items():
+            self._fast_done[k] = self._fast_done.get(k, 0) + n
+
     def close(self) -> None:
+        for w in list(self._workers.values()):
+            if self._interrupt is not None and w.inflight:
+                self._interrupt()
+            w.stop()
+            self._keep_counts(w)
+        self._workers.clear()
         for idx in list(self._watched):
             fd = self._watched.pop(idx)
             self._loop.remove_reader(fd)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=False)
         self._slow_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _pause_all(workers: list[QueueWorker]) -> None:
+    for w in workers:
+        w.pause()

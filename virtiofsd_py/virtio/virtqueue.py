@@ -154,6 +154,14 @@ class SplitQueue:
         #: (dirty logging hook; None when not logging).
         self.on_used_write: Callable[[int, int], None] | None = None
 
+    def areas(self) -> tuple[memoryview, memoryview, memoryview]:
+        """The descriptor table, avail ring and used ring (for the compiled walker)."""
+        return self._desc, self._avail, self._used
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self._memory
+
     # -- driver -> device --------------------------------------------------
     def avail_idx(self) -> int:
         idx: int = self._avail16[1]
