@@ -55,6 +55,12 @@ cdef extern from "<sys/stat.h>" nogil:
         timespec_t st_ctim
     int fstat(int fd, stat_t *st)
 
+cdef extern from "<time.h>" nogil:
+    ctypedef struct timespec_req "struct timespec":
+        long tv_sec
+        long tv_nsec
+    int nanosleep(const timespec_req *req, timespec_req *rem)
+
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
         pass
@@ -267,6 +273,7 @@ cdef struct state:
     bint killpriv_v2
     uint64_t attr_sec
     uint32_t attr_nsec
+    long use_delay_ns       # tests only: a pause between finding an fd and using it
 
 
 cdef inline void release(state *s, entry *e) noexcept nogil:
@@ -277,54 +284,93 @@ cdef inline void release(state *s, entry *e) noexcept nogil:
     pthread_mutex_unlock(&s.mu)
 
 
-cdef void drop_locked(state *s, entry *e) noexcept nogil:
-    """Wait (mutex held, released while waiting) until ``e`` is unused; free it."""
+# Removal never waits while it holds the GIL: the entry leaves its table at
+# once, and only an entry some fast operation still uses is waited for,
+# with the GIL let go (``wait_unused``).
+
+cdef entry *retire_locked(state *s, entry *e) noexcept nogil:
+    """``e`` (out of its table): freed if unused, else returned to ``wait_unused``."""
+    if e.uses == 0:
+        free(e)
+        return NULL
     e.dropped = True
+    return e
+
+
+cdef void wait_unused(state *s, entry *e) noexcept nogil:
+    """Wait until the last fast operation using ``e`` let go of it; free it."""
+    pthread_mutex_lock(&s.mu)
     while e.uses:
         pthread_cond_wait(&s.idle, &s.mu)
+    pthread_mutex_unlock(&s.mu)
     free(e)
 
 
-cdef void drop_key(state *s, table *t, uint64_t key) noexcept nogil:
+cdef entry *take_key(state *s, table *t, uint64_t key) noexcept nogil:
+    """Remove ``key``; its entry if still in use (``wait_unused`` it), else NULL."""
     pthread_mutex_lock(&s.mu)
     cdef entry *e = table_take(t, key)
     if e != NULL:
-        drop_locked(s, e)
+        e = retire_locked(s, e)
     pthread_mutex_unlock(&s.mu)
+    return e
 
 
-cdef void drop_all(state *s, table *t, bint keep_root) noexcept nogil:
+cdef entry *take_some(state *s, table *t, bint keep_root) noexcept nogil:
+    """Remove every entry (the root's too unless ``keep_root``) until one is in
+    use: that one is returned (``wait_unused`` it, then call again); NULL: done."""
     pthread_mutex_lock(&s.mu)
     cdef size_t i = 0
     cdef entry *e
-    while t.mask and i <= t.mask:
+    cdef entry *busy = NULL
+    while t.mask and i <= t.mask and busy == NULL:
         e = t.slots[i]
         if e != NULL and e != &TOMB and not (keep_root and e.key == ROOT_ID):
             t.slots[i] = &TOMB
             t.live -= 1
-            drop_locked(s, e)  # may wait: the mutex is let go meanwhile
+            busy = retire_locked(s, e)
         i += 1
     pthread_mutex_unlock(&s.mu)
+    return busy
 
 
-cdef void add_entry(state *s, table *t, uint64_t key, uint64_t nodeid, int fd) noexcept nogil:
-    """Mirror ``key``; out of memory leaves it out (its requests are declined)."""
+cdef entry *add_entry(state *s, table *t, uint64_t key, uint64_t nodeid, int fd) noexcept nogil:
+    """Mirror ``key``, replacing an entry of the same key: returns that one if it
+    is still in use (``wait_unused`` it).  Out of memory leaves ``key`` out
+    (its requests are declined)."""
     cdef entry *e = <entry *>malloc(sizeof(entry))
-    if e == NULL:
-        drop_key(s, t, key)
-        return
-    e.key = key
-    e.nodeid = nodeid
-    e.fd = fd
-    e.uses = 0
-    e.dropped = False
+    cdef entry *old
     pthread_mutex_lock(&s.mu)
-    cdef entry *old = table_take(t, key)
+    old = table_take(t, key)
     if old != NULL:
-        drop_locked(s, old)
-    if not table_insert(t, e):
-        free(e)
+        old = retire_locked(s, old)
+    if e != NULL:
+        e.key = key
+        e.nodeid = nodeid
+        e.fd = fd
+        e.uses = 0
+        e.dropped = False
+        if not table_insert(t, e):
+            free(e)
     pthread_mutex_unlock(&s.mu)
+    return old
+
+
+cdef void drop_key(state *s, table *t, uint64_t key) noexcept:
+    """Remove ``key`` and wait (without the GIL) until its fd is unused."""
+    cdef entry *e = take_key(s, t, key)
+    if e != NULL:
+        with nogil:
+            wait_unused(s, e)
+
+
+cdef void drop_all(state *s, table *t, bint keep_root) noexcept:
+    """Remove every entry (but the root with ``keep_root``) and wait until unused."""
+    cdef entry *e = take_some(s, t, keep_root)
+    while e != NULL:
+        with nogil:
+            wait_unused(s, e)
+        e = take_some(s, t, keep_root)
 
 
 cdef struct struct_reply_attr:
@@ -434,6 +480,11 @@ cdef entry *use_handle(state *s, uint64_t fh, uint64_t nodeid) noexcept nogil:
     else:
         e = NULL
     pthread_mutex_unlock(&s.mu)
+    cdef timespec_req pause
+    if e != NULL and s.use_delay_ns:
+        pause.tv_sec = 0
+        pause.tv_nsec = s.use_delay_ns
+        nanosleep(&pause, NULL)
     return e
 
 
@@ -686,9 +737,8 @@ cdef class FastOps:
     def __dealloc__(self):
         if self.s == NULL:
             return
-        with nogil:
-            drop_all(self.s, &self.s.nodes, False)
-            drop_all(self.s, &self.s.handles, False)
+        drop_all(self.s, &self.s.nodes, False)
+        drop_all(self.s, &self.s.handles, False)
         free(self.s.nodes.slots)
         free(self.s.handles.slots)
         pthread_cond_destroy(&self.s.idle)
@@ -768,30 +818,35 @@ cdef class FastOps:
             free(views)
             free(vecs)
 
+    def _widen_race_window(self, long ns):
+        """Pause ``ns`` between finding a handle's fd and using it (stress tests:
+        a RELEASE then has time to race the use)."""
+        self.s.use_delay_ns = ns
+
     # -- TableMirror (fs/passthrough/mirror.py) ------------------------------------
     def node_added(self, uint64_t nodeid, int fd):
-        with nogil:
-            add_entry(self.s, &self.s.nodes, nodeid, nodeid, fd)
+        cdef entry *old = add_entry(self.s, &self.s.nodes, nodeid, nodeid, fd)
+        if old != NULL:
+            with nogil:
+                wait_unused(self.s, old)
 
     def node_dropped(self, uint64_t nodeid):
-        with nogil:
-            drop_key(self.s, &self.s.nodes, nodeid)
+        drop_key(self.s, &self.s.nodes, nodeid)
 
     def nodes_cleared(self):
-        with nogil:
-            drop_all(self.s, &self.s.nodes, True)
+        drop_all(self.s, &self.s.nodes, True)
 
     def handle_added(self, uint64_t fh, uint64_t nodeid, int fd, int flags):
-        with nogil:
-            add_entry(self.s, &self.s.handles, fh, nodeid, fd)
+        cdef entry *old = add_entry(self.s, &self.s.handles, fh, nodeid, fd)
+        if old != NULL:
+            with nogil:
+                wait_unused(self.s, old)
 
     def handle_dropped(self, uint64_t fh):
-        with nogil:
-            drop_key(self.s, &self.s.handles, fh)
+        drop_key(self.s, &self.s.handles, fh)
 
     def handles_cleared(self):
-        with nogil:
-            drop_all(self.s, &self.s.handles, False)
+        drop_all(self.s, &self.s.handles, False)
 
     def lock_owners(self, uint64_t count):
         pthread_mutex_lock(&self.s.mu)
@@ -799,5 +854,4 @@ cdef class FastOps:
         pthread_mutex_unlock(&self.s.mu)
 
     def detached(self):
-        with nogil:
-            drop_all(self.s, &self.s.nodes, False)
+        drop_all(self.s, &self.s.nodes, False)
