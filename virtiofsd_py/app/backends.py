@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from virtiofsd_py.app.errors import StartupError, describe
 from virtiofsd_py.app.options import Options
 from virtiofsd_py.confine.sandbox import SandboxView
+from virtiofsd_py.fastops import FastOperations, for_passthrough
 from virtiofsd_py.fs.api import Filesystem, Migratable
 from virtiofsd_py.fs.memory import MemoryConfig, MemoryFS
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
@@ -50,6 +51,10 @@ class Backend:
     tables: TableSizes | None = None
     #: How its tables migrate; None: it cannot, and no migration is offered.
     migration: Migratable[PassthroughState] | None = None
+    #: Requests it answers on its own tables before the dispatcher sees them
+    #: (fastops/); None: every request goes to the dispatcher.  The dispatcher
+    #: must report its session to ``fast_ops.session_changed``.
+    fast_ops: FastOperations | None = None
 
 
 def fuse_config(opts: Options, readdirplus: bool) -> FuseConfig:
@@ -113,6 +118,7 @@ def build(opts: Options, view: SandboxView) -> Backend:
         fs = passthrough_fs(opts, view)
     except OSError as e:
         raise StartupError(describe(e)) from None
+    fast = for_passthrough(fs, readonly=opts.readonly)
     return Backend(
         served(fs, opts),
         fs.close,
@@ -128,4 +134,5 @@ def build(opts: Options, view: SandboxView) -> Backend:
                 confirm_paths=opts.migration_confirm_paths,
             ),
         ),
+        fast,
     )

@@ -18,6 +18,7 @@ import signal
 from virtiofsd_py.app.options import Options
 from virtiofsd_py.app.startup import Started, start_daemon
 from virtiofsd_py.confine.sandbox import FORWARDED_SIGNALS, exit_like
+from virtiofsd_py.fastops import first
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.migration.envelope import StateProvider
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
@@ -68,10 +69,14 @@ async def serve(opts: Options, started: Started) -> int:
         conn_sock, _ = accept.result()
         listener.sock.close()  # one front-end per daemon
         log.info("front-end connected")
-        dispatcher = Dispatcher(fs, served.fuse)
+        fast = served.fast_ops
+        dispatcher = Dispatcher(
+            fs, served.fuse, on_session=fast.session_changed if fast is not None else None
+        )
+        handle = dispatcher.handle if fast is None else first(fast, dispatcher.handle)
         runner = QueueRunner(
             loop,
-            hooks.instrument(dispatcher.handle),
+            hooks.instrument(handle),
             thread_pool_size=opts.thread_pool_size,
             may_block=dispatcher.may_block,
             interrupt=fs.interrupt_waits,

@@ -11,7 +11,7 @@ which it reads: the FUSE layer knows no backend, a backend no FUSE bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from virtiofsd_py.fastops import passthrough
@@ -20,7 +20,18 @@ from virtiofsd_py.fs.passthrough.core import PassthroughCore
 from virtiofsd_py.fuse.dispatcher import SessionState
 from virtiofsd_py.host import native
 
-__all__ = ["DECLINED", "OPCODES", "FastOperations", "FastOps", "PureFastOps", "for_passthrough"]
+__all__ = [
+    "DECLINED",
+    "OPCODES",
+    "FastOperations",
+    "FastOps",
+    "PureFastOps",
+    "first",
+    "for_passthrough",
+]
+
+#: (readable, writable) -> used length: a request handler (virtio.runner.ChainHandler).
+Handler = Callable[[Sequence[memoryview], Sequence[memoryview]], int]
 
 
 class FastOperations(Protocol):
@@ -62,3 +73,16 @@ def for_passthrough(fs: PassthroughCore, *, readonly: bool = False) -> FastOpera
     if FastOps is PureFastOps:
         return PureFastOps(fs, readonly=readonly)
     return _Compiled(fs, readonly=readonly)
+
+
+def first(fast: FastOperations, fallback: Handler) -> Handler:
+    """A request handler that offers each request to ``fast`` and gives what it
+    declines to ``fallback`` (the dispatcher): for a runner that calls Python
+    per request (a compiled worker calls the capsule instead)."""
+    answer = fast.handle
+
+    def handle(readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
+        n = answer(readable, writable)
+        return fallback(readable, writable) if n == DECLINED else n
+
+    return handle

@@ -33,8 +33,12 @@ cdef extern from "<sys/uio.h>" nogil:
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, long offset)
 
 cdef extern from "<unistd.h>" nogil:
-    int dup(int fd)
     int close(int fd)
+
+cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, ...)
+    enum:
+        F_DUPFD_CLOEXEC
 
 cdef extern from "<sys/stat.h>" nogil:
     ctypedef struct timespec_t "struct timespec":
@@ -647,7 +651,7 @@ cdef int64_t op_flush(state *s, const vfsd_chain *c, uint64_t unique, uint64_t n
     if e == NULL:
         return VFSD_FAST_DECLINE
     rc = 0
-    d = dup(e.fd)
+    d = fcntl(e.fd, F_DUPFD_CLOEXEC, 0)  # as os.dup: never inherited by a child
     if d < 0:
         rc = -1
         err = errno
@@ -780,7 +784,15 @@ cdef class FastOps:
     def handle(self, readable, writable):
         """Answer one request held in Python buffers (tests, the pure worker): the
         reply length, or DECLINED."""
-        cdef Py_ssize_t nrd = len(readable), nwr = len(writable), i, k
+        return self._call(readable, writable, 1)
+
+    def _repeat(self, readable, writable, Py_ssize_t count):
+        """``handle`` ``count`` times in C on the same buffers (bench/fastops.py:
+        the cost a compiled worker pays per request)."""
+        return self._call(readable, writable, count)
+
+    cdef object _call(self, readable, writable, Py_ssize_t count):
+        cdef Py_ssize_t nrd = len(readable), nwr = len(writable), i, k, j
         if nrd > IOV_MAX or nwr > IOV_MAX:
             return DECLINED
         cdef Py_buffer *views = <Py_buffer *>calloc(nrd + nwr + 1, sizeof(Py_buffer))
@@ -809,8 +821,10 @@ cdef class FastOps:
             chain.nrd = <uint32_t>nrd
             chain.wr = vecs + nrd
             chain.nwr = <uint32_t>nwr
+            got = VFSD_FAST_DECLINE
             with nogil:
-                got = fast_handle(self.s, &chain)
+                for j in range(count):
+                    got = fast_handle(self.s, &chain)
             return got
         finally:
             for k in range(held):
