@@ -65,6 +65,18 @@ cdef extern from "<time.h>" nogil:
         long tv_nsec
     int nanosleep(const timespec_req *req, timespec_req *rem)
 
+cdef extern from "<sys/statvfs.h>" nogil:
+    ctypedef struct statvfs_t "struct statvfs":
+        unsigned long f_bsize
+        unsigned long f_frsize
+        unsigned long f_blocks
+        unsigned long f_bfree
+        unsigned long f_bavail
+        unsigned long f_files
+        unsigned long f_ffree
+        unsigned long f_namemax
+    int fstatvfs(int fd, statvfs_t *buf)
+
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
         pass
@@ -132,11 +144,25 @@ cdef extern from "<linux/fuse.h>" nogil:
     struct fuse_flush_in:
         uint64_t fh
         uint64_t lock_owner
+    struct fuse_kstatfs:
+        uint64_t blocks
+        uint64_t bfree
+        uint64_t bavail
+        uint64_t files
+        uint64_t ffree
+        uint32_t bsize
+        uint32_t namelen
+        uint32_t frsize
+        uint32_t padding
+        uint32_t spare[6]
+    struct fuse_statfs_out:
+        fuse_kstatfs st
     enum:
         FUSE_GETATTR
         FUSE_READ
         FUSE_WRITE
         FUSE_FLUSH
+        FUSE_STATFS
         FUSE_GETATTR_FH
         FUSE_WRITE_KILL_SUIDGID
 
@@ -385,6 +411,11 @@ cdef struct struct_reply_attr:
 cdef struct struct_reply_write:
     fuse_out_header hdr
     fuse_write_out out
+
+
+cdef struct struct_reply_statfs:
+    fuse_out_header hdr
+    fuse_statfs_out out
 
 
 # -- chain access -------------------------------------------------------------------
@@ -664,6 +695,43 @@ cdef int64_t op_flush(state *s, const vfsd_chain *c, uint64_t unique, uint64_t n
     return reply_header(c, unique, 0, sizeof(fuse_out_header))
 
 
+cdef int64_t op_statfs(state *s, const vfsd_chain *c, uint64_t unique,
+                       uint64_t nodeid) noexcept nogil:
+    cdef statvfs_t sv
+    cdef struct_reply_statfs reply
+    cdef int rc, err, i
+    if c.wr_len < sizeof(reply):
+        return VFSD_FAST_DECLINE
+    pthread_mutex_lock(&s.mu)
+    cdef entry *e = table_find(&s.nodes, nodeid)
+    if e != NULL:
+        e.uses += 1
+    pthread_mutex_unlock(&s.mu)
+    if e == NULL:
+        return VFSD_FAST_DECLINE
+    rc = fstatvfs(e.fd, &sv)
+    err = errno
+    release(s, e)
+    if rc < 0:
+        return reply_error(c, unique, err)
+    reply.hdr.len = sizeof(reply)
+    reply.hdr.error = 0
+    reply.hdr.unique = unique
+    reply.out.st.blocks = sv.f_blocks
+    reply.out.st.bfree = sv.f_bfree
+    reply.out.st.bavail = sv.f_bavail
+    reply.out.st.files = sv.f_files
+    reply.out.st.ffree = sv.f_ffree
+    reply.out.st.bsize = <uint32_t>sv.f_bsize
+    reply.out.st.namelen = <uint32_t>sv.f_namemax
+    reply.out.st.frsize = <uint32_t>sv.f_frsize
+    reply.out.st.padding = 0
+    for i in range(6):
+        reply.out.st.spare[i] = 0
+    scatter(c, 0, &reply, sizeof(reply))
+    return sizeof(reply)
+
+
 cdef int64_t fast_handle(void *ctx, const vfsd_chain *c) noexcept nogil:
     """vfsd_fast_fn: answer one request or decline it (passthrough.py's ``handle``)."""
     cdef state *s = <state *>ctx
@@ -688,6 +756,8 @@ cdef int64_t fast_handle(void *ctx, const vfsd_chain *c) noexcept nogil:
         return op_write(s, c, h.unique, h.nodeid, args_len)
     if h.opcode == FUSE_FLUSH:
         return op_flush(s, c, h.unique, h.nodeid, args_len)
+    if h.opcode == FUSE_STATFS:
+        return op_statfs(s, c, h.unique, h.nodeid)
     return VFSD_FAST_DECLINE
 
 

@@ -10,6 +10,8 @@ the same in C without the GIL, on a C mirror of the tables
 (fs/passthrough/mirror.py); this module is the readable statement of every
 rule both follow, and what the pure-Python worker calls.
 
+STATFS of a node is answered too (one fstatvfs).
+
 A request is declined, before anything changed, whenever answering it
 needs something not mirrored here:
 
@@ -44,12 +46,15 @@ from virtiofsd_py.fuse.dispatcher import SessionState
 #: ``handle``'s answer for a request left to the dispatcher (VFSD_FAST_DECLINE).
 DECLINED: Final = -1
 #: The opcodes ``handle`` may answer (``vfsd_fast_ops.opcodes``).
-OPCODES: Final = frozenset({abi.FUSE_GETATTR, abi.FUSE_READ, abi.FUSE_WRITE, abi.FUSE_FLUSH})
+OPCODES: Final = frozenset(
+    {abi.FUSE_GETATTR, abi.FUSE_READ, abi.FUSE_WRITE, abi.FUSE_FLUSH, abi.FUSE_STATFS}
+)
 
 _HDR: Final = abi.IN_HEADER.size
 _OUT: Final = abi.OUT_HEADER.size
 _ATTR_REPLY: Final = _OUT + abi.ATTR_OUT.size
 _WRITE_REPLY: Final = _OUT + abi.WRITE_OUT.size
+_STATFS_REPLY: Final = _OUT + abi.STATFS_OUT.size
 _S64_MAX: Final = (1 << 63) - 1
 
 
@@ -62,7 +67,7 @@ def opcode_mask(opcodes: frozenset[int] = OPCODES) -> int:
 
 
 class FastOps:
-    """GETATTR, READ, WRITE and FLUSH of one ``PassthroughFS``; thread-safe."""
+    """GETATTR, READ, WRITE, FLUSH and STATFS of one ``PassthroughFS``; thread-safe."""
 
     def __init__(self, fs: PassthroughCore, *, readonly: bool = False) -> None:
         self.fs = fs
@@ -107,6 +112,8 @@ class FastOps:
             return self._write(readable, writable, wr_len, unique, nodeid, args_len, limits[1])
         if opcode == abi.FUSE_FLUSH:
             return self._flush(readable, writable, wr_len, unique, nodeid, args_len)
+        if opcode == abi.FUSE_STATFS:
+            return self._statfs(writable, wr_len, unique, nodeid)
         return DECLINED
 
     def _getattr(
@@ -221,6 +228,18 @@ class FastOps:
         except OSError as e:
             return codec.write_error(writable, unique, _errno(e))
         return codec.write_empty(writable, unique)
+
+    def _statfs(self, writable: Sequence[memoryview], wr_len: int, unique: int, nodeid: int) -> int:
+        if wr_len < _STATFS_REPLY:
+            return DECLINED
+        node = self.fs.inodes.get(nodeid)
+        if node is None or node.fd < 0 or node.handle is not None:
+            return DECLINED
+        try:
+            sv = os.fstatvfs(node.fd)
+        except OSError as e:
+            return codec.write_error(writable, unique, _errno(e))
+        return codec.write_struct(writable, unique, abi.STATFS_OUT, *codec.statfs_values(sv))
 
 
 def _errno(e: OSError) -> int:
