@@ -14,8 +14,8 @@ out header, then the reply body or 4 KiB of data) and answered N times by:
 - ``compiled-C``: the compiled twin's C function N times in one call (what
   a compiled worker pays per request: no Python at all).
 
-Prints microseconds per request (best of R runs, wall clock of this thread;
-run on a quiet host and compare ratios).  No queue, ring or eventfd work is
+Prints microseconds per request (best of R runs, CPU time of this thread, so
+that other load on the host moves it less; still, compare ratios).  No queue, ring or eventfd work is
 included: ``bench.hotpath --fast`` times the daemon's runner with them.
 """
 
@@ -101,10 +101,10 @@ def per_request(call: Callable[[], object], count: int, repeat: int, batch: int 
     """Best-of-``repeat`` microseconds per request of ``count`` calls of ``call``."""
     best = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         for _ in range(count // batch):
             call()
-        best = min(best, (time.perf_counter() - t0) / count)
+        best = min(best, (time.thread_time() - t0) / count)
     return best * 1e6
 
 

@@ -35,13 +35,14 @@ the guest's credentials, so none is needed here either.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from virtiofsd_py.fs.api import AttrReply
 from virtiofsd_py.fs.passthrough.core import PassthroughCore
 from virtiofsd_py.fuse import abi, codec, iov
 from virtiofsd_py.fuse.dispatcher import SessionState
+from virtiofsd_py.fuse.iov import Buffer
 
 #: ``handle``'s answer for a request left to the dispatcher (VFSD_FAST_DECLINE).
 DECLINED: Final = -1
@@ -56,6 +57,11 @@ _ATTR_REPLY: Final = _OUT + abi.ATTR_OUT.size
 _WRITE_REPLY: Final = _OUT + abi.WRITE_OUT.size
 _STATFS_REPLY: Final = _OUT + abi.STATFS_OUT.size
 _S64_MAX: Final = (1 << 63) - 1
+_IN_HEADER: Final = abi.IN_HEADER
+_GETATTR_IN: Final = abi.GETATTR_IN
+_READ_IN: Final = abi.READ_IN
+_WRITE_IN: Final = abi.WRITE_IN
+_FLUSH_IN: Final = abi.FLUSH_IN
 
 
 def opcode_mask(opcodes: frozenset[int] = OPCODES) -> int:
@@ -64,6 +70,25 @@ def opcode_mask(opcodes: frozenset[int] = OPCODES) -> int:
     for op in opcodes:
         mask |= 1 << op
     return mask
+
+
+Bufs = Sequence[memoryview]
+
+
+def _args(readable: Bufs, n: int) -> tuple[Buffer, int]:
+    """(buffer, offset) of the ``n`` argument bytes after the in header; the
+    caller checked that the chain holds them.  No copy in Linux's layouts."""
+    first = readable[0]
+    if len(first) >= _HDR + n:
+        return first, _HDR
+    if len(first) == _HDR and len(readable) > 1 and len(readable[1]) >= n:
+        return readable[1], 0
+    return iov.view(readable, _HDR, n), 0
+
+
+def _room(writable: Bufs, need: int) -> bool:
+    """Whether the writable buffers hold ``need`` bytes."""
+    return (bool(writable) and len(writable[0]) >= need) or iov.total_len(writable) >= need
 
 
 class FastOps:
@@ -77,6 +102,13 @@ class FastOps:
         #: (max_read, max_write) of the FUSE session; None: no session.
         self._limits: tuple[int, int] | None = None
         self._attr_timeout = fs.policy.attr_timeout
+        self._ops: dict[int, _Op] = {
+            abi.FUSE_GETATTR: self._getattr,
+            abi.FUSE_READ: self._read,
+            abi.FUSE_WRITE: self._write,
+            abi.FUSE_FLUSH: self._flush,
+            abi.FUSE_STATFS: self._statfs,
+        }
 
     def session_changed(self, session: SessionState | None) -> None:
         """The dispatcher's session changed (``Dispatcher(on_session=...)``)."""
@@ -89,46 +121,34 @@ class FastOps:
     def close(self) -> None:
         """Nothing to let go of (the compiled twin detaches its mirror)."""
 
-    def handle(self, readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
+    def handle(self, readable: Bufs, writable: Bufs) -> int:
         """Answer one request: the reply length written, or ``DECLINED``."""
         limits = self._limits
         if limits is None:
             return DECLINED
-        rd_len = iov.total_len(readable)
-        if rd_len < _HDR:
+        first = readable[0] if readable else b""
+        if len(first) >= _HDR:
+            hdr = _IN_HEADER.unpack_from(first)
+        elif iov.total_len(readable) >= _HDR:
+            hdr = _IN_HEADER.unpack_from(iov.view(readable, 0, _HDR))
+        else:
             return DECLINED
-        hlen, opcode, unique, nodeid, _, _, _, extlen, _ = abi.IN_HEADER.unpack_from(
-            iov.view(readable, 0, _HDR)
-        )
-        if hlen > rd_len or hlen < _HDR or extlen:
+        hlen, opcode, unique, nodeid, _, _, _, extlen, _ = hdr
+        op = self._ops.get(opcode)
+        if op is None or extlen or hlen < _HDR:
             return DECLINED
-        args_len = hlen - _HDR
-        wr_len = iov.total_len(writable)
-        if opcode == abi.FUSE_GETATTR:
-            return self._getattr(readable, writable, wr_len, unique, nodeid, args_len)
-        if opcode == abi.FUSE_READ:
-            return self._read(readable, writable, wr_len, unique, nodeid, args_len, limits[0])
-        if opcode == abi.FUSE_WRITE:
-            return self._write(readable, writable, wr_len, unique, nodeid, args_len, limits[1])
-        if opcode == abi.FUSE_FLUSH:
-            return self._flush(readable, writable, wr_len, unique, nodeid, args_len)
-        if opcode == abi.FUSE_STATFS:
-            return self._statfs(writable, wr_len, unique, nodeid)
-        return DECLINED
+        if hlen > len(first) and hlen > iov.total_len(readable):
+            return DECLINED  # the dispatcher: EINVAL
+        return op(readable, writable, unique, nodeid, hlen - _HDR, limits)
 
     def _getattr(
-        self,
-        readable: Sequence[memoryview],
-        writable: Sequence[memoryview],
-        wr_len: int,
-        unique: int,
-        nodeid: int,
-        args_len: int,
-    ) -> int:
+        self, readable: Bufs, writable: Bufs, unique: int, nodeid: int, args_len: int,
+        limits: tuple[int, int],
+    ) -> int:  # fmt: skip
         fs = self.fs
-        if args_len < abi.GETATTR_IN.size or wr_len < _ATTR_REPLY or fs.translates_ids:
+        if args_len < _GETATTR_IN.size or not _room(writable, _ATTR_REPLY) or fs.translates_ids:
             return DECLINED
-        flags, _, fh = abi.GETATTR_IN.unpack_from(iov.view(readable, _HDR, abi.GETATTR_IN.size))
+        flags, _, fh = _GETATTR_IN.unpack_from(*_args(readable, _GETATTR_IN.size))
         if flags & abi.FUSE_GETATTR_FH:
             h = fs.handles.find(fh, nodeid)
             if h is None:
@@ -148,27 +168,23 @@ class FastOps:
         return codec.write_attr_out(writable, unique, AttrReply(st, self._attr_timeout))
 
     def _read(
-        self,
-        readable: Sequence[memoryview],
-        writable: Sequence[memoryview],
-        wr_len: int,
-        unique: int,
-        nodeid: int,
-        args_len: int,
-        max_read: int,
-    ) -> int:
-        if args_len < abi.READ_IN.size or wr_len < _OUT:
+        self, readable: Bufs, writable: Bufs, unique: int, nodeid: int, args_len: int,
+        limits: tuple[int, int],
+    ) -> int:  # fmt: skip
+        if args_len < _READ_IN.size:
             return DECLINED
-        fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(
-            iov.view(readable, _HDR, abi.READ_IN.size)
-        )
-        if offset > _S64_MAX:
+        fh, offset, size, _, _, _, _ = _READ_IN.unpack_from(*_args(readable, _READ_IN.size))
+        room = iov.total_len(writable) - _OUT
+        if offset > _S64_MAX or room < 0:
             return DECLINED
         h = self.fs.handles.find(fh, nodeid)
         if h is None:
             return DECLINED
-        size = min(size, max_read, wr_len - _OUT)
-        bufs = iov.slices(writable, _OUT, size)
+        size = min(size, limits[0], room)
+        if size and size == room and len(writable[0]) == _OUT:
+            bufs = list(writable[1:])  # the usual layout, read in full
+        else:
+            bufs = iov.slices(writable, _OUT, size)
         try:
             got = os.preadv(h.fd, bufs, offset) if bufs else 0
         except OSError as e:
@@ -177,23 +193,20 @@ class FastOps:
         return _OUT + got
 
     def _write(
-        self,
-        readable: Sequence[memoryview],
-        writable: Sequence[memoryview],
-        wr_len: int,
-        unique: int,
-        nodeid: int,
-        args_len: int,
-        max_write: int,
-    ) -> int:
+        self, readable: Bufs, writable: Bufs, unique: int, nodeid: int, args_len: int,
+        limits: tuple[int, int],
+    ) -> int:  # fmt: skip
         fs = self.fs
-        start = abi.WRITE_IN.size
-        if args_len < start or wr_len < _WRITE_REPLY or self.readonly or fs.remaps_capability:
+        start = _WRITE_IN.size
+        if (
+            args_len < start
+            or not _room(writable, _WRITE_REPLY)
+            or self.readonly
+            or fs.remaps_capability
+        ):
             return DECLINED
-        fh, offset, size, write_flags, _, _, _ = abi.WRITE_IN.unpack_from(
-            iov.view(readable, _HDR, start)
-        )
-        if size > args_len - start or size > max_write or offset > _S64_MAX:
+        fh, offset, size, write_flags, _, _, _ = _WRITE_IN.unpack_from(*_args(readable, start))
+        if size > args_len - start or size > limits[1] or offset > _S64_MAX:
             return DECLINED
         if write_flags & abi.FUSE_WRITE_KILL_SUIDGID and fs.config.killpriv_v2:
             return DECLINED  # the write runs without CAP_FSETID (files.py)
@@ -208,18 +221,13 @@ class FastOps:
         return codec.write_struct(writable, unique, abi.WRITE_OUT, done, 0)
 
     def _flush(
-        self,
-        readable: Sequence[memoryview],
-        writable: Sequence[memoryview],
-        wr_len: int,
-        unique: int,
-        nodeid: int,
-        args_len: int,
-    ) -> int:
+        self, readable: Bufs, writable: Bufs, unique: int, nodeid: int, args_len: int,
+        limits: tuple[int, int],
+    ) -> int:  # fmt: skip
         fs = self.fs
-        if args_len < abi.FLUSH_IN.size or wr_len < _OUT or len(fs.locks):
+        if args_len < _FLUSH_IN.size or not _room(writable, _OUT) or len(fs.locks):
             return DECLINED  # with owners, FLUSH may have to close one's OFD
-        fh, _, _, _ = abi.FLUSH_IN.unpack_from(iov.view(readable, _HDR, abi.FLUSH_IN.size))
+        fh, _, _, _ = _FLUSH_IN.unpack_from(*_args(readable, _FLUSH_IN.size))
         h = fs.handles.find(fh, nodeid)
         if h is None:
             return DECLINED
@@ -229,8 +237,11 @@ class FastOps:
             return codec.write_error(writable, unique, _errno(e))
         return codec.write_empty(writable, unique)
 
-    def _statfs(self, writable: Sequence[memoryview], wr_len: int, unique: int, nodeid: int) -> int:
-        if wr_len < _STATFS_REPLY:
+    def _statfs(
+        self, readable: Bufs, writable: Bufs, unique: int, nodeid: int, args_len: int,
+        limits: tuple[int, int],
+    ) -> int:  # fmt: skip
+        if not _room(writable, _STATFS_REPLY):
             return DECLINED
         node = self.fs.inodes.get(nodeid)
         if node is None or node.fd < 0 or node.handle is not None:
@@ -240,6 +251,10 @@ class FastOps:
         except OSError as e:
             return codec.write_error(writable, unique, _errno(e))
         return codec.write_struct(writable, unique, abi.STATFS_OUT, *codec.statfs_values(sv))
+
+
+#: An operation: (readable, writable, unique, nodeid, argument bytes, (max_read, max_write)).
+_Op = Callable[[Bufs, Bufs, int, int, int, tuple[int, int]], int]
 
 
 def _errno(e: OSError) -> int:
