@@ -15,8 +15,9 @@ out header, then the reply body or 4 KiB of data) and answered N times by:
   a compiled worker pays per request: no Python at all).
 
 Prints microseconds per request (best of R runs, CPU time of this thread, so
-that other load on the host moves it less; still, compare ratios).  No queue, ring or eventfd work is
-included: ``bench.hotpath --fast`` times the daemon's runner with them.
+that other load on the host moves it less; still, compare ratios).  No
+queue, ring or eventfd work is included: ``bench.hotpath --fast`` times the
+daemon's runner with them.
 """
 
 from __future__ import annotations
