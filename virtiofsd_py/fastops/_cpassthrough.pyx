@@ -602,6 +602,8 @@ cdef int64_t op_read(state *s, const vfsd_chain *c, uint64_t unique, uint64_t no
         size = s.max_read
     if size > c.wr_len - sizeof(fuse_out_header):
         size = c.wr_len - sizeof(fuse_out_header)
+    if size > 0xFFFFFFFFU - sizeof(fuse_out_header):
+        return VFSD_FAST_DECLINE  # no u32 reply length for it
     n = slice_iov(c.wr, c.nwr, sizeof(fuse_out_header), size, iov)
     if n < 0:
         return VFSD_FAST_DECLINE
