@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from virtiofsd_py import fastops
 from virtiofsd_py.app.metrics import Metrics
 from virtiofsd_py.fs.api import Context
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
@@ -170,7 +171,7 @@ class Setup:
     per_request: int = 1
 
 
-def setup(share: str, scatter: bool) -> Setup:
+def setup(share: str, scatter: bool, fast: str = "off") -> Setup:
     guest = Guest(scatter)
     memory = GuestMemory()
     memory.replace([map_region(MemoryRegion(GPA_BASE, MEM, UVA_BASE, 0), guest.fd)])
@@ -178,8 +179,17 @@ def setup(share: str, scatter: bool) -> Setup:
     q = SplitQueue(memory, QSIZE, addr, event_idx=True, base=0)
     ring = Vring(1, QSIZE, addr, started=True, enabled=True, queue=q)
     ring.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    dispatcher = Dispatcher(PassthroughFS(PassthroughConfig(shared_dir=share)))
-    handler = Metrics().instrument(dispatcher.handle, timed=False)
+    fs = PassthroughFS(PassthroughConfig(shared_dir=share))
+    ops = None
+    if fast == "pure":
+        ops = fastops.PureFastOps(fs)
+    elif fast == "compiled":
+        if fastops.FastOps is fastops.PureFastOps:
+            raise SystemExit("the compiled fast operations are not built (or PUREPYTHON is set)")
+        ops = fastops.for_passthrough(fs)
+    dispatcher = Dispatcher(fs, on_session=ops.session_changed if ops is not None else None)
+    handle = dispatcher.handle if ops is None else fastops.first(ops, dispatcher.handle)
+    handler = Metrics().instrument(handle, timed=False)
     runner = QueueRunner(asyncio.new_event_loop(), handler)
     return Setup(guest, runner, ring, dispatcher)
 
@@ -327,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         " callgrind, runs with N and 2N differ by the cost of N batches",
     )
     ap.add_argument("--profile", action="store_true", help="cProfile one run per workload")
+    ap.add_argument(
+        "--fast",
+        choices=("off", "pure", "compiled"),
+        default="off",
+        help="offer each request to the passthrough's fast operations first (fastops/)",
+    )
     ap.add_argument("workloads", nargs="*", default=list(WORKLOADS))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hotpath-") as share:
@@ -336,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(DIR_FILES):
             with open(os.path.join(share, DIR_NAME, f"f{i:06d}"), "wb") as f:
                 f.write(b"x" * 100)
-        s = setup(share, args.scatter)
+        s = setup(share, args.scatter, args.fast)
         flags = 0xFFFF_FFFF & ~abi.FUSE_INIT_RESERVED
         init = abi.INIT_IN.pack(7, 38, 1 << 17, flags, 0, *(0,) * 11)
         run_one(s, [s.guest.chain([in_header(abi.FUSE_INIT, 0, len(init)), init], [16, 256])])

@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from virtiofsd_py import fastops
+from virtiofsd_py.fs.api import Context
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap
 from virtiofsd_py.fuse import abi
@@ -519,12 +521,150 @@ def _handle(
     return bytes(writable[0][:n])
 
 
+# -- the passthrough's fast operations against the dispatcher ------------------------
+_FAST_OPS = (
+    abi.FUSE_GETATTR, abi.FUSE_READ, abi.FUSE_WRITE, abi.FUSE_FLUSH, abi.FUSE_STATFS, 0
+)  # fmt: skip
+
+
+def _fast_request(b: Bytes, unique: int, nodes: Sequence[int], fhs: Sequence[int]) -> bytes:
+    """A request of a fast opcode (mostly well-formed), its fields from the input."""
+    sel = b.int(1)
+    opcode = _FAST_OPS[(sel & 7) % 6] or b.int(1) % 64
+    nodeid = nodes[b.int(1) % len(nodes)] if sel >> 5 != 7 else b.int(8)
+    fh = fhs[b.int(1) % len(fhs)] if sel >> 5 != 6 else b.int(8)
+    wide = b.int(1)
+    offset = b.int(8) if wide & 1 else b.int(2)
+    size = b.int(4) if wide & 2 else b.int(2)
+    flags = b.int(4) if wide & 4 else 0
+    if opcode == abi.FUSE_GETATTR:
+        args = abi.GETATTR_IN.pack(flags & abi.FUSE_GETATTR_FH if wide & 8 else flags, 0, fh)
+    elif opcode == abi.FUSE_FLUSH:
+        args = abi.FLUSH_IN.pack(fh, 0, 0, offset)
+    elif opcode == abi.FUSE_STATFS:
+        args = b""
+    else:
+        data = b.take(b.int(2) % 9000) if opcode == abi.FUSE_WRITE else b""
+        if opcode == abi.FUSE_WRITE and wide & 16 == 0:
+            size = len(data)
+        args = abi.READ_IN.pack(fh, offset, size, flags, 0, 0, 0) + data
+    length = abi.IN_HEADER.size + len(args)
+    mode = b.int(1)
+    if mode < 10:
+        length = b.int(2)  # a lying len
+    extlen = 1 if 18 <= mode < 24 else 0
+    req = abi.IN_HEADER.pack(length, opcode, unique, nodeid, 0, 0, 1, extlen, 0) + args
+    if 10 <= mode < 18:
+        req = req[: b.int(2) % (len(req) + 1)]  # truncated
+    return req
+
+
+def _settled(writable: Sequence[memoryview]) -> bytes:
+    """The chain's bytes, with a STATFS reply's free counts (which any process
+    writing to the same file system changes meanwhile) blanked out."""
+    flat = bytearray(b"".join(writable))
+    statfs_reply = abi.OUT_HEADER.size + abi.STATFS_OUT.size
+    if len(flat) >= statfs_reply:
+        length, error, _ = abi.OUT_HEADER.unpack_from(flat)
+        if error == 0 and length == statfs_reply:
+            flat[24:40] = bytes(16)  # bfree, bavail
+            flat[48:56] = bytes(8)  # ffree
+    return bytes(flat)
+
+
+def _contents(paths: Sequence[Path]) -> list[bytes]:
+    out = []
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+        try:
+            out.append(os.pread(fd, 1 << 20, 0))
+        finally:
+            os.close(fd)
+    return out
+
+
+def fast_ops(data: bytes) -> None:
+    """Random requests of the fast opcodes through both twins of the passthrough's
+    fast operations (the compiled one when it is built) and through the dispatcher.
+
+    Rules: a twin's answer is what the dispatcher answers, byte for byte (used
+    length, every writable byte, the file's contents after); a declined
+    request changed nothing; nothing outside the share changes; no fd leaks.
+    """
+    share = _shared_share()
+    share.reset()
+    before = fd_count()
+    fs = PassthroughFS(PassthroughConfig(shared_dir=share.root))
+    twins: list[fastops.FastOperations] = [fastops.PureFastOps(fs)]
+    if fastops.FastOps is not fastops.PureFastOps:
+        twins.append(fastops.for_passthrough(fs))
+
+    def session(state: object) -> None:
+        for t in twins:
+            t.session_changed(state)  # type: ignore[arg-type]
+
+    d = Dispatcher(fs, FuseConfig(), on_session=session)
+    files = [share.root / "f", share.root / "d" / "f"]
+    try:
+        init = abi.INIT_IN.pack(7, 41, 65536, 0xFFFF_FFFF, 0xFFFF_FFFF, *([0] * 11))
+        _handle(d, abi.IN_HEADER.pack(40 + len(init), abi.FUSE_INIT, 2, 0, 0, 0, 1, 0, 0) + init)
+        ctx = Context(os.getuid(), os.getgid(), 1)
+        f = fs.lookup(ctx, 1, b"f").nodeid
+        sub = fs.lookup(ctx, 1, b"d").nodeid
+        inner = fs.lookup(ctx, sub, b"f").nodeid
+        fifo = fs.lookup(ctx, 1, b"fifo").nodeid
+        nodes = [1, f, sub, inner, fifo, 999]
+        fhs = [
+            fs.open(ctx, f, os.O_RDWR).fh,
+            fs.open(ctx, inner, os.O_RDONLY).fh,
+            fs.open(ctx, f, os.O_WRONLY | os.O_APPEND).fh,
+            fs.opendir(ctx, sub, os.O_RDONLY).fh,
+            77,
+        ]
+        b = Bytes(data)
+        unique = 4
+        while len(b):
+            req = _fast_request(b, unique, nodes, fhs)
+            rsplit = [b.int(2) for _ in range(b.int(1) % 4)]
+            layout = b.int(1)
+            if layout & 3:  # as Linux lays out a reply: the out header, then the rest
+                wsizes = [16, 4096 + 128]
+            else:
+                wsizes = [b.int(2) % 6000 for _ in range(1 + layout % 3)]
+            for twin in twins:
+                old = _contents(files)
+                w_fast = [memoryview(bytearray(b"\xa5" * n)) for n in wsizes]
+                n = twin.handle([memoryview(x) for x in _split(req, rsplit)], w_fast)
+                if n == fastops.DECLINED:
+                    assert _contents(files) == old, "a declined request changed a file"
+                    continue
+                new = _contents(files)
+                if new != old:
+                    for path, content in zip(files, old, strict=True):
+                        path.write_bytes(content)
+                w_py = [memoryview(bytearray(b"\xa5" * n)) for n in wsizes]
+                n_py = d.handle([memoryview(x) for x in _split(req, rsplit)], w_py)
+                assert n == n_py, f"{type(twin).__module__}: used length {n} != {n_py}"
+                assert _settled(w_fast) == _settled(w_py), "reply bytes"
+                assert _contents(files) == new, "file contents differ"
+            unique += 2
+    finally:
+        for t in twins:
+            t.close()
+        fs.destroy()
+        fs.close()
+    share.check()
+    after = fd_count()
+    assert after <= before, f"fd leak: {before} -> {after}"
+
+
 TARGETS: dict[str, Target] = {
     "vhost_codec": vhost_codec,
     "virtqueue": virtqueue,
     "virtqueue_compiled": virtqueue_compiled,
     "vhost_backend": vhost_backend,
     "fuse_passthrough": fuse_passthrough,
+    "fast_ops": fast_ops,
 }
 
 

@@ -28,7 +28,7 @@ from fuzz import targets  # noqa: E402
 
 #: Inputs per atheris harness in the default suite.
 ATHERIS_RUNS = {"vhost_codec": 20000, "virtqueue": 3000, "virtqueue_compiled": 3000,
-                "vhost_backend": 600, "fuse_passthrough": 800}  # fmt: skip
+                "vhost_backend": 600, "fuse_passthrough": 800, "fast_ops": 1500}  # fmt: skip
 HAS_ATHERIS = importlib.util.find_spec("atheris") is not None
 
 
@@ -70,6 +70,12 @@ def test_hypothesis_vhost_backend(data: bytes) -> None:
 @given(st.binary(max_size=600))
 def test_hypothesis_fuse_passthrough(data: bytes) -> None:
     targets.fuse_passthrough(data)
+
+
+@settings(FUZZ, max_examples=150)
+@given(st.binary(max_size=600))
+def test_hypothesis_fast_ops(data: bytes) -> None:
+    targets.fast_ops(data)
 
 
 def test_targets_check_their_rules() -> None:

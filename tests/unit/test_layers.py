@@ -22,10 +22,23 @@ ALLOWED: dict[str, frozenset[str]] = {
     "confine": frozenset({"host"}),
     "vhost": frozenset({"virtio", "host"}),
     "fuse": frozenset({"fs", "host"}),
+    # Fast operations: FUSE requests answered on a backend's own tables.
+    "fastops": frozenset({"fuse", "fs", "host"}),
     "migration": frozenset({"fuse", "fs", "vhost", "virtio", "host"}),
     "testing": frozenset({"migration", "fuse", "fs", "vhost", "virtio", "confine", "host"}),
     "app": frozenset(
-        {"testing", "migration", "fuse", "fs", "vhost", "virtio", "confine", "host", "__init__"}
+        {
+            "testing",
+            "migration",
+            "fastops",
+            "fuse",
+            "fs",
+            "vhost",
+            "virtio",
+            "confine",
+            "host",
+            "__init__",
+        }
     ),
     # The package root re-exports the public names of the backend author's API.
     "__init__": frozenset({"fs", "fuse", "host"}),

@@ -16,6 +16,7 @@ from typing import Any
 from virtiofsd_py.app.errors import StartupError, describe
 from virtiofsd_py.app.options import Options
 from virtiofsd_py.confine.sandbox import SandboxView
+from virtiofsd_py.fastops import FastOperations, for_passthrough
 from virtiofsd_py.fs.api import Filesystem, Migratable
 from virtiofsd_py.fs.memory import MemoryConfig, MemoryFS
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
@@ -51,10 +52,10 @@ class Backend:
     tables: TableSizes | None = None
     #: How its tables migrate; None: it cannot, and no migration is offered.
     migration: Migratable[PassthroughState] | None = None
-    #: Compiled fast operations the queue workers offer each chain first: a
-    #: ``VFSD_FAST_OPS_CAPSULE`` PyCapsule (include/vfsd_fastops.h) for the
-    #: compiled worker, a ``FastCall`` for the pure one; None: none.
-    fast_ops: Any = None
+    #: Requests it answers on its own tables before the dispatcher sees them
+    #: (fastops/); None: every request goes to the dispatcher.  The dispatcher
+    #: must report its session to ``fast_ops.session_changed``.
+    fast_ops: FastOperations | None = None
 
 
 def fuse_config(opts: Options, readdirplus: bool) -> FuseConfig:
@@ -118,6 +119,7 @@ def build(opts: Options, view: SandboxView) -> Backend:
         fs = passthrough_fs(opts, view)
     except OSError as e:
         raise StartupError(describe(e)) from None
+    fast = for_passthrough(fs, readonly=opts.readonly)
     return Backend(
         served(fs, opts),
         fs.close,
@@ -133,4 +135,5 @@ def build(opts: Options, view: SandboxView) -> Backend:
                 confirm_paths=opts.migration_confirm_paths,
             ),
         ),
+        fast,
     )

@@ -18,11 +18,13 @@ import signal
 from virtiofsd_py.app.options import Options
 from virtiofsd_py.app.startup import Started, start_daemon
 from virtiofsd_py.confine.sandbox import FORWARDED_SIGNALS, exit_like
+from virtiofsd_py.fastops import first
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.migration.envelope import StateProvider
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
 from virtiofsd_py.vhost.connection import VhostUserConnection
 from virtiofsd_py.virtio.runner import QueueRunner
+from virtiofsd_py.virtio.workers import CompiledQueueWorker
 
 log = logging.getLogger("virtiofsd_py")
 
@@ -68,15 +70,29 @@ async def serve(opts: Options, started: Started) -> int:
         conn_sock, _ = accept.result()
         listener.sock.close()  # one front-end per daemon
         log.info("front-end connected")
-        dispatcher = Dispatcher(fs, served.fuse)
+        fast = served.fast_ops
+        dispatcher = Dispatcher(
+            fs, served.fuse, on_session=fast.session_changed if fast is not None else None
+        )
+        queue_threads = opts.thread_pool_size == 0
+        # Compiled workers call the fast operations' C entry point without the
+        # GIL; every other path offers each request to them in Python first.
+        capsule = (
+            fast.capsule()
+            if fast is not None and queue_threads and CompiledQueueWorker is not None
+            else None
+        )
+        handle = dispatcher.handle
+        if fast is not None and capsule is None:
+            handle = first(fast, handle)
         runner = QueueRunner(
             loop,
-            hooks.instrument(dispatcher.handle),
+            hooks.instrument(handle),
             thread_pool_size=opts.thread_pool_size,
             may_block=dispatcher.may_block,
             interrupt=fs.interrupt_waits,
-            queue_threads=opts.thread_pool_size == 0,
-            fast=served.fast_ops,
+            queue_threads=queue_threads,
+            fast=capsule,
         )
         if served.migration is None:
             log.info("the %s backend cannot migrate: migration is not offered", opts.backend)

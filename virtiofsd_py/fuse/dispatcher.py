@@ -309,11 +309,20 @@ OpHandler = Callable[["Dispatcher", Request], int]
 class Dispatcher:
     """Maps FUSE requests to ``Filesystem`` calls; safe to call from many threads."""
 
-    def __init__(self, fs: Filesystem, config: FuseConfig | None = None) -> None:
+    def __init__(
+        self,
+        fs: Filesystem,
+        config: FuseConfig | None = None,
+        *,
+        on_session: Callable[[SessionState | None], None] | None = None,
+    ) -> None:
         self.fs = fs
         self.config = config if config is not None else FuseConfig()
         self._lock = threading.Lock()
         self._session: SessionState | None = None
+        #: Told of every change of the session, under the lock (a backend's
+        #: fast operations answer requests only while there is one).
+        self._on_session = on_session
         #: Shared Contexts of requests without extensions (``Request.ctx``).
         self._contexts: dict[tuple[int, int, int], Context] = {}
         #: Trace every request by name: decided once, so that with debug off
@@ -321,6 +330,11 @@ class Dispatcher:
         self._trace = log.isEnabledFor(logging.DEBUG)
 
     # -- session state ----------------------------------------------------
+    def _set_session_locked(self, state: SessionState | None) -> None:
+        self._session = state
+        if self._on_session is not None:
+            self._on_session(state)
+
     @property
     def session(self) -> SessionState | None:
         """The negotiated session, or None before INIT / after DESTROY."""
@@ -338,7 +352,7 @@ class Dispatcher:
         """
         new = None if state is None else SessionState.from_dict(state)
         with self._lock:
-            self._session = new
+            self._set_session_locked(new)
 
     def reset(self) -> None:
         """Forget the session and the backend's state (device reset, guest reboot).
@@ -347,7 +361,7 @@ class Dispatcher:
         the next guest's FUSE_INIT starts afresh instead of getting EIO.
         """
         with self._lock:
-            self._session = None
+            self._set_session_locked(None)
             self.fs.destroy()
 
     # -- entry point --------------------------------------------------------
@@ -482,7 +496,7 @@ class Dispatcher:
                 # vhost-user message tells us); its INIT starts a new session, as
                 # the Rust virtiofsd's passthrough init does.
                 log.info("FUSE INIT unique=%d on a live session: starting afresh", req.unique)
-                self._session = None
+                self._set_session_locked(None)
                 self.fs.destroy()
             if major < abi.FUSE_KERNEL_VERSION:
                 log.error("FUSE INIT: unsupported protocol %d.%d", major, minor)
@@ -523,7 +537,7 @@ class Dispatcher:
                     submounts=bool(agreed & abi.FUSE_SUBMOUNTS),
                 )
             )
-            self._session = state
+            self._set_session_locked(state)
         lo, hi = abi.split_init_flags(agreed)
         return codec.write_struct(
             req.writable,

@@ -144,10 +144,23 @@ class PassthroughCore(Filesystem):
     def close(self) -> None:
         """Close every fd, the root's included (for tests and shutdown)."""
         self.destroy()
+        self.inodes.detach_mirror()
+        self.handles.detach_mirror()
+        self.locks.detach_mirror()
         self.inodes.root.close()
         if self._proc_fd >= 0:
             os.close(self._proc_fd)
             self._proc_fd = -1
+
+    @property
+    def translates_ids(self) -> bool:
+        """Whether uid/gid are mapped between guest and host (--translate-uid/gid)."""
+        return self._uid_map is not None or self._gid_map is not None
+
+    @property
+    def remaps_capability(self) -> bool:
+        """Whether writes must first remove a renamed security.capability (``_drop_capability``)."""
+        return self._remapped_cap is not None
 
     def _node(self, nodeid: int) -> InodeData:
         node = self.inodes.get(nodeid)

@@ -35,6 +35,7 @@ from typing import Final
 
 from virtiofsd_py.fs.api import ROOT_ID
 from virtiofsd_py.fs.passthrough.file_handles import MountFd, NodeHandle
+from virtiofsd_py.fs.passthrough.mirror import TableMirror
 from virtiofsd_py.fs.passthrough.owned import OwnedFd
 from virtiofsd_py.host.syscalls import O_PATH_NOFOLLOW
 
@@ -168,6 +169,25 @@ class InodeTable:
         self._by_key: dict[InodeKey, InodeData] = {root.key: root}
         self._next_id = ROOT_ID + 1
         self._fd_nodes = 1
+        #: Told of every node that gains or loses its fd (mirror.py), if set.
+        self._mirror: TableMirror | None = None
+
+    def attach_mirror(self, mirror: TableMirror) -> None:
+        """Report to ``mirror`` from now on, starting with every node holding an fd."""
+        with self._lock:
+            if self._mirror is not None:
+                raise ValueError("the inode table already has a mirror")
+            self._mirror = mirror
+            for node in self._nodes.values():
+                if node.fd >= 0:
+                    mirror.node_added(node.nodeid, node.fd)
+
+    def detach_mirror(self) -> None:
+        """Stop reporting; the mirror forgets every node (once no one uses it)."""
+        with self._lock:
+            mirror, self._mirror = self._mirror, None
+            if mirror is not None:
+                mirror.detached()
 
     @property
     def fd_nodes(self) -> int:
@@ -243,6 +263,8 @@ class InodeTable:
                 self._by_key[key] = node
                 self._fd_nodes += taken
                 dropped = []
+                if taken and self._mirror is not None:
+                    self._mirror.node_added(node.nodeid, fd)
         del dropped  # closes fds of dropped nodes, outside the lock
         return node, taken
 
@@ -268,6 +290,8 @@ class InodeTable:
             dropped = [n for n in self._nodes.values() if n.nodeid != ROOT_ID]
             root = self._nodes[ROOT_ID]
             root.children = 0
+            if self._mirror is not None:
+                self._mirror.nodes_cleared()
             self._nodes = {ROOT_ID: root}
             self._by_key = {root.key: root}
             self._fd_nodes = 1
@@ -287,6 +311,8 @@ class InodeTable:
             for node in nodes:
                 self._nodes[node.nodeid] = node
                 self._fd_nodes += node.fd >= 0
+                if node.fd >= 0 and self._mirror is not None:
+                    self._mirror.node_added(node.nodeid, node.fd)
                 if node.usable:
                     self._by_key.setdefault(node.key, node)
             for node in nodes:
@@ -303,6 +329,8 @@ class InodeTable:
                 return False
             node.attach(*found)
             self._fd_nodes += node.fd >= 0
+            if node.fd >= 0 and self._mirror is not None:
+                self._mirror.node_added(node.nodeid, node.fd)
             self._by_key.setdefault(node.key, node)
         return True
 
@@ -337,6 +365,8 @@ class InodeTable:
         while cur is not None and cur.nodeid != ROOT_ID:
             del self._nodes[cur.nodeid]
             self._fd_nodes -= cur.fd >= 0
+            if cur.fd >= 0 and self._mirror is not None:
+                self._mirror.node_dropped(cur.nodeid)
             if self._by_key.get(cur.key) is cur:
                 del self._by_key[cur.key]
             out.append(cur)

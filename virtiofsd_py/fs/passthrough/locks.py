@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Final
 
 from virtiofsd_py.fs.api import Lock
+from virtiofsd_py.fs.passthrough.mirror import TableMirror
 from virtiofsd_py.fs.passthrough.owned import OwnedFd
 
 OFFSET_MAX: Final = 0x7FFFFFFFFFFFFFFF
@@ -82,6 +83,22 @@ class LockTable:
         self._owners: dict[tuple[int, int], OwnerFd] = {}
         self._cond = threading.Condition()
         self._generation = 0
+        #: Told how many owners there are after every change (mirror.py), if set.
+        self._mirror: TableMirror | None = None
+
+    def attach_mirror(self, mirror: TableMirror) -> None:
+        """Report the number of owners to ``mirror`` from now on."""
+        with self._lock:
+            self._mirror = mirror
+            mirror.lock_owners(len(self._owners))
+
+    def detach_mirror(self) -> None:
+        with self._lock:
+            self._mirror = None
+
+    def _report_locked(self) -> None:
+        if self._mirror is not None:
+            self._mirror.lock_owners(len(self._owners))
 
     # -- owners ---------------------------------------------------------------------
     def owner_fd(
@@ -96,12 +113,14 @@ class LockTable:
         new = OwnerFd(fd, accmode != os.O_RDONLY)
         with self._lock:
             o = self._owners.setdefault(key, new)
+            self._report_locked()
         return o  # a racing opener's spare fd closes with ``new``
 
     def drop_owner(self, nodeid: int, owner: int) -> bool:
         """Close ``owner``'s OFD on ``nodeid`` (its POSIX locks go); whether it had one."""
         with self._lock:
             o = self._owners.pop((nodeid, owner), None)
+            self._report_locked()
         if o is None:
             return False
         del o  # closes the fd once no running request uses it
@@ -112,6 +131,7 @@ class LockTable:
         with self._lock:
             keys = [k for k in self._owners if k[0] == nodeid]
             dropped = [self._owners.pop(k) for k in keys]
+            self._report_locked()
         if dropped:
             del dropped
             self._wake()
@@ -120,6 +140,7 @@ class LockTable:
         with self._lock:
             dropped = self._owners
             self._owners = {}
+            self._report_locked()
         del dropped
         self._wake()
 
