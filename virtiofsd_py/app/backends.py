@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from virtiofsd_py.app.errors import StartupError, describe
 from virtiofsd_py.app.options import Options

@@ -23,7 +23,7 @@ from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.migration.envelope import StateProvider
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
 from virtiofsd_py.vhost.connection import VhostUserConnection
-from virtiofsd_py.virtio.runner import QueueRunner
+from virtiofsd_py.virtio.runner import ChainHandler, QueueRunner
 from virtiofsd_py.virtio.workers import CompiledQueueWorker
 
 log = logging.getLogger("virtiofsd_py")
@@ -82,7 +82,7 @@ async def serve(opts: Options, started: Started) -> int:
             if fast is not None and queue_threads and CompiledQueueWorker is not None
             else None
         )
-        handle = dispatcher.handle
+        handle: ChainHandler = dispatcher.handle
         if fast is not None and capsule is None:
             handle = first(fast, handle)
         runner = QueueRunner(
