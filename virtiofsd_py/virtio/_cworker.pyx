@@ -516,6 +516,7 @@ cdef class QueueWorker:
     cdef int _ctl
     cdef bint _parked
     cdef bint _stopping
+    cdef bint _looking
     cdef bint _exited
     cdef int _wake_fd
     cdef object _done
@@ -552,6 +553,7 @@ cdef class QueueWorker:
         self._ctl = RUN
         self._parked = False
         self._stopping = False
+        self._looking = False
         self._exited = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done = collections.deque()
@@ -574,10 +576,23 @@ cdef class QueueWorker:
         if self._thread is not None:
             return
         self._load()
+        self._looking = True
         self._thread = threading.Thread(
             target=self._main, name=f"vfsd-queue-{self._ring.index}", daemon=True
         )
         self._thread.start()
+        self._wait_look()
+
+    def _wait_look(self):
+        """Until the look due at start/resume is done (see worker.py)."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._looking or self._exited)
+
+    cdef _looked(self):
+        if self._looking:
+            with self._cv:
+                self._looking = False
+                self._cv.notify_all()
 
     def _load(self):
         """Snapshot the ring; True if the queue, the kick fd or readiness changed."""
@@ -626,8 +641,10 @@ cdef class QueueWorker:
             if self._ctl != PAUSE:
                 return
             self._look = self._load()
+            self._looking = self._look
             vfsd_store_int(&self._ctl, RUN)
             self._cv.notify_all()
+        self._wait_look()
 
     def begin_stop(self):
         with self._cv:
@@ -738,6 +755,7 @@ cdef class QueueWorker:
                 if vfsd_load_int(&self._ctl) == STOP:
                     continue
             more = self._serve(True)
+            self._looked()
 
     cdef _read_kick(self, short revents):
         cdef uint64_t value

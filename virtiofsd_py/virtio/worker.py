@@ -86,6 +86,10 @@ class QueueWorker:
         self._ctl = RUN
         self._parked = False
         self._stopping = False  # the worker has seen STOP: it pops no more
+        #: A look at the ring is due that ``start``/``resume`` wait for, so that
+        #: what a message (SET_VRING_KICK, a new memory table) made servable is
+        #: served as of that message, not whenever the thread gets to it.
+        self._looking = False
         self._exited = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         #: (head, used length) of slow requests done, pushed by the worker.
@@ -106,10 +110,22 @@ class QueueWorker:
         if self._thread is not None:
             return
         self._load()
+        self._looking = True
         self._thread = threading.Thread(
             target=self._main, name=f"vfsd-queue-{self._ring.index}", daemon=True
         )
         self._thread.start()
+        self._wait_look()
+
+    def _wait_look(self) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: not self._looking or self._exited)
+
+    def _looked(self) -> None:
+        if self._looking:
+            with self._cv:
+                self._looking = False
+                self._cv.notify_all()
 
     def _load(self) -> bool:
         """Snapshot the ring; True if what decides serving changed (the queue,
@@ -149,8 +165,10 @@ class QueueWorker:
             if self._ctl != PAUSE:
                 return
             self._look = self._load()
+            self._looking = self._look
             self._ctl = RUN
             self._cv.notify_all()
+        self._wait_look()
 
     def begin_stop(self) -> None:
         """Stop popping chains; returns once the worker pops no more (blocks)."""
@@ -241,6 +259,7 @@ class QueueWorker:
                 if self._ctl == STOP:
                     continue
             more = self._serve(popping=True)
+            self._looked()
 
     def _poller(self) -> tuple[select.poll, int | None]:
         poller = select.poll()
