@@ -18,6 +18,8 @@ import signal
 from virtiofsd_py.app.options import Options
 from virtiofsd_py.app.startup import Started, start_daemon
 from virtiofsd_py.confine.sandbox import FORWARDED_SIGNALS, exit_like
+from virtiofsd_py.fs.awaiting import AwaitingFS
+from virtiofsd_py.fuse.asyncbridge import AsyncRequests
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.migration.envelope import StateProvider
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
@@ -68,13 +70,17 @@ async def serve(opts: Options, started: Started) -> int:
         conn_sock, _ = accept.result()
         listener.sock.close()  # one front-end per daemon
         log.info("front-end connected")
+        if served.asynchronous:  # coroutine methods: each request in a greenlet
+            fs = AwaitingFS(fs)
         dispatcher = Dispatcher(fs, served.fuse)
+        handle = hooks.instrument(dispatcher.handle)
         runner = QueueRunner(
             loop,
-            hooks.instrument(dispatcher.handle),
+            handle,
             thread_pool_size=opts.thread_pool_size,
             may_block=dispatcher.may_block,
             interrupt=fs.interrupt_waits,
+            submit=AsyncRequests(loop, handle).submit if served.asynchronous else None,
         )
         if served.migration is None:
             log.info("the %s backend cannot migrate: migration is not offered", opts.backend)
