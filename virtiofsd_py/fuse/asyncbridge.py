@@ -10,14 +10,17 @@ called on the loop thread.  The caller (virtio/runner.py) publishes those
 completions in batches.
 
 FUSE_INTERRUPT (fuse.h ``fuse_interrupt_in``: the ``unique`` of the request
-to interrupt) cancels the awaitable the named request waits for; the
+to interrupt) cancels the awaitable the named request waits for (each
+awaitable runs as a task of its own, so it can be cancelled alone); the
 cancellation is turned into ``OSError(EINTR)`` inside the handler, so the
 request is answered with EINTR (the kernel's protocol: an interrupted
-request still gets exactly one reply).  An INTERRUPT for a request not (or
-no longer) waiting is dropped, as libfuse does when it has nothing to
-interrupt.  ``drain`` waits until nothing is in flight (vhost-user.rst,
-GET_VRING_BASE: the ring stops only once every request it carried is on
-the used ring).
+request still gets exactly one reply).  An INTERRUPT may overtake its
+request (it comes on the hiprio queue): one for a unique not seen yet is
+kept (at most ``EARLY_INTERRUPTS``, oldest dropped first) and applied when
+that request arrives, as libfuse keeps its list of pending interrupts; one
+for a request recently completed is dropped.  ``drain`` waits until
+nothing is in flight (vhost-user.rst, GET_VRING_BASE: the ring stops only
+once every request it carried is on the used ring).
 """
 
 from __future__ import annotations
@@ -37,6 +40,20 @@ Handler = Callable[[Sequence[Any], Sequence[Any]], int]
 Done = Callable[[int], None]
 
 _HDR: Final = abi.IN_HEADER.size
+#: INTERRUPTs kept for requests not arrived yet, and completed uniques remembered.
+EARLY_INTERRUPTS: Final = 1024
+RECENT_UNIQUES: Final = 4096
+
+
+class _Waiting:
+    """A request parked on an awaitable: the task running it, and whether it
+    was interrupted (before that task exists, too)."""
+
+    __slots__ = ("current", "interrupted")
+
+    def __init__(self) -> None:
+        self.current: asyncio.Future[Any] | None = None
+        self.interrupted = False
 
 
 class AsyncRequests:
@@ -45,9 +62,13 @@ class AsyncRequests:
     def __init__(self, loop: asyncio.AbstractEventLoop, handler: Handler) -> None:
         self._loop = loop
         self._handler = handler
-        #: unique -> the task driving that request, while it waits.
-        self._waiting: dict[int, asyncio.Task[None]] = {}
-        self._interrupted: set[int] = set()
+        #: unique -> the request parked on an awaitable, while it waits.
+        self._waiting: dict[int, _Waiting] = {}
+        #: Interrupts that came before their request (insertion-ordered).
+        self._early: dict[int, None] = {}
+        #: Uniques of requests completed lately (insertion-ordered), so that a late
+        #: INTERRUPT is not kept for a request that will not come again.
+        self._recent: dict[int, None] = {}
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -72,15 +93,26 @@ class AsyncRequests:
             value = g.switch(readable, writable)
         except Exception:
             log.exception("request handler failed")
-            return 0
+            value = 0
         if g.dead:
+            self._completed(unique)
             return int(value)
         self._inflight += 1
         self._idle.clear()
-        task = self._loop.create_task(self._drive(g, value, done))
+        w = _Waiting()
         if unique:
-            self._waiting[unique] = task
+            self._waiting[unique] = w
+            if self._early.pop(unique, 0) is None:
+                w.interrupted = True
+        self._loop.create_task(self._drive(g, w, value, done))
         return None
+
+    def _completed(self, unique: int) -> None:
+        self._early.pop(unique, None)
+        recent = self._recent
+        recent[unique] = None
+        if len(recent) > RECENT_UNIQUES:
+            del recent[next(iter(recent))]
 
     def _interrupt_request(self, readable: Sequence[Any]) -> None:
         data = b"".join(bytes(b) for b in readable)
@@ -91,51 +123,61 @@ class AsyncRequests:
         self.interrupt(target)
 
     def interrupt(self, unique: int) -> bool:
-        """Cancel what request ``unique`` waits for (it is answered EINTR); whether it waited."""
-        task = self._waiting.get(unique)
-        if task is None:
+        """Interrupt request ``unique`` (it is answered EINTR); whether it was waiting."""
+        w = self._waiting.get(unique)
+        if w is None:
+            if unique not in self._recent:
+                early = self._early
+                early[unique] = None
+                if len(early) > EARLY_INTERRUPTS:
+                    del early[next(iter(early))]
             return False
         log.debug("FUSE request unique=%d interrupted", unique)
-        self._interrupted.add(unique)
-        task.cancel()
+        w.interrupted = True
+        if w.current is not None:
+            w.current.cancel()
         return True
 
-    async def _drive(self, g: RequestGreenlet, value: Any, done: Done) -> None:
+    async def _drive(self, g: RequestGreenlet, w: _Waiting, value: Any, done: Done) -> None:
         used = 0
-        cancelled = False
         try:
             while not g.dead:
                 if not isinstance(value, Await):
                     raise RuntimeError(f"request greenlet switched out with {value!r}")
+                if w.interrupted:  # before its awaitable ran: it never will
+                    w.interrupted = False
+                    close = getattr(value.awaitable, "close", None)
+                    if close is not None:
+                        close()
+                    value = g.throw(OSError(errno.EINTR, "request interrupted"))
+                    continue
+                fut = w.current = asyncio.ensure_future(value.awaitable)
                 try:
-                    result = await value.awaitable
+                    result = await fut
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
-                    if task is not None:
-                        task.uncancel()
-                    if g.unique in self._interrupted:
-                        self._interrupted.discard(g.unique)
-                    else:
-                        cancelled = True  # the loop is going away: answer, then stop
+                    if task is not None and task.cancelling():
+                        raise  # the loop is going away, not an INTERRUPT
+                    w.interrupted = False
                     value = g.throw(OSError(errno.EINTR, "request interrupted"))
                 except Exception as e:
                     value = g.throw(e)
                 else:
                     value = g.switch(result)
+                finally:
+                    w.current = None
             used = int(value)
         except Exception:
             log.exception("async request unique=%d: bridge failure", g.unique)
             used = 0
         finally:
-            if self._waiting.get(g.unique) is asyncio.current_task():
+            if self._waiting.get(g.unique) is w:
                 del self._waiting[g.unique]
-            self._interrupted.discard(g.unique)
+            self._completed(g.unique)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
         done(used)
-        if cancelled:
-            raise asyncio.CancelledError
 
     async def drain(self) -> None:
         """Wait until every submitted request has called ``done``."""

@@ -96,8 +96,8 @@ class Pyfuse3FS(Filesystem):
         self._offered.clear()
 
     # -- names -----------------------------------------------------------
-    async def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
-        a = await _call("lookup", self.ops.lookup(parent, name, AdapterContext(ctx)))  # type: ignore[arg-type]
+    async def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:  # type: ignore[override]
+        a = await _call("lookup", self.ops.lookup(parent, name, AdapterContext(ctx)))
         return entry_of(a, "lookup")
 
     def forget(self, nodeid: int, nlookup: int) -> Coroutine[Any, Any, None] | None:  # type: ignore[override]
@@ -121,20 +121,20 @@ class Pyfuse3FS(Filesystem):
 
     async def _forget(self, items: list[tuple[int, int]]) -> None:
         try:
-            await self.ops.forget(items)  # type: ignore[arg-type]
+            await self.ops.forget(items)
         except Exception:  # pyfuse3: forget must not raise; FORGET has no reply
             log.exception("pyfuse3 forget() raised")
 
     # -- attributes ------------------------------------------------------
-    async def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> AttrReply:
-        a = await _call("getattr", self.ops.getattr(nodeid, AdapterContext(ctx)))  # type: ignore[arg-type]
+    async def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> AttrReply:  # type: ignore[override]
+        a = await _call("getattr", self.ops.getattr(nodeid, AdapterContext(ctx)))
         return attr_of(a, "getattr")
 
     async def setattr(self, ctx: Context, nodeid: int, attr: SetAttr) -> AttrReply:  # type: ignore[override]
         a, fields = setattr_args(nodeid, attr)
         got = await _call(
             "setattr",
-            self.ops.setattr(nodeid, a, fields, attr.fh, AdapterContext(ctx)),  # type: ignore[arg-type]
+            self.ops.setattr(nodeid, a, fields, attr.fh, AdapterContext(ctx)),
         )
         return attr_of(got, "setattr")
 
@@ -142,24 +142,24 @@ class Pyfuse3FS(Filesystem):
         return statvfs_of(await _call("statfs", self.ops.statfs(AdapterContext(ctx))))
 
     async def readlink(self, ctx: Context, nodeid: int) -> bytes:  # type: ignore[override]
-        target = await _call("readlink", self.ops.readlink(nodeid, AdapterContext(ctx)))  # type: ignore[arg-type]
+        target = await _call("readlink", self.ops.readlink(nodeid, AdapterContext(ctx)))
         return bytes(checked(target, bytes, "readlink"))
 
     async def access(self, ctx: Context, nodeid: int, mask: int) -> None:  # type: ignore[override]
-        if not await _call("access", self.ops.access(nodeid, mask, AdapterContext(ctx))):  # type: ignore[arg-type]
+        if not await _call("access", self.ops.access(nodeid, mask, AdapterContext(ctx))):
             raise OSError(errno.EACCES, "access: denied by the file system")
 
     # -- files -----------------------------------------------------------
     async def open(  # type: ignore[override]
         self, ctx: Context, nodeid: int, flags: int, *, kill_suidgid: bool = False
     ) -> Opened:
-        fi = await _call("open", self.ops.open(nodeid, flags, AdapterContext(ctx)))  # type: ignore[arg-type]
+        fi = await _call("open", self.ops.open(nodeid, flags, AdapterContext(ctx)))
         return opened_of(fi, "open")
 
     async def read(  # type: ignore[override]
         self, ctx: Context, nodeid: int, fh: int, offset: int, size: int, bufs: list[memoryview]
     ) -> int:
-        data = await _call("read", self.ops.read(fh, offset, size))  # type: ignore[arg-type]
+        data = await _call("read", self.ops.read(fh, offset, size))
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"pyfuse3 read() returned {type(data).__name__}, not bytes")
         view = memoryview(data).cast("B")
@@ -184,23 +184,23 @@ class Pyfuse3FS(Filesystem):
         kill_suidgid: bool,
     ) -> int:
         data = b"".join(bufs)
-        n = await _call("write", self.ops.write(fh, offset, data))  # type: ignore[arg-type]
+        n = await _call("write", self.ops.write(fh, offset, data))
         return int(checked(n, int, "write"))
 
     async def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:  # type: ignore[override]
-        await _call("flush", self.ops.flush(fh))  # type: ignore[arg-type]
+        await _call("flush", self.ops.flush(fh))
 
     async def release(  # type: ignore[override]
         self, ctx: Context, nodeid: int, fh: int, flags: int, *, lock_owner: int | None = None
     ) -> None:
-        await _call("release", self.ops.release(fh))  # type: ignore[arg-type]
+        await _call("release", self.ops.release(fh))
 
     async def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:  # type: ignore[override]
-        await _call("fsync", self.ops.fsync(fh, datasync))  # type: ignore[arg-type]
+        await _call("fsync", self.ops.fsync(fh, datasync))
 
     # -- directories -----------------------------------------------------
     async def opendir(self, ctx: Context, nodeid: int, flags: int) -> Opened:  # type: ignore[override]
-        fh = await _call("opendir", self.ops.opendir(nodeid, AdapterContext(ctx)))  # type: ignore[arg-type]
+        fh = await _call("opendir", self.ops.opendir(nodeid, AdapterContext(ctx)))
         return Opened(int(checked(fh, int, "opendir")))
 
     def readdir(
@@ -255,18 +255,18 @@ class Pyfuse3FS(Filesystem):
             self._offered.pop(nodeid, None)
 
     async def releasedir(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:  # type: ignore[override]
-        await _call("releasedir", self.ops.releasedir(fh))  # type: ignore[arg-type]
+        await _call("releasedir", self.ops.releasedir(fh))
 
     async def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:  # type: ignore[override]
-        await _call("fsyncdir", self.ops.fsyncdir(fh, datasync))  # type: ignore[arg-type]
+        await _call("fsyncdir", self.ops.fsyncdir(fh, datasync))
 
     # -- extended attributes --------------------------------------------
     async def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:  # type: ignore[override]
-        value = await _call("getxattr", self.ops.getxattr(nodeid, name, AdapterContext(ctx)))  # type: ignore[arg-type]
+        value = await _call("getxattr", self.ops.getxattr(nodeid, name, AdapterContext(ctx)))
         return bytes(checked(value, bytes, "getxattr"))
 
     async def listxattr(self, ctx: Context, nodeid: int) -> bytes:  # type: ignore[override]
-        names = await _call("listxattr", self.ops.listxattr(nodeid, AdapterContext(ctx)))  # type: ignore[arg-type]
+        names = await _call("listxattr", self.ops.listxattr(nodeid, AdapterContext(ctx)))
         return b"".join(bytes(checked(n, bytes, "listxattr")) + b"\0" for n in names)
 
     async def setxattr(  # type: ignore[override]
@@ -277,17 +277,17 @@ class Pyfuse3FS(Filesystem):
         rc = AdapterContext(ctx)
         if flags & (os.XATTR_CREATE | os.XATTR_REPLACE):
             try:
-                await _call("getxattr", self.ops.getxattr(nodeid, name, rc))  # type: ignore[arg-type]
+                await _call("getxattr", self.ops.getxattr(nodeid, name, rc))
             except OSError as e:
                 if e.errno != pyfuse3.ENOATTR or flags & os.XATTR_REPLACE:
                     raise
             else:
                 if flags & os.XATTR_CREATE:
                     raise OSError(errno.EEXIST, "setxattr: attribute exists")
-        await _call("setxattr", self.ops.setxattr(nodeid, name, value, rc))  # type: ignore[arg-type]
+        await _call("setxattr", self.ops.setxattr(nodeid, name, value, rc))
 
     async def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:  # type: ignore[override]
-        await _call("removexattr", self.ops.removexattr(nodeid, name, AdapterContext(ctx)))  # type: ignore[arg-type]
+        await _call("removexattr", self.ops.removexattr(nodeid, name, AdapterContext(ctx)))
 
     # -- changing the tree ----------------------------------------------------
     async def create(  # type: ignore[override]
@@ -303,7 +303,7 @@ class Pyfuse3FS(Filesystem):
     ) -> tuple[Entry, Opened]:
         got = await _call(
             "create",
-            self.ops.create(parent, name, mode, flags, AdapterContext(ctx)),  # type: ignore[arg-type]
+            self.ops.create(parent, name, mode, flags, AdapterContext(ctx)),
         )
         if not isinstance(got, tuple) or len(got) != 2:
             raise TypeError(f"pyfuse3 create() returned {type(got).__name__}, not (fi, attr)")
@@ -312,34 +312,34 @@ class Pyfuse3FS(Filesystem):
     async def mknod(  # type: ignore[override]
         self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int
     ) -> Entry:
-        a = await _call("mknod", self.ops.mknod(parent, name, mode, rdev, AdapterContext(ctx)))  # type: ignore[arg-type]
+        a = await _call("mknod", self.ops.mknod(parent, name, mode, rdev, AdapterContext(ctx)))
         return entry_of(a, "mknod")
 
     async def mkdir(  # type: ignore[override]
         self, ctx: Context, parent: int, name: bytes, mode: int, umask: int
     ) -> Entry:
         mode = (mode & ~stat.S_IFMT(mode)) | stat.S_IFDIR
-        a = await _call("mkdir", self.ops.mkdir(parent, name, mode, AdapterContext(ctx)))  # type: ignore[arg-type]
+        a = await _call("mkdir", self.ops.mkdir(parent, name, mode, AdapterContext(ctx)))
         return entry_of(a, "mkdir")
 
     async def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:  # type: ignore[override]
-        a = await _call("symlink", self.ops.symlink(parent, name, target, AdapterContext(ctx)))  # type: ignore[arg-type]
+        a = await _call("symlink", self.ops.symlink(parent, name, target, AdapterContext(ctx)))
         return entry_of(a, "symlink")
 
     async def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:  # type: ignore[override]
-        a = await _call("link", self.ops.link(nodeid, newparent, newname, AdapterContext(ctx)))  # type: ignore[arg-type]
+        a = await _call("link", self.ops.link(nodeid, newparent, newname, AdapterContext(ctx)))
         return entry_of(a, "link")
 
     async def unlink(self, ctx: Context, parent: int, name: bytes) -> None:  # type: ignore[override]
-        await _call("unlink", self.ops.unlink(parent, name, AdapterContext(ctx)))  # type: ignore[arg-type]
+        await _call("unlink", self.ops.unlink(parent, name, AdapterContext(ctx)))
 
     async def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:  # type: ignore[override]
-        await _call("rmdir", self.ops.rmdir(parent, name, AdapterContext(ctx)))  # type: ignore[arg-type]
+        await _call("rmdir", self.ops.rmdir(parent, name, AdapterContext(ctx)))
 
     async def rename(  # type: ignore[override]
         self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes, flags: int
     ) -> None:
         await _call(
             "rename",
-            self.ops.rename(parent, name, newparent, newname, flags, AdapterContext(ctx)),  # type: ignore[arg-type]
+            self.ops.rename(parent, name, newparent, newname, flags, AdapterContext(ctx)),
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 import pyfuse3
 
-from virtiofsd_py.fs.api import NOW, AttrReply, Context, Entry, Opened, SetAttr, make_stat
+from virtiofsd_py.fs.api import AttrReply, Context, Entry, Now, Opened, SetAttr, make_stat
 
 
 class AdapterContext(pyfuse3.RequestContext):
@@ -28,10 +28,10 @@ class AdapterContext(pyfuse3.RequestContext):
         self._pid = ctx.pid
         self._umask = ctx.umask or 0
 
-    uid = property(lambda self: self._uid)  # type: ignore[assignment]
-    gid = property(lambda self: self._gid)  # type: ignore[assignment]
-    pid = property(lambda self: self._pid)  # type: ignore[assignment]
-    umask = property(lambda self: self._umask)  # type: ignore[assignment]
+    uid = property(lambda self: self._uid)
+    gid = property(lambda self: self._gid)
+    pid = property(lambda self: self._pid)
+    umask = property(lambda self: self._umask)
 
 
 class AdapterSetattrFields(pyfuse3.SetattrFields):
@@ -50,13 +50,13 @@ class AdapterSetattrFields(pyfuse3.SetattrFields):
             "size": attr.size is not None,
         }
 
-    update_atime = property(lambda self: self._set["atime"])  # type: ignore[assignment]
-    update_mtime = property(lambda self: self._set["mtime"])  # type: ignore[assignment]
-    update_ctime = property(lambda self: self._set["ctime"])  # type: ignore[assignment]
-    update_mode = property(lambda self: self._set["mode"])  # type: ignore[assignment]
-    update_uid = property(lambda self: self._set["uid"])  # type: ignore[assignment]
-    update_gid = property(lambda self: self._set["gid"])  # type: ignore[assignment]
-    update_size = property(lambda self: self._set["size"])  # type: ignore[assignment]
+    update_atime = property(lambda self: self._set["atime"])
+    update_mtime = property(lambda self: self._set["mtime"])
+    update_ctime = property(lambda self: self._set["ctime"])
+    update_mode = property(lambda self: self._set["mode"])
+    update_uid = property(lambda self: self._set["uid"])
+    update_gid = property(lambda self: self._set["gid"])
+    update_size = property(lambda self: self._set["size"])
 
 
 def checked(value: Any, kind: type[Any], op: str) -> Any:
@@ -107,8 +107,8 @@ def statvfs_of(s: Any) -> os.statvfs_result:
     )  # fmt: skip
 
 
-def _ns(value: int | object) -> int:
-    return time.time_ns() if value is NOW else int(value)  # type: ignore[call-overload]
+def _ns(value: int | Now) -> int:
+    return time.time_ns() if isinstance(value, Now) else value
 
 
 def setattr_args(
@@ -116,9 +116,9 @@ def setattr_args(
 ) -> tuple[pyfuse3.EntryAttributes, AdapterSetattrFields]:
     """The (attributes, fields) pair pyfuse3's ``setattr`` takes; *_NOW is the current time."""
     a = pyfuse3.EntryAttributes()
-    a.st_ino = nodeid  # type: ignore[assignment]
+    a.st_ino = nodeid
     if attr.mode is not None:
-        a.st_mode = attr.mode  # type: ignore[assignment]
+        a.st_mode = attr.mode
     if attr.uid is not None:
         a.st_uid = attr.uid
     if attr.gid is not None:
