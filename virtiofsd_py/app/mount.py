@@ -55,6 +55,7 @@ from virtiofsd_py.app.options import Options
 from virtiofsd_py.app.startup import start_mount
 from virtiofsd_py.confine.process import ConfinementError, install_seccomp
 from virtiofsd_py.fs.awaiting import AwaitingFS
+from virtiofsd_py.fuse import abi
 from virtiofsd_py.fuse.asyncbridge import AsyncRequests
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.host import syscalls
@@ -73,6 +74,13 @@ MOUNT_SYSCALLS: Final = frozenset({"umount2", "wait4"})
 #: Errors of read(2) on /dev/fuse that just mean "try again": ENOENT is a
 #: request interrupted before we read it (fuse_dev_do_read).
 _RETRY: Final = frozenset({errno.EINTR, errno.EAGAIN, errno.ENOENT})
+#: Replies of an async backend get buffers of the size they may need: the
+#: requests that say how much (fuse_read_in.size, after the in header) and
+#: the rest, whose largest replies are xattr values (XATTR_SIZE_MAX, 64 KiB).
+_SIZED: Final = frozenset({abi.FUSE_READ, abi.FUSE_READDIR, abi.FUSE_READDIRPLUS})
+_READ_SIZE_AT: Final = abi.IN_HEADER.size + 16
+_OUT_HEADER: Final = abi.OUT_HEADER.size
+_SMALL_REPLY: Final = _OUT_HEADER + (64 << 10) + 4096
 
 
 class MountError(Exception):
@@ -304,10 +312,10 @@ class AsyncFuseMount(FuseMount):
 
     def _serve(self) -> None:
         fd = self.fd
-        size = self._bufsize
+        inbuf = bytearray(self._bufsize)
+        inview = memoryview(inbuf)
         try:
             while True:
-                inbuf = bytearray(size)
                 try:
                     n = os.readv(fd, [inbuf])
                 except OSError as e:
@@ -318,14 +326,24 @@ class AsyncFuseMount(FuseMount):
                     raise
                 if n == 0:
                     return
-                self.loop.call_soon_threadsafe(self._submit, memoryview(inbuf)[:n])
+                # A copy of its own: the request may complete after later ones.
+                self.loop.call_soon_threadsafe(self._submit, bytearray(inview[:n]))
         except BaseException as e:
             log.exception("FUSE reader thread failed")
             self._errors.append(e)
 
-    def _submit(self, request: memoryview) -> None:
-        out = memoryview(bytearray(self._bufsize))
-        used = self._bridge.submit([request], [out], lambda n: self._reply(out, n))
+    def _reply_room(self, request: bytearray) -> int:
+        """Bytes the reply to ``request`` may need: READ/READDIR(PLUS) say, others are small."""
+        if len(request) >= _READ_SIZE_AT + 4:
+            opcode = int.from_bytes(request[4:8], "little")
+            if opcode in _SIZED:
+                size = int.from_bytes(request[_READ_SIZE_AT : _READ_SIZE_AT + 4], "little")
+                return min(self._bufsize, _OUT_HEADER + size)
+        return min(self._bufsize, _SMALL_REPLY)
+
+    def _submit(self, request: bytearray) -> None:
+        out = memoryview(bytearray(self._reply_room(request)))
+        used = self._bridge.submit([memoryview(request)], [out], lambda n: self._reply(out, n))
         if used is not None:
             self._reply(out, used)
 
