@@ -104,7 +104,9 @@ def vhost_user_rates(example: Path, work: Path, seconds: float) -> dict[str, tup
         c = FuseClient(fe)
         c.init()
         args = abi.CREATE_IN.pack(os.O_RDWR, 0o100644, 0, 0) + b"bench.dat\0"
-        data = c.call(abi.FUSE_CREATE, abi.FUSE_ROOT_ID, args, [abi.ENTRY_OUT.size, abi.OPEN_OUT.size])
+        data = c.call(
+            abi.FUSE_CREATE, abi.FUSE_ROOT_ID, args, [abi.ENTRY_OUT.size, abi.OPEN_OUT.size]
+        )
         nodeid = abi.ENTRY_OUT.unpack_from(data)[0]
         fh = abi.OPEN_OUT.unpack_from(data, abi.ENTRY_OUT.size)[0]
         c.write(nodeid, fh, 0, os.urandom(FILE_SIZE))
