@@ -10,8 +10,8 @@ called on the loop thread.  The caller (virtio/runner.py) publishes those
 completions in batches.
 
 FUSE_INTERRUPT (fuse.h ``fuse_interrupt_in``: the ``unique`` of the request
-to interrupt) cancels the awaitable the named request waits for (each
-awaitable runs as a task of its own, so it can be cancelled alone); the
+to interrupt) cancels the awaitable the named request waits for (the task
+driving that request is cancelled only while it awaits the backend); the
 cancellation is turned into ``OSError(EINTR)`` inside the handler, so the
 request is answered with EINTR (the kernel's protocol: an interrupted
 request still gets exactly one reply).  An INTERRUPT may overtake its
@@ -46,13 +46,15 @@ RECENT_UNIQUES: Final = 4096
 
 
 class _Waiting:
-    """A request parked on an awaitable: the task running it, and whether it
-    was interrupted (before that task exists, too)."""
+    """A request parked on an awaitable: the task driving it, whether that task
+    now awaits the backend, and whether it was interrupted (before it started,
+    too)."""
 
-    __slots__ = ("current", "interrupted")
+    __slots__ = ("awaiting", "interrupted", "task")
 
     def __init__(self) -> None:
-        self.current: asyncio.Future[Any] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.awaiting = False
         self.interrupted = False
 
 
@@ -134,12 +136,13 @@ class AsyncRequests:
             return False
         log.debug("FUSE request unique=%d interrupted", unique)
         w.interrupted = True
-        if w.current is not None:
-            w.current.cancel()
+        if w.awaiting and w.task is not None:
+            w.task.cancel()
         return True
 
     async def _drive(self, g: RequestGreenlet, w: _Waiting, value: Any, done: Done) -> None:
         used = 0
+        task = w.task = asyncio.current_task()
         try:
             while not g.dead:
                 if not isinstance(value, Await):
@@ -151,21 +154,25 @@ class AsyncRequests:
                         close()
                     value = g.throw(OSError(errno.EINTR, "request interrupted"))
                     continue
-                fut = w.current = asyncio.ensure_future(value.awaitable)
+                w.awaiting = True
                 try:
-                    result = await fut
+                    result = await value.awaitable
                 except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
+                    if not w.interrupted:
                         raise  # the loop is going away, not an INTERRUPT
                     w.interrupted = False
+                    if task is not None:
+                        task.uncancel()
                     value = g.throw(OSError(errno.EINTR, "request interrupted"))
                 except Exception as e:
                     value = g.throw(e)
                 else:
+                    if w.interrupted and task is not None and task.cancelling():
+                        task.uncancel()  # the backend swallowed the cancellation
+                        w.interrupted = False
                     value = g.switch(result)
                 finally:
-                    w.current = None
+                    w.awaiting = False
             used = int(value)
         except Exception:
             log.exception("async request unique=%d: bridge failure", g.unique)
