@@ -7,6 +7,9 @@
 #  - uidmap (newuidmap/newgidmap: --uid-map/--gid-map of an unprivileged daemon)
 #  - gcc and libc6-dev (the guest's static syscall helper, tests/guest/guest_scripts)
 #  - the Python package in editable mode with its test tools, ruff, mypy
+#  - pyfuse3 (the [pyfuse3] extra: built against libfuse3-dev, with pkg-config, and
+#    fuse3 for host mounts by pyfuse3 itself) and its sdist's example file systems,
+#    unpacked into $VIRTIOFSD_PY_GUEST_DIR/pyfuse3-sdist (tests/support/pyfuse3_examples.py)
 #  - a Debian 6.12 guest kernel (downloaded, never installed) unpacked into
 #    $VIRTIOFSD_PY_GUEST_DIR (default /var/tmp/virtiofsd-py-guest): PVH vmlinux,
 #    modules, and the initramfs. VIRTIOFSD_PY_GUEST_REFRESH=1 fetches it again.
@@ -54,7 +57,8 @@ qemu_ok() {
     [ -n "$v" ] && set -- $v && { [ "$1" -gt 8 ] || { [ "$1" -eq 8 ] && [ "$2" -ge 2 ]; }; }
 }
 missing=()
-for p in busybox-static cpio zstd xz-utils libatomic1 gcc libc6-dev uidmap; do
+for p in busybox-static cpio zstd xz-utils libatomic1 gcc libc6-dev uidmap \
+         libfuse3-dev pkg-config fuse3; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -92,6 +96,12 @@ for text in project["dependencies"] + project["optional-dependencies"]["test"]:
 EOF
     )
 }
+# Python.h: for the compiled core and for building pyfuse3.
+if [ ! -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then
+    log "installing python3-dev (Python.h for the compiled core and pyfuse3)"
+    apt_update
+    "${APT[@]}" install -y --no-install-recommends python3-dev
+fi
 # Editable install of this checkout (CI uses a fresh clone elsewhere: reinstall
 # whenever the installed package points at another directory, or a requirement
 # is missing or too old).
@@ -101,16 +111,25 @@ if [ "$installed" != "$PWD" ] || ! requirements_met "$PWD/pyproject.toml" \
     log "pip install -e .[test] ruff mypy"
     PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore -e '.[test]' ruff mypy
 fi
+# pyfuse3 (the [pyfuse3] extra), built against libfuse3-dev.
+if ! (cd / && python3 -c 'import pyfuse3') 2>/dev/null; then
+    log "pip install pyfuse3"
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore -e '.[pyfuse3]'
+fi
+# pyfuse3's example file systems (tests serve them unmodified): from its sdist.
+pf3_version=$(cd / && python3 -c 'import importlib.metadata as m; print(m.version("pyfuse3"))')
+pf3_cache=$GUEST_DIR/pyfuse3-sdist
+if [ ! -d "$pf3_cache/pyfuse3-$pf3_version/examples" ]; then
+    log "fetching pyfuse3 $pf3_version sdist (example file systems)"
+    mkdir -p "$pf3_cache"
+    python3 -m pip download -q --no-deps --no-binary :all: -d "$pf3_cache" "pyfuse3==$pf3_version"
+    tar -xzf "$pf3_cache/pyfuse3-$pf3_version.tar.gz" -C "$pf3_cache" "pyfuse3-$pf3_version/examples"
+fi
 # The compiled core, built in place (the editable install builds it once; a
 # changed .pyx needs a rebuild): Cython and the Python headers.
 if ! (cd / && python3 -c 'import Cython; assert int(Cython.__version__.split(".")[0]) >= 3') 2>/dev/null; then
     log "pip install Cython>=3"
     PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore 'Cython>=3'
-fi
-if [ ! -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then
-    log "installing python3-dev (Python.h for the compiled core)"
-    apt_update
-    "${APT[@]}" install -y --no-install-recommends python3-dev
 fi
 python3 setup.py -q build_ext --inplace 2>&1 | grep -v "^running\|^copying" || true
 # tests/test_packaging.py builds the sdist and wheel without build isolation.

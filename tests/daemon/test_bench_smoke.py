@@ -44,3 +44,23 @@ def test_hotpath_prints_a_row_per_workload(
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [r[0] for r in rows] == list(hotpath.WORKLOADS)
     assert all(float(r[2]) > 0 for r in rows)
+
+
+def test_pyfuse3_adapter_bench_prints_a_row_per_target_and_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mount_rig import mount_unavailable
+    from pyfuse3_examples import examples_dir
+
+    if mount_unavailable() is not None:
+        pytest.skip(f"host FUSE mounts: {mount_unavailable()}")
+    example = examples_dir() / "tmpfs.py"
+    from bench import pyfuse3_adapter
+
+    status = pyfuse3_adapter.main(["--seconds", "0.1", "--example", str(example)])
+    assert status == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert {(r[0], r[1]) for r in rows} == {
+        (t, q) for t in ("pyfuse3", "mount", "vhost-user") for q in ("getattr", "read4k")
+    }
+    assert all(float(r[2]) > 0 for r in rows)

@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from virtiofsd_py.app import custom_backend
 from virtiofsd_py.app.errors import StartupError, describe
 from virtiofsd_py.app.options import Options
 from virtiofsd_py.confine.sandbox import SandboxView
 from virtiofsd_py.fastops import FastOperations, for_passthrough
 from virtiofsd_py.fs.api import Filesystem, Migratable
+from virtiofsd_py.fs.awaiting import is_async
 from virtiofsd_py.fs.memory import MemoryConfig, MemoryFS
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fs.passthrough.idmap import IdMap
@@ -55,6 +57,8 @@ class Backend:
     #: (fastops/); None: every request goes to the dispatcher.  The dispatcher
     #: must report its session to ``fast_ops.session_changed``.
     fast_ops: FastOperations | None = None
+    #: Coroutine methods: served through fuse/asyncbridge.py, each request in a greenlet.
+    asynchronous: bool = False
 
 
 def fuse_config(opts: Options, readdirplus: bool) -> FuseConfig:
@@ -104,8 +108,56 @@ def served(fs: Filesystem, opts: Options) -> Filesystem:
     return ReadOnlyFS(fs) if opts.readonly else fs
 
 
-def build(opts: Options, view: SandboxView) -> Backend:
-    """The back-end ``--backend`` names; a failure is a :class:`StartupError`."""
+def custom_fuse_config(fs: Filesystem, opts: Options) -> FuseConfig:
+    """What FUSE_INIT offers for a ``--backend MODULE:FACTORY`` back-end.
+
+    As a libfuse mount of it would: locks only if it implements them (else
+    the guest keeps them local), and for a pyfuse3 file system what pyfuse3
+    asks of the kernel (READDIRPLUS always, write-back cache and ACLs as the
+    ``Operations`` attributes say).
+    """
+    cfg = fuse_config(opts, readdirplus=True)
+    cfg.submounts = False
+    kind = type(fs)
+    cfg.posix_locks = cfg.posix_locks and kind.setlk is not Filesystem.setlk
+    cfg.flock_locks = cfg.flock_locks and kind.setlk is not Filesystem.setlk
+    ops = getattr(fs, "ops", None)
+    if ops is not None and getattr(fs, "asynchronous", False):
+        cfg.readdirplus_auto = False
+        cfg.writeback = cfg.writeback or bool(getattr(ops, "enable_writeback_cache", False))
+        cfg.posix_acl = cfg.posix_acl or bool(getattr(ops, "enable_acl", False))
+    return cfg
+
+
+def custom(fs: Filesystem, opts: Options, view: SandboxView) -> Backend:
+    """The ``Backend`` of a ``Filesystem`` made by a ``--backend MODULE:FACTORY``."""
+    close = getattr(fs, "close", None)
+    return Backend(
+        served(fs, opts),
+        close if callable(close) else (lambda: None),
+        custom_fuse_config(fs, opts),
+        view.proc_self_fd,
+        asynchronous=is_async(fs),
+    )
+
+
+def load_custom(opts: Options) -> Filesystem | None:
+    """Import and make a ``--backend MODULE:FACTORY`` back-end (before confinement);
+    None for the built-in ones."""
+    if not custom_backend.is_custom(opts.backend):
+        return None
+    return custom_backend.load(opts.backend, opts.backend_option)
+
+
+def build(opts: Options, view: SandboxView, made: Filesystem | None = None) -> Backend:
+    """The back-end ``--backend`` names; a failure is a :class:`StartupError`.
+
+    ``made``: the ``--backend MODULE:FACTORY`` back-end, from :func:`load_custom`.
+    """
+    if custom_backend.is_custom(opts.backend):
+        fs = made if made is not None else load_custom(opts)
+        assert fs is not None
+        return custom(fs, opts, view)
     if opts.backend == "memory":
         mem = memory_fs(opts)
         return Backend(

@@ -19,6 +19,8 @@ from virtiofsd_py.app.options import Options
 from virtiofsd_py.app.startup import Started, start_daemon
 from virtiofsd_py.confine.sandbox import FORWARDED_SIGNALS, exit_like
 from virtiofsd_py.fastops import first
+from virtiofsd_py.fs.awaiting import AwaitingFS
+from virtiofsd_py.fuse.asyncbridge import AsyncRequests
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.migration.envelope import StateProvider
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
@@ -70,11 +72,15 @@ async def serve(opts: Options, started: Started) -> int:
         conn_sock, _ = accept.result()
         listener.sock.close()  # one front-end per daemon
         log.info("front-end connected")
+        if served.asynchronous:  # coroutine methods: each request in a greenlet
+            fs = AwaitingFS(fs)
         fast = served.fast_ops
         dispatcher = Dispatcher(
             fs, served.fuse, on_session=fast.session_changed if fast is not None else None
         )
-        queue_threads = opts.thread_pool_size == 0
+        # An async backend's requests run on the event loop; any other backend's
+        # request queues each have a worker thread (unless --thread-pool-size).
+        queue_threads = opts.thread_pool_size == 0 and not served.asynchronous
         # Compiled workers call the fast operations' C entry point without the
         # GIL; every other path offers each request to them in Python first.
         capsule = (
@@ -85,14 +91,16 @@ async def serve(opts: Options, started: Started) -> int:
         handle: ChainHandler = dispatcher.handle
         if fast is not None and capsule is None:
             handle = first(fast, handle)
+        handle = hooks.instrument(handle)
         runner = QueueRunner(
             loop,
-            hooks.instrument(handle),
+            handle,
             thread_pool_size=opts.thread_pool_size,
             may_block=dispatcher.may_block,
             interrupt=fs.interrupt_waits,
             queue_threads=queue_threads,
             fast=capsule,
+            submit=AsyncRequests(loop, handle).submit if served.asynchronous else None,
         )
         if served.migration is None:
             log.info("the %s backend cannot migrate: migration is not offered", opts.backend)

@@ -18,6 +18,13 @@ with one ``write``.  The only new parts are the mount itself (mount(2) with
 ``fd=N,rootmode=...,user_id=...,group_id=...``, as root; ``fusermount3``
 otherwise) and a few reader threads.
 
+An async backend (coroutine methods) is served the daemon's way
+(:class:`AsyncFuseMount`): an event loop thread runs each request in a
+greenlet through ``fuse/asyncbridge.py``, so many are in flight and a
+FUSE_INTERRUPT from the kernel reaches the coroutine it names; the reader
+thread hands it requests in buffers of their own and the replies are
+written as their coroutines finish.
+
 Confinement: no sandbox (the mount must be made, and stay, in the host's
 mount namespace, and the share is the host's tree anyway), but the same
 seccomp filter as the daemon (``--seccomp``), installed once the mount
@@ -29,6 +36,7 @@ should the daemon die, the pipe closes and the helper unmounts all the same.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -46,6 +54,9 @@ from virtiofsd_py.app.errors import StartupError, describe
 from virtiofsd_py.app.options import Options
 from virtiofsd_py.app.startup import start_mount
 from virtiofsd_py.confine.process import ConfinementError, install_seccomp
+from virtiofsd_py.fs.awaiting import AwaitingFS
+from virtiofsd_py.fuse import abi
+from virtiofsd_py.fuse.asyncbridge import AsyncRequests
 from virtiofsd_py.fuse.dispatcher import Dispatcher
 from virtiofsd_py.host import syscalls
 
@@ -63,6 +74,13 @@ MOUNT_SYSCALLS: Final = frozenset({"umount2", "wait4"})
 #: Errors of read(2) on /dev/fuse that just mean "try again": ENOENT is a
 #: request interrupted before we read it (fuse_dev_do_read).
 _RETRY: Final = frozenset({errno.EINTR, errno.EAGAIN, errno.ENOENT})
+#: Replies of an async backend get buffers of the size they may need: the
+#: requests that say how much (fuse_read_in.size, after the in header) and
+#: the rest, whose largest replies are xattr values (XATTR_SIZE_MAX, 64 KiB).
+_SIZED: Final = frozenset({abi.FUSE_READ, abi.FUSE_READDIR, abi.FUSE_READDIRPLUS})
+_READ_SIZE_AT: Final = abi.IN_HEADER.size + 16
+_OUT_HEADER: Final = abi.OUT_HEADER.size
+_SMALL_REPLY: Final = _OUT_HEADER + (64 << 10) + 4096
 
 
 class MountError(Exception):
@@ -270,6 +288,120 @@ class FuseMount:
             self.fd = -1
 
 
+class AsyncFuseMount(FuseMount):
+    """A mount of an async backend: one reader thread, requests run on ``loop``.
+
+    ``loop`` is run by the caller in the main thread (a file system may hold
+    objects bound to the thread that made it, as sqlite3 connections are).
+    Each request is read into a buffer of its own (it may complete after
+    later ones) and submitted to an ``AsyncRequests`` on the loop; its reply
+    is written when it completes (writes to /dev/fuse do not block).
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        mountpoint: str,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        fsname: str = "virtiofsd-py",
+    ) -> None:
+        super().__init__(dispatcher, mountpoint, fsname=fsname, threads=1)
+        self.loop = loop
+        self._bridge = AsyncRequests(loop, dispatcher.handle)
+
+    def _serve(self) -> None:
+        fd = self.fd
+        inbuf = bytearray(self._bufsize)
+        inview = memoryview(inbuf)
+        try:
+            while True:
+                try:
+                    n = os.readv(fd, [inbuf])
+                except OSError as e:
+                    if e.errno in _RETRY:
+                        continue
+                    if e.errno == errno.ENODEV:
+                        return
+                    raise
+                if n == 0:
+                    return
+                # A copy of its own: the request may complete after later ones.
+                self.loop.call_soon_threadsafe(self._submit, bytearray(inview[:n]))
+        except BaseException as e:
+            log.exception("FUSE reader thread failed")
+            self._errors.append(e)
+
+    def _reply_room(self, request: bytearray) -> int:
+        """Bytes the reply to ``request`` may need: READ/READDIR(PLUS) say, others are small."""
+        if len(request) >= _READ_SIZE_AT + 4:
+            opcode = int.from_bytes(request[4:8], "little")
+            if opcode in _SIZED:
+                size = int.from_bytes(request[_READ_SIZE_AT : _READ_SIZE_AT + 4], "little")
+                return min(self._bufsize, _OUT_HEADER + size)
+        return min(self._bufsize, _SMALL_REPLY)
+
+    def _submit(self, request: bytearray) -> None:
+        out = memoryview(bytearray(self._reply_room(request)))
+        used = self._bridge.submit([memoryview(request)], [out], lambda n: self._reply(out, n))
+        if used is not None:
+            self._reply(out, used)
+
+    def _reply(self, out: memoryview, used: int) -> None:
+        if used == 0 or self.fd < 0:
+            return  # FORGET, BATCH_FORGET, INTERRUPT: no reply
+        try:
+            os.write(self.fd, out[:used])
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("FUSE reply not written: %s", e)
+
+
+def _serve_threads(fm: FuseMount, source: str) -> None:
+    """Serve until unmounted or SIGTERM/SIGINT: reader threads call the dispatcher."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    fm.start()
+    fm.wait_ready()
+    print(f"virtiofsd-py: serving {source} on {fm.mountpoint}", flush=True)
+
+    def watch() -> None:  # unmounted from outside: stop too
+        fm.wait()
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    stop.wait()
+    _unmount(fm)
+
+
+def _unmount(fm: FuseMount) -> None:
+    fm.unmount()
+    if not fm.wait(timeout=5.0):
+        log.warning("mount still busy after a lazy unmount: aborting the connection")
+        fm.abort()
+        fm.wait(timeout=5.0)
+
+
+async def _serve_loop(fm: AsyncFuseMount, source: str) -> None:
+    """The same for an async backend, its requests on this (the main) thread's loop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    fm.start()
+    await loop.run_in_executor(None, fm.wait_ready)  # its INIT is served by this loop
+    print(f"virtiofsd-py: serving {source} on {fm.mountpoint}", flush=True)
+
+    def watch() -> None:
+        fm.wait()
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=watch, daemon=True).start()
+    await stop.wait()
+    await loop.run_in_executor(None, _unmount, fm)
+
+
 def run(opts: Options) -> int:
     """``virtiofsd-py mount``: mount, serve until unmounted or signalled, clean up.
 
@@ -277,17 +409,17 @@ def run(opts: Options) -> int:
     """
     assert opts.mountpoint is not None
     backend = start_mount(opts)
-    fs = backend.fs
-    source = opts.shared_dir if opts.backend == "passthrough" else opts.backend
-    fm = FuseMount(
-        Dispatcher(fs, backend.fuse),
-        opts.mountpoint,
-        fsname=source or "virtiofsd-py",
-        threads=opts.thread_pool_size or 4,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    fs = AwaitingFS(backend.fs) if backend.asynchronous else backend.fs
+    source = (opts.shared_dir if opts.backend == "passthrough" else opts.backend) or "virtiofsd-py"
+    dispatcher = Dispatcher(fs, backend.fuse)
+    loop = asyncio.new_event_loop() if backend.asynchronous else None
+    fm: FuseMount
+    if loop is not None:
+        fm = AsyncFuseMount(dispatcher, opts.mountpoint, loop, fsname=source)
+    else:
+        fm = FuseMount(
+            dispatcher, opts.mountpoint, fsname=source, threads=opts.thread_pool_size or 4
+        )
     try:
         fm.mount()
     except MountError as e:
@@ -302,23 +434,14 @@ def run(opts: Options) -> int:
         backend.close()
         raise StartupError(describe(e) if isinstance(e, OSError) else str(e)) from None
     try:
-        fm.start()
-        fm.wait_ready()
-        print(f"virtiofsd-py: serving {source} on {fm.mountpoint}", flush=True)
-
-        def watch() -> None:  # unmounted from outside: stop too
-            fm.wait()
-            stop.set()
-
-        threading.Thread(target=watch, daemon=True).start()
-        stop.wait()
-        fm.unmount()
-        if not fm.wait(timeout=5.0):
-            log.warning("mount still busy after a lazy unmount: aborting the connection")
-            fm.abort()
-            fm.wait(timeout=5.0)
+        if isinstance(fm, AsyncFuseMount):
+            fm.loop.run_until_complete(_serve_loop(fm, source))
+        else:
+            _serve_threads(fm, source)
     finally:
         fm.close()
         fs.destroy()
         backend.close()
+        if loop is not None:
+            loop.close()
     return 1 if fm.errors else 0

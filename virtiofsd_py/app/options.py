@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from virtiofsd_py import __version__
-from virtiofsd_py.app import legacy_options
+from virtiofsd_py.app import custom_backend, legacy_options
 from virtiofsd_py.app.legacy_options import Item, Switch, Valued, switches
 from virtiofsd_py.app.metrics_server import AddressError, parse_address
 from virtiofsd_py.confine.process import ConfinementError, check_options
@@ -35,7 +36,6 @@ from virtiofsd_py.fs.passthrough.xattrmap import XattrMap, XattrMapError
 from virtiofsd_py.host import native
 from virtiofsd_py.host.capabilities import CapabilityError
 
-Backend = Literal["passthrough", "memory"]
 LogLevel = Literal["error", "warn", "info", "debug", "trace", "off"]
 #: The ``--seccomp`` actions (``host/seccomp.py`` ACTIONS).
 SeccompAction = Literal["none", "kill", "log", "trap"]
@@ -131,10 +131,18 @@ class Options:
         None, "--shared-dir", metavar="DIR", group=SHARE, legacy=(Valued("source"),),
         help="Shared directory path",
     )  # fmt: skip
-    backend: Backend = opt(
-        "passthrough", "--backend", group=SHARE,
-        help="virtiofsd-py only: what to serve, the shared directory (passthrough) "
-        "or a file system held in memory (memory; no --shared-dir)",
+    backend: str = opt(
+        "passthrough", "--backend", group=SHARE, metavar="passthrough|memory|MODULE:FACTORY",
+        help="virtiofsd-py only: what to serve, the shared directory (passthrough), "
+        "a file system held in memory (memory; no --shared-dir), or what FACTORY in "
+        "MODULE (a module name or a .py file) returns when called with the "
+        "--backend-option values: a Filesystem, sync or async, or a pyfuse3.Operations "
+        "(then --sandbox and --seccomp default to none). Default passthrough",
+    )  # fmt: skip
+    backend_option: tuple[str, ...] = opt(
+        (), "--backend-option", metavar="KEY=VALUE", group=SHARE,
+        help="virtiofsd-py only, repeatable: KEY=VALUE passed to a MODULE:FACTORY "
+        "--backend's factory as the keyword argument KEY (a string)",
     )  # fmt: skip
     cache: CacheMode = opt(
         "auto", "--cache", group=SHARE,
@@ -457,6 +465,29 @@ def _check_values(opts: Options) -> None:
         raise OptionError(str(e)) from None
 
 
+def _explicit(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(f"{flag}=") for a in argv)
+
+
+def _custom_backend(opts: Options, argv: list[str]) -> None:
+    """Check ``--backend MODULE:FACTORY`` and its options.  Such a back-end is
+    code the confinement knows nothing of (paths of its own, any syscall):
+    --sandbox and --seccomp default to none for it, and are applied if given."""
+    if not custom_backend.is_custom(opts.backend):
+        if opts.backend_option:
+            raise OptionError("--backend-option needs a --backend MODULE:FACTORY")
+        return
+    try:
+        custom_backend.split_spec(opts.backend)
+        custom_backend.parse_options(opts.backend_option)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    if not _explicit(argv, "--sandbox"):
+        opts.sandbox = "none"
+    if not _explicit(argv, "--seccomp"):
+        opts.seccomp = "none"
+
+
 def parse_args(argv: list[str] | None = None, *, mount: bool = False) -> Options:
     """Options of the daemon, or of ``virtiofsd-py mount`` (``mount``: no socket, paths)."""
     ns = build_parser(mount=mount).parse_args(argv)
@@ -478,6 +509,7 @@ def parse_args(argv: list[str] | None = None, *, mount: bool = False) -> Options
     _check_values(opts)
     if opts.print_capabilities:
         return opts
+    _custom_backend(opts, argv if argv is not None else sys.argv[1:])
     if opts.backend == "memory":
         opts.flock_locks = opts.posix_locks = False  # fs/memory.py takes no locks
     if mount:

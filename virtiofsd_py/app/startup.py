@@ -18,7 +18,9 @@ In order, for the daemon (:func:`start_daemon`):
 6. confinement (``confine.process.confine``): sandbox, capabilities, seccomp;
    in the supervising parent of a namespace sandbox the sequence ends here,
    with the child's exit status;
-7. the back-end, on the paths the sandbox left (``backends.build``).
+7. the back-end, on the paths the sandbox left (``backends.build``); a
+   ``--backend MODULE:FACTORY`` one is imported and made before step 6
+   (``backends.load_custom``), while the host's tree is visible.
 
 ``virtiofsd-py mount`` runs steps 0, 1, 2 and 7 (:func:`start_mount`; its
 mount and seccomp filter follow in mount.py).  Every failure is a
@@ -240,6 +242,11 @@ def start_daemon(opts: Options) -> Started | int:
     listener = open_listener(opts)
     state_dir = open_rejected_state_dir(opts)
     try:
+        made = backends.load_custom(opts)  # imports and opens while the host is visible
+    except BaseException:
+        listener.close()
+        raise
+    try:
         view = confine(opts, listener)
     except ConfinementError as e:
         listener.close()
@@ -248,7 +255,7 @@ def start_daemon(opts: Options) -> Started | int:
         return view
     reserve_fd_table(FD_TABLE_AT_START)  # before any thread: then it costs nothing
     try:
-        backend = backends.build(opts, view)
+        backend = backends.build(opts, view, made)
     except BaseException:
         listener.close()
         raise

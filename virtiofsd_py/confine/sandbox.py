@@ -170,7 +170,13 @@ def preload() -> None:
     for info in pkgutil.walk_packages([tree], f"{top}."):
         if info.name.startswith((f"{top}.testing", f"{top}.__main__")):
             continue
-        importlib.import_module(info.name)
+        try:
+            importlib.import_module(info.name)
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.partition(".")[0] == top:
+                raise
+            # A module of an optional extra (fs/pyfuse3_adapter without pyfuse3):
+            # not preloaded, and not imported later either.
     tempfile.gettempdir()  # probes the host's temp directories once, and caches the answer
 
 

@@ -12,7 +12,9 @@ Rules every backend follows:
 
 * Methods are synchronous and may block on host I/O; the daemon decides
   whether a call runs on the event loop or in a worker thread, so every
-  method must be safe to call from several threads at once.
+  method must be safe to call from several threads at once.  Or they are
+  coroutines (``async def``; ``readdir`` an async generator): such a backend
+  runs on the event loop only, many requests in flight (fs/awaiting.py).
 * Failures are raised as ``OSError`` with ``errno`` set; the dispatcher turns
   them into ``-errno`` replies.  Anything else raised is a bug in the backend,
   logged and answered with EIO.

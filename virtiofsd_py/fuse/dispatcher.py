@@ -135,6 +135,9 @@ class FuseConfig:
     #: Base INIT flags offered; the knobs below add their own.
     flags: int = DEFAULT_INIT_FLAGS
     readdirplus: bool = True
+    #: READDIRPLUS_AUTO with ``readdirplus``: the guest picks READDIR or
+    #: READDIRPLUS per listing; without it, always READDIRPLUS (what pyfuse3 asks).
+    readdirplus_auto: bool = True
     #: WRITEBACK_CACHE: the guest caches writes and sends them later.
     writeback: bool = False
     #: POSIX_LOCKS: fcntl() record locks go to the backend (host OFD locks,
@@ -161,7 +164,8 @@ class FuseConfig:
         """The 64-bit INIT flag word offered to the guest."""
         flags = self.flags
         for on, bits in (
-            (self.readdirplus, abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO),
+            (self.readdirplus, abi.FUSE_DO_READDIRPLUS),
+            (self.readdirplus and self.readdirplus_auto, abi.FUSE_READDIRPLUS_AUTO),
             (self.writeback, abi.FUSE_WRITEBACK_CACHE),
             (self.posix_locks, abi.FUSE_POSIX_LOCKS),
             (self.flock_locks, abi.FUSE_FLOCK_LOCKS),

@@ -16,6 +16,11 @@ Two ways to serve a request queue (ring index >= 1):
   from the loop thread only, in batches, with at most one call-eventfd
   write per batch (EVENT_IDX suppression decides).
 
+With an async backend (``submit``, loop path only) every chain is handed to
+``submit``, which answers at once (a used length) or later: None now, then
+the ``done`` callback with the used length on the loop thread.  Such a
+request counts as in flight until then, exactly as one in a pool thread.
+
 The hiprio queue (0) only carries FORGET/BATCH_FORGET/INTERRUPT and always
 runs inline on the loop; it is never queued behind request queues (a
 request-queue batch on the loop yields every ``BATCH`` chains).
@@ -27,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from virtiofsd_py.virtio.dirty_log import DirtyLog
@@ -39,6 +44,11 @@ __all__ = ["BATCH", "HIPRIO", "ChainHandler", "MayBlock", "QueueRunner", "Ring"]
 
 log = logging.getLogger("virtiofsd_py.queue")
 
+#: Serves one chain that may complete later: the used length now, or None and
+#: then ``done(used_len)`` on the loop thread (fuse/asyncbridge.py).
+AsyncSubmit = Callable[
+    [Sequence[memoryview], Sequence[memoryview], Callable[[int], None]], "int | None"
+]
 #: Chains processed per loop turn before yielding to other rings and messages.
 BATCH = 64
 #: Threads for requests that may block (lock waits): beyond this they queue.
@@ -58,9 +68,13 @@ class QueueRunner:
         queue_threads: bool = False,
         fast: FastOps | None = None,
         worker: type[QueueWorker] | None = None,
+        submit: AsyncSubmit | None = None,
     ) -> None:
         self._loop = loop
         self._handler = handler
+        if submit is not None and queue_threads:
+            raise ValueError("an async backend is served on the event loop, not queue threads")
+        self._submit_async = submit
         self._may_block = may_block
         self._interrupt = interrupt
         #: Request queues on their own threads (``QueueWorker``), else on the loop.
@@ -168,7 +182,9 @@ class QueueRunner:
                     continue
                 break
             done += 1
-            if self._may_block is not None and self._may_block(chain.readable):
+            if self._submit_async is not None:
+                self._start(ring, chain, self._submit_async)
+            elif self._may_block is not None and self._may_block(chain.readable):
                 self._submit(ring, chain, self._slow_pool)
             elif inline:
                 q.add_used(chain.head, self._run(chain))
@@ -189,6 +205,30 @@ class QueueRunner:
             dlog.mark_written(chain.writable_gpas, n)
         return n
 
+    def _start(self, ring: Ring, chain: Chain, submit: AsyncSubmit) -> None:
+        """Hand ``chain`` to an async backend: used now, or in flight until ``done``."""
+        try:
+            n = submit(chain.readable, chain.writable, lambda n: self._finish(ring, chain, n))
+        except Exception:
+            log.exception("request handler failed on chain %d", chain.head)
+            n = 0
+        if n is None:
+            ring.inflight += 1
+            ring.idle.clear()
+            return
+        q = ring.queue
+        assert q is not None
+        q.add_used(chain.head, self._mark(chain, n))
+
+    def _finish(self, ring: Ring, chain: Chain, n: int) -> None:
+        self._complete_used(ring, chain, self._mark(chain, n))
+
+    def _mark(self, chain: Chain, n: int) -> int:
+        dlog = self.dirty_log
+        if dlog is not None and n:
+            dlog.mark_written(chain.writable_gpas, n)
+        return n
+
     def _submit(self, ring: Ring, chain: Chain, pool: ThreadPoolExecutor) -> None:
         ring.inflight += 1
         ring.idle.clear()
@@ -198,13 +238,16 @@ class QueueRunner:
         )
 
     def _complete(self, ring: Ring, chain: Chain, fut: Future[int]) -> None:
+        self._complete_used(ring, chain, fut.result())
+
+    def _complete_used(self, ring: Ring, chain: Chain, used: int) -> None:
         ring.inflight -= 1
         q = ring.queue
         if q is not None:
             if ring.publish_from is None:
                 ring.publish_from = q.used_idx
                 self._loop.call_soon(self._publish, ring)
-            q.add_used(chain.head, fut.result())
+            q.add_used(chain.head, used)
         if ring.inflight == 0:
             ring.idle.set()
 
