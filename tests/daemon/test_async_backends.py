@@ -188,3 +188,22 @@ def test_ten_thousand_bad_requests_no_fd_or_memory_growth(
     assert grown < 8 * 1024, f"RSS grew by {grown} KiB over 10,000 bad requests"
     assert c.getattr(FIRST_FILE).ino == FIRST_FILE
     finish_daemon(daemon, expect_clean=False)
+
+
+def test_served_confined_when_asked(tmp_path: Path) -> None:
+    """--sandbox namespace --seccomp kill given: the factory ran before confinement,
+    and the bridge needs no call outside the allow-list."""
+    d = DaemonProcess(
+        tmp_path, tmp_path, template=template("--sandbox", "namespace", "--seccomp", "kill")
+    )
+    d.start()
+    fe, c = session(d)
+    try:
+        pend = submit_getattrs(c, [FIRST_FILE + i for i in range(IN_FLIGHT)])
+        c.wait(pend, timeout=30)
+        for p, i in zip(pend, range(IN_FLIGHT), strict=True):
+            assert abi.ATTR_OUT.unpack_from(c.reply(p).payload)[3] == FIRST_FILE + i
+    finally:
+        fe.close()
+    assert "sandbox namespace" in d.log()
+    finish_daemon(d)

@@ -69,6 +69,8 @@ class MiniOps(pyfuse3.Operations):
             return EntryAttributes()  # st_ino 0: a negative entry
         if name == b"wrongtype":
             return "no"  # type: ignore[return-value]
+        if name == b"bug":
+            raise KeyError("a bug in the file system")
         if name not in self.names:
             raise FUSEError(errno.ENOENT)
         return self._counted(self.names[name])
@@ -112,6 +114,10 @@ class MiniOps(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        if fh == 2:
+            pyfuse3.readdir_reply(token, b"one", self._attr(2), 1)
+            self.lookups[2] = self.lookups.get(2, 0) + 1
+            raise FUSEError(errno.EIO)  # after one entry: the entry is still a reply
         entries = sorted(self.names.items(), key=lambda kv: kv[1])
         for name, ino in entries:
             if ino <= start_id:
@@ -319,3 +325,18 @@ def test_shims_never_raise() -> None:
     pyfuse3.terminate()
     with pytest.raises(TypeError):
         pyfuse3.readdir_reply(object(), b"x", EntryAttributes(), 1)
+
+
+async def test_a_bug_in_the_file_system_is_eio_and_logged(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert -(await rig.op(abi.FUSE_LOOKUP, b"bug\0")).error == errno.EIO
+    assert "a bug in the file system" in caplog.text
+    assert (await rig.op(abi.FUSE_LOOKUP, b"hello\0")).error == 0  # serving on
+
+
+async def test_readdir_failing_after_an_entry_keeps_the_entry(rig: Rig) -> None:
+    r = await rig.op(abi.FUSE_READDIRPLUS, read_in(2, 0, 4096), nodeid=2, wsizes=(16, 4096))
+    assert r.error == 0
+    assert [e.name for e in parse_dirents(r.body, plus=True)] == [b"one"]
+    assert rig.ops.lookups == {2: 1}
