@@ -186,6 +186,8 @@ cdef extern from "vfsd_fastops.h" nogil:
     const char *VFSD_FAST_OPS_CAPSULE
 
 cdef enum:
+    SMALL_CHAIN = 16  # buffers of a chain handle() takes without allocating
+cdef enum:
     IOV_MAX = 1024  # the kernel's UIO_MAXIOV: longer chains go to the Python path
 cdef uint64_t S64_MAX = 0x7FFFFFFFFFFFFFFF
 cdef int EIO = 5
@@ -864,27 +866,39 @@ cdef class FastOps:
         return self._call(readable, writable, count)
 
     cdef object _call(self, readable, writable, Py_ssize_t count):
-        cdef Py_ssize_t nrd = len(readable), nwr = len(writable), i, k, j
-        if nrd > IOV_MAX or nwr > IOV_MAX:
-            return DECLINED
-        cdef Py_buffer *views = <Py_buffer *>calloc(nrd + nwr + 1, sizeof(Py_buffer))
-        cdef iovec *vecs = <iovec *>calloc(nrd + nwr + 1, sizeof(iovec))
+        cdef Py_ssize_t nrd = len(readable), nwr = len(writable), n, i, j
+        cdef Py_buffer small_views[SMALL_CHAIN]
+        cdef iovec small_vecs[SMALL_CHAIN]
+        cdef Py_buffer *views = small_views
+        cdef iovec *vecs = small_vecs
         cdef vfsd_chain chain
-        cdef int64_t got
+        cdef int64_t got = VFSD_FAST_DECLINE
         cdef Py_ssize_t held = 0
-        if views == NULL or vecs == NULL:
-            free(views)
-            free(vecs)
-            raise MemoryError()
+        cdef uint32_t opcode
+        if nrd == 0 or nrd > IOV_MAX or nwr > IOV_MAX:
+            return DECLINED
+        n = nrd + nwr
+        if n > SMALL_CHAIN:
+            views = <Py_buffer *>calloc(n, sizeof(Py_buffer))
+            vecs = <iovec *>calloc(n, sizeof(iovec))
+            if views == NULL or vecs == NULL:
+                free(views)
+                free(vecs)
+                raise MemoryError()
         try:
             chain.rd_len = 0
             chain.wr_len = 0
-            for i in range(nrd + nwr):
+            for i in range(n):
                 obj = readable[i] if i < nrd else writable[i - nrd]
                 PyObject_GetBuffer(obj, &views[i], PyBUF_SIMPLE if i < nrd else PyBUF_WRITABLE)
                 held += 1
                 vecs[i].iov_base = views[i].buf
                 vecs[i].iov_len = <size_t>views[i].len
+                if i == 0 and vecs[0].iov_len >= 8:
+                    # An opcode not answered here: declined before touching the rest.
+                    memcpy(&opcode, <char *>vecs[0].iov_base + 4, 4)
+                    if opcode >= 64 or not (self.opcodes >> opcode) & 1:
+                        return DECLINED
                 if i < nrd:
                     chain.rd_len += vecs[i].iov_len
                 else:
@@ -893,16 +907,16 @@ cdef class FastOps:
             chain.nrd = <uint32_t>nrd
             chain.wr = vecs + nrd
             chain.nwr = <uint32_t>nwr
-            got = VFSD_FAST_DECLINE
             with nogil:
                 for j in range(count):
                     got = fast_handle(self.s, &chain)
             return got
         finally:
-            for k in range(held):
-                PyBuffer_Release(&views[k])
-            free(views)
-            free(vecs)
+            for i in range(held):
+                PyBuffer_Release(&views[i])
+            if views != small_views:
+                free(views)
+                free(vecs)
 
     def _widen_race_window(self, long ns):
         """Pause ``ns`` between finding a handle's fd and using it (stress tests:
