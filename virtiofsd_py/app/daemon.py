@@ -20,7 +20,6 @@ from virtiofsd_py.app.startup import Started, start_daemon
 from virtiofsd_py.confine.sandbox import FORWARDED_SIGNALS, exit_like
 from virtiofsd_py.fastops import first
 from virtiofsd_py.fuse.dispatcher import Dispatcher
-from virtiofsd_py.host import native
 from virtiofsd_py.migration.envelope import StateProvider
 from virtiofsd_py.vhost.backend import BackendConfig, VhostUserBackend
 from virtiofsd_py.vhost.connection import VhostUserConnection
@@ -57,9 +56,7 @@ async def serve(opts: Options, started: Started) -> int:
         await hooks.start()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # see startup.py
         where = opts.socket_path or f"fd {opts.fd}"
-        log.info("waiting for a vhost-user front-end on %s (%s)", where, native.describe())
-        for name, why in sorted(native.missing().items()):
-            log.warning("%s not loaded (%s): its pure-Python twin serves", name, why)
+        log.info("waiting for a vhost-user front-end on %s", where)
         hooks.listening(where)
         accept = asyncio.ensure_future(loop.sock_accept(listener.sock))
         stopped = asyncio.ensure_future(stop.wait())

@@ -32,7 +32,6 @@ from virtiofsd_py.fs.passthrough.file_handles import InodeFileHandles
 from virtiofsd_py.fs.passthrough.idmap import IdMap, IdMapError
 from virtiofsd_py.fs.passthrough.migration.config import MigrationMode, OnError
 from virtiofsd_py.fs.passthrough.xattrmap import XattrMap, XattrMapError
-from virtiofsd_py.host import native
 from virtiofsd_py.host.capabilities import CapabilityError
 
 Backend = Literal["passthrough", "memory"]
@@ -385,7 +384,7 @@ def build_parser(*, mount: bool = False) -> argparse.ArgumentParser:
     for x in EXTRA:
         kw: dict[str, Any] = {"action": x.action, "help": x.help}
         if x.action == "version":
-            kw["version"] = f"virtiofsd-py {__version__} ({native.describe()})"
+            kw["version"] = f"virtiofsd-py {__version__}"
         if x.dest is not None:
             kw["dest"] = x.dest
         if x.metavar is not None:
