@@ -29,9 +29,12 @@ from virtiofsd_py.fastops import DECLINED, PureFastOps
 from virtiofsd_py.fs.api import Context
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fs.passthrough.idmap import IdMap
+from virtiofsd_py.fs.passthrough.migration.config import MigrationConfig
+from virtiofsd_py.fs.passthrough.migration.migratable import PassthroughMigration
 from virtiofsd_py.fs.readonly import ReadOnlyFS
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
+from virtiofsd_py.migration.envelope import StateProvider
 
 try:
     from virtiofsd_py.fastops._cpassthrough import FastOps as CompiledFastOps
@@ -456,3 +459,41 @@ def test_reads_never_see_a_reused_fd(twin: Any, tmp_path: Path) -> None:
     r.fs.close()
     assert not bad, bad[:3]
     assert counts["answered"] > 0
+
+
+# -- live migration ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("on_error", ["abort", "guest-error"])
+def test_migrated_tables_are_served_on_the_destination(
+    twin: Any, on_error: str, tmp_path: Path
+) -> None:
+    """The destination's fast operations answer for the nodes and handles the
+    migration state brought (restored tables reach the mirror, the restored
+    session arms them); ``guest-error`` finds most nodes after the load."""
+    share = tmp_path / "share"
+    share.mkdir()
+    src = make_rig(share, twin)
+    dst_fs = PassthroughFS(PassthroughConfig(shared_dir=share))
+    dst_fast = twin(dst_fs)
+    dst = Dispatcher(dst_fs, FuseConfig(), on_session=dst_fast.session_changed)
+    try:
+        nodeid, fh = src.fhs[0]
+        cfg = MigrationConfig(on_error=on_error)  # type: ignore[arg-type]
+        data = StateProvider(src.d, PassthroughMigration(src.fs, cfg), str(share)).save()
+        StateProvider(dst, PassthroughMigration(dst_fs, cfg), str(share)).load(data)
+        assert dst.session is not None
+        dst_fs.settle_migration()  # every node found (guest-error: after the load)
+        rig = Rig(share, dst_fs, dst, dst_fast)
+        read = abi.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0)
+        for raw in (getattr_req(nodeid), request(abi.FUSE_READ, read, nodeid)[0]):
+            assert answered(rig, raw)
+        body = bytearray(16 + 100)
+        assert dst_fast.handle(split_at(request(abi.FUSE_READ, read, nodeid)[0], [40]), [body]) > 0
+        assert bytes(body[16:]) == FILES[b"a"][:100]
+    finally:
+        dst_fast.close()
+        dst_fs.close()
+        src.fast.close()
+        src.fs.close()
