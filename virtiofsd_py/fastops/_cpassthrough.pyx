@@ -535,7 +535,8 @@ cdef int64_t op_getattr(state *s, const vfsd_chain *c, uint64_t unique, uint64_t
     if (args_len < sizeof(fuse_getattr_in) or s.translates_ids
             or c.wr_len < sizeof(fuse_out_header) + sizeof(fuse_attr_out)):
         return VFSD_FAST_DECLINE
-    gather(c, sizeof(fuse_in_header), &arg, sizeof(arg))
+    if not gather(c, sizeof(fuse_in_header), &arg, sizeof(arg)):
+        return VFSD_FAST_DECLINE  # a chain shorter than its rd_len says
     if arg.getattr_flags & FUSE_GETATTR_FH:
         e = use_handle(s, arg.fh, nodeid)
     else:
@@ -596,7 +597,8 @@ cdef int64_t op_read(state *s, const vfsd_chain *c, uint64_t unique, uint64_t no
     cdef int err = 0
     if args_len < sizeof(fuse_read_in) or c.wr_len < sizeof(fuse_out_header):
         return VFSD_FAST_DECLINE
-    gather(c, sizeof(fuse_in_header), &arg, sizeof(arg))
+    if not gather(c, sizeof(fuse_in_header), &arg, sizeof(arg)):
+        return VFSD_FAST_DECLINE  # a chain shorter than its rd_len says
     if arg.offset > S64_MAX:
         return VFSD_FAST_DECLINE
     size = arg.size
@@ -637,7 +639,8 @@ cdef int64_t op_write(state *s, const vfsd_chain *c, uint64_t unique, uint64_t n
     if (args_len < sizeof(fuse_write_in) or s.readonly or s.remaps_capability
             or c.wr_len < sizeof(reply)):
         return VFSD_FAST_DECLINE
-    gather(c, sizeof(fuse_in_header), &arg, sizeof(arg))
+    if not gather(c, sizeof(fuse_in_header), &arg, sizeof(arg)):
+        return VFSD_FAST_DECLINE  # a chain shorter than its rd_len says
     if (arg.size > args_len - sizeof(fuse_write_in) or arg.size > s.max_write
             or arg.offset > S64_MAX):
         return VFSD_FAST_DECLINE
@@ -676,7 +679,8 @@ cdef int64_t op_flush(state *s, const vfsd_chain *c, uint64_t unique, uint64_t n
     cdef int err = 0
     if args_len < sizeof(fuse_flush_in) or c.wr_len < sizeof(fuse_out_header):
         return VFSD_FAST_DECLINE
-    gather(c, sizeof(fuse_in_header), &arg, sizeof(arg))
+    if not gather(c, sizeof(fuse_in_header), &arg, sizeof(arg)):
+        return VFSD_FAST_DECLINE  # a chain shorter than its rd_len says
     pthread_mutex_lock(&s.mu)
     cdef uint64_t owners = s.lock_owners
     pthread_mutex_unlock(&s.mu)
@@ -743,7 +747,8 @@ cdef int64_t fast_handle(void *ctx, const vfsd_chain *c) noexcept nogil:
     cdef uint64_t args_len
     if c.rd_len < sizeof(fuse_in_header):
         return VFSD_FAST_DECLINE
-    gather(c, 0, &h, sizeof(h))
+    if not gather(c, 0, &h, sizeof(h)):
+        return VFSD_FAST_DECLINE  # a chain shorter than its rd_len says
     if h.len > c.rd_len or h.len < sizeof(fuse_in_header) or h.total_extlen:
         return VFSD_FAST_DECLINE
     args_len = h.len - sizeof(fuse_in_header)
