@@ -11,6 +11,7 @@ compiled twin's mirrored tables.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -497,3 +498,71 @@ def test_migrated_tables_are_served_on_the_destination(
         dst_fs.close()
         src.fast.close()
         src.fs.close()
+
+
+# -- the C interface (include/vfsd_fastops.h) ----------------------------------------------
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
+
+
+class _Chain(ctypes.Structure):  # struct vfsd_chain
+    _fields_ = (
+        ("rd", ctypes.POINTER(_Iovec)),
+        ("nrd", ctypes.c_uint32),
+        ("rd_len", ctypes.c_uint64),
+        ("wr", ctypes.POINTER(_Iovec)),
+        ("nwr", ctypes.c_uint32),
+        ("wr_len", ctypes.c_uint64),
+    )
+
+
+_FastFn = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(_Chain))
+
+
+class _Ops(ctypes.Structure):  # struct vfsd_fast_ops
+    _fields_ = (
+        ("abi", ctypes.c_uint32),
+        ("ctx", ctypes.c_void_p),
+        ("handle", _FastFn),
+        ("opcodes", ctypes.c_uint64),
+    )
+
+
+@pytest.mark.skipif(CompiledFastOps is None, reason="compiled core not built")
+def test_the_capsule_answers_as_handle_does(tmp_path: Path) -> None:
+    """What a compiled worker gets: the capsule's struct vfsd_fast_ops, whose
+    handle() answers a chain of raw iovecs as ``handle`` does."""
+    share = tmp_path / "share"
+    share.mkdir()
+    r = make_rig(share, CompiledFastOps)
+    try:
+        cap = r.fast.capsule()
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype = ctypes.c_void_p
+        get.argtypes = (ctypes.py_object, ctypes.c_char_p)
+        ops = _Ops.from_address(get(cap, b"virtiofsd_py.vfsd_fast_ops"))
+        assert ops.abi == 1
+        assert ops.opcodes == r.fast.opcodes
+        nodeid, fh = r.fhs[0]
+        raw = request(abi.FUSE_READ, abi.READ_IN.pack(fh, 0, 64, 0, 0, 0, 0), nodeid)[0]
+        rd = ctypes.create_string_buffer(raw, len(raw))
+        out_hdr, data = ctypes.create_string_buffer(16), ctypes.create_string_buffer(64)
+        rd_iov = (_Iovec * 1)(_Iovec(ctypes.addressof(rd), len(raw)))
+        wr_iov = (_Iovec * 2)(
+            _Iovec(ctypes.addressof(out_hdr), 16), _Iovec(ctypes.addressof(data), 64)
+        )
+        chain = _Chain(rd_iov, 1, len(raw), wr_iov, 2, 80)
+        assert ops.handle(ops.ctx, ctypes.byref(chain)) == 80
+        assert data.raw == FILES[b"a"][:64]
+        assert abi.OUT_HEADER.unpack(out_hdr.raw)[:2] == (80, 0)
+        lookup = request(abi.FUSE_LOOKUP, b"a\0")[0]
+        rd2 = ctypes.create_string_buffer(lookup, len(lookup))
+        chain.rd = (_Iovec * 1)(_Iovec(ctypes.addressof(rd2), len(lookup)))
+        chain.rd_len = len(lookup)
+        assert ops.handle(ops.ctx, ctypes.byref(chain)) == DECLINED
+        del cap
+    finally:
+        r.fast.close()
+        r.fs.close()
