@@ -113,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m bench.fastops", description=__doc__)
     ap.add_argument("--count", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument(
+        "--path",
+        choices=("dispatcher", "pure", "compiled", "compiled-C"),
+        help="time only this column (for callgrind: run with N and 2N, divide the"
+        " difference of the instruction counts by N)",
+    )
     ap.add_argument("workloads", nargs="*", default=list(WORKLOADS))
     args = ap.parse_args(argv)
     compiled = fastops.FastOps is not fastops.PureFastOps
@@ -143,11 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         d.handle([memoryview(in_header(abi.FUSE_OPEN, 3, nodeid, len(open_in)) + open_in)], w)
         fh = abi.OPEN_OUT.unpack_from(w[0], 16)[0]
         cols = ["dispatcher", "pure", *(["compiled", "compiled-C"] if comp else [])]
+        wanted = [c == args.path or args.path is None for c in cols]
+        cols = [c for c, w in zip(cols, wanted, strict=True) if w]
         print(f"{'workload':10}" + "".join(f"{c:>12}" for c in cols) + "   (us/request)")
         for name in args.workloads:
             rd, wr = chains(nodeid, fh)[name]
             assert pure.handle(rd, wr) > 0, f"{name}: declined"
-            paths = handlers(d, pure, comp, rd, wr)
+            paths = [p for p, w in zip(handlers(d, pure, comp, rd, wr), wanted, strict=True) if w]
             row = [per_request(call, args.count, args.repeat, batch) for call, batch in paths]
             print(f"{name:10}" + "".join(f"{v:12.2f}" for v in row))
         if comp is not None:

@@ -1,6 +1,6 @@
 """Run a fuzz target over a corpus and fresh random inputs, without atheris.
 
-``python3 fuzz/replay.py TARGET [CORPUS_DIR ...] [--random N] [--seed S]``
+``python3 fuzz/replay.py TARGET [CORPUS_DIR ...] [--random N] [--seconds T] [--seed S]``
 
 For runs where coverage guidance is not available, such as the compiled
 core built with ``VIRTIOFSD_PY_SANITIZE=1`` and the sanitizer runtime
@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--random", type=int, default=0, help="random inputs after the corpus")
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seconds", type=float, help="stop the random inputs after this long")
     args = ap.parse_args()
     logging.disable(logging.CRITICAL)
     target = targets.TARGETS[args.target]
@@ -41,7 +42,10 @@ def main() -> int:
                 target(f.read_bytes())
                 ran += 1
         rnd = random.Random(args.seed)
+        stop = t0 + args.seconds if args.seconds else float("inf")
         for _ in range(args.random):
+            if time.monotonic() > stop:
+                break
             target(rnd.randbytes(rnd.randrange(args.max_len)))
             ran += 1
     finally:

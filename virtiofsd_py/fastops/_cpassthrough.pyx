@@ -186,6 +186,8 @@ cdef extern from "vfsd_fastops.h" nogil:
     const char *VFSD_FAST_OPS_CAPSULE
 
 cdef enum:
+    SMALL_CHAIN = 16  # buffers of a chain handle() takes without allocating
+cdef enum:
     IOV_MAX = 1024  # the kernel's UIO_MAXIOV: longer chains go to the Python path
 cdef uint64_t S64_MAX = 0x7FFFFFFFFFFFFFFF
 cdef int EIO = 5
@@ -533,7 +535,8 @@ cdef int64_t op_getattr(state *s, const vfsd_chain *c, uint64_t unique, uint64_t
     if (args_len < sizeof(fuse_getattr_in) or s.translates_ids
             or c.wr_len < sizeof(fuse_out_header) + sizeof(fuse_attr_out)):
         return VFSD_FAST_DECLINE
-    gather(c, sizeof(fuse_in_header), &arg, sizeof(arg))
+    if not gather(c, sizeof(fuse_in_header), &arg, sizeof(arg)):
+        return VFSD_FAST_DECLINE  # a chain shorter than its rd_len says
     if arg.getattr_flags & FUSE_GETATTR_FH:
         e = use_handle(s, arg.fh, nodeid)
     else:
@@ -594,7 +597,8 @@ cdef int64_t op_read(state *s, const vfsd_chain *c, uint64_t unique, uint64_t no
     cdef int err = 0
     if args_len < sizeof(fuse_read_in) or c.wr_len < sizeof(fuse_out_header):
         return VFSD_FAST_DECLINE
-    gather(c, sizeof(fuse_in_header), &arg, sizeof(arg))
+    if not gather(c, sizeof(fuse_in_header), &arg, sizeof(arg)):
+        return VFSD_FAST_DECLINE  # a chain shorter than its rd_len says
     if arg.offset > S64_MAX:
         return VFSD_FAST_DECLINE
     size = arg.size
@@ -635,7 +639,8 @@ cdef int64_t op_write(state *s, const vfsd_chain *c, uint64_t unique, uint64_t n
     if (args_len < sizeof(fuse_write_in) or s.readonly or s.remaps_capability
             or c.wr_len < sizeof(reply)):
         return VFSD_FAST_DECLINE
-    gather(c, sizeof(fuse_in_header), &arg, sizeof(arg))
+    if not gather(c, sizeof(fuse_in_header), &arg, sizeof(arg)):
+        return VFSD_FAST_DECLINE  # a chain shorter than its rd_len says
     if (arg.size > args_len - sizeof(fuse_write_in) or arg.size > s.max_write
             or arg.offset > S64_MAX):
         return VFSD_FAST_DECLINE
@@ -674,7 +679,8 @@ cdef int64_t op_flush(state *s, const vfsd_chain *c, uint64_t unique, uint64_t n
     cdef int err = 0
     if args_len < sizeof(fuse_flush_in) or c.wr_len < sizeof(fuse_out_header):
         return VFSD_FAST_DECLINE
-    gather(c, sizeof(fuse_in_header), &arg, sizeof(arg))
+    if not gather(c, sizeof(fuse_in_header), &arg, sizeof(arg)):
+        return VFSD_FAST_DECLINE  # a chain shorter than its rd_len says
     pthread_mutex_lock(&s.mu)
     cdef uint64_t owners = s.lock_owners
     pthread_mutex_unlock(&s.mu)
@@ -741,7 +747,8 @@ cdef int64_t fast_handle(void *ctx, const vfsd_chain *c) noexcept nogil:
     cdef uint64_t args_len
     if c.rd_len < sizeof(fuse_in_header):
         return VFSD_FAST_DECLINE
-    gather(c, 0, &h, sizeof(h))
+    if not gather(c, 0, &h, sizeof(h)):
+        return VFSD_FAST_DECLINE  # a chain shorter than its rd_len says
     if h.len > c.rd_len or h.len < sizeof(fuse_in_header) or h.total_extlen:
         return VFSD_FAST_DECLINE
     args_len = h.len - sizeof(fuse_in_header)
@@ -864,27 +871,39 @@ cdef class FastOps:
         return self._call(readable, writable, count)
 
     cdef object _call(self, readable, writable, Py_ssize_t count):
-        cdef Py_ssize_t nrd = len(readable), nwr = len(writable), i, k, j
-        if nrd > IOV_MAX or nwr > IOV_MAX:
-            return DECLINED
-        cdef Py_buffer *views = <Py_buffer *>calloc(nrd + nwr + 1, sizeof(Py_buffer))
-        cdef iovec *vecs = <iovec *>calloc(nrd + nwr + 1, sizeof(iovec))
+        cdef Py_ssize_t nrd = len(readable), nwr = len(writable), n, i, j
+        cdef Py_buffer small_views[SMALL_CHAIN]
+        cdef iovec small_vecs[SMALL_CHAIN]
+        cdef Py_buffer *views = small_views
+        cdef iovec *vecs = small_vecs
         cdef vfsd_chain chain
-        cdef int64_t got
+        cdef int64_t got = VFSD_FAST_DECLINE
         cdef Py_ssize_t held = 0
-        if views == NULL or vecs == NULL:
-            free(views)
-            free(vecs)
-            raise MemoryError()
+        cdef uint32_t opcode
+        if nrd == 0 or nrd > IOV_MAX or nwr > IOV_MAX:
+            return DECLINED
+        n = nrd + nwr
+        if n > SMALL_CHAIN:
+            views = <Py_buffer *>calloc(n, sizeof(Py_buffer))
+            vecs = <iovec *>calloc(n, sizeof(iovec))
+            if views == NULL or vecs == NULL:
+                free(views)
+                free(vecs)
+                raise MemoryError()
         try:
             chain.rd_len = 0
             chain.wr_len = 0
-            for i in range(nrd + nwr):
+            for i in range(n):
                 obj = readable[i] if i < nrd else writable[i - nrd]
                 PyObject_GetBuffer(obj, &views[i], PyBUF_SIMPLE if i < nrd else PyBUF_WRITABLE)
                 held += 1
                 vecs[i].iov_base = views[i].buf
                 vecs[i].iov_len = <size_t>views[i].len
+                if i == 0 and vecs[0].iov_len >= 8:
+                    # An opcode not answered here: declined before touching the rest.
+                    memcpy(&opcode, <char *>vecs[0].iov_base + 4, 4)
+                    if opcode >= 64 or not (self.opcodes >> opcode) & 1:
+                        return DECLINED
                 if i < nrd:
                     chain.rd_len += vecs[i].iov_len
                 else:
@@ -893,16 +912,16 @@ cdef class FastOps:
             chain.nrd = <uint32_t>nrd
             chain.wr = vecs + nrd
             chain.nwr = <uint32_t>nwr
-            got = VFSD_FAST_DECLINE
             with nogil:
                 for j in range(count):
                     got = fast_handle(self.s, &chain)
             return got
         finally:
-            for k in range(held):
-                PyBuffer_Release(&views[k])
-            free(views)
-            free(vecs)
+            for i in range(held):
+                PyBuffer_Release(&views[i])
+            if views != small_views:
+                free(views)
+                free(vecs)
 
     def _widen_race_window(self, long ns):
         """Pause ``ns`` between finding a handle's fd and using it (stress tests:

@@ -11,6 +11,7 @@ compiled twin's mirrored tables.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -29,9 +30,12 @@ from virtiofsd_py.fastops import DECLINED, PureFastOps
 from virtiofsd_py.fs.api import Context
 from virtiofsd_py.fs.passthrough.filesystem import PassthroughConfig, PassthroughFS
 from virtiofsd_py.fs.passthrough.idmap import IdMap
+from virtiofsd_py.fs.passthrough.migration.config import MigrationConfig
+from virtiofsd_py.fs.passthrough.migration.migratable import PassthroughMigration
 from virtiofsd_py.fs.readonly import ReadOnlyFS
 from virtiofsd_py.fuse import abi
 from virtiofsd_py.fuse.dispatcher import Dispatcher, FuseConfig
+from virtiofsd_py.migration.envelope import StateProvider
 
 try:
     from virtiofsd_py.fastops._cpassthrough import FastOps as CompiledFastOps
@@ -456,3 +460,109 @@ def test_reads_never_see_a_reused_fd(twin: Any, tmp_path: Path) -> None:
     r.fs.close()
     assert not bad, bad[:3]
     assert counts["answered"] > 0
+
+
+# -- live migration ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("on_error", ["abort", "guest-error"])
+def test_migrated_tables_are_served_on_the_destination(
+    twin: Any, on_error: str, tmp_path: Path
+) -> None:
+    """The destination's fast operations answer for the nodes and handles the
+    migration state brought (restored tables reach the mirror, the restored
+    session arms them); ``guest-error`` finds most nodes after the load."""
+    share = tmp_path / "share"
+    share.mkdir()
+    src = make_rig(share, twin)
+    dst_fs = PassthroughFS(PassthroughConfig(shared_dir=share))
+    dst_fast = twin(dst_fs)
+    dst = Dispatcher(dst_fs, FuseConfig(), on_session=dst_fast.session_changed)
+    try:
+        nodeid, fh = src.fhs[0]
+        cfg = MigrationConfig(on_error=on_error)  # type: ignore[arg-type]
+        data = StateProvider(src.d, PassthroughMigration(src.fs, cfg), str(share)).save()
+        StateProvider(dst, PassthroughMigration(dst_fs, cfg), str(share)).load(data)
+        assert dst.session is not None
+        dst_fs.settle_migration()  # every node found (guest-error: after the load)
+        rig = Rig(share, dst_fs, dst, dst_fast)
+        read = abi.READ_IN.pack(fh, 0, 100, 0, 0, 0, 0)
+        for raw in (getattr_req(nodeid), request(abi.FUSE_READ, read, nodeid)[0]):
+            assert answered(rig, raw)
+        body = bytearray(16 + 100)
+        assert dst_fast.handle(split_at(request(abi.FUSE_READ, read, nodeid)[0], [40]), [body]) > 0
+        assert bytes(body[16:]) == FILES[b"a"][:100]
+    finally:
+        dst_fast.close()
+        dst_fs.close()
+        src.fast.close()
+        src.fs.close()
+
+
+# -- the C interface (include/vfsd_fastops.h) ----------------------------------------------
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
+
+
+class _Chain(ctypes.Structure):  # struct vfsd_chain
+    _fields_ = (
+        ("rd", ctypes.POINTER(_Iovec)),
+        ("nrd", ctypes.c_uint32),
+        ("rd_len", ctypes.c_uint64),
+        ("wr", ctypes.POINTER(_Iovec)),
+        ("nwr", ctypes.c_uint32),
+        ("wr_len", ctypes.c_uint64),
+    )
+
+
+_FastFn = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(_Chain))
+
+
+class _Ops(ctypes.Structure):  # struct vfsd_fast_ops
+    _fields_ = (
+        ("abi", ctypes.c_uint32),
+        ("ctx", ctypes.c_void_p),
+        ("handle", _FastFn),
+        ("opcodes", ctypes.c_uint64),
+    )
+
+
+@pytest.mark.skipif(CompiledFastOps is None, reason="compiled core not built")
+def test_the_capsule_answers_as_handle_does(tmp_path: Path) -> None:
+    """What a compiled worker gets: the capsule's struct vfsd_fast_ops, whose
+    handle() answers a chain of raw iovecs as ``handle`` does."""
+    share = tmp_path / "share"
+    share.mkdir()
+    r = make_rig(share, CompiledFastOps)
+    try:
+        cap = r.fast.capsule()
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype = ctypes.c_void_p
+        get.argtypes = (ctypes.py_object, ctypes.c_char_p)
+        ops = _Ops.from_address(get(cap, b"virtiofsd_py.vfsd_fast_ops"))
+        assert ops.abi == 1
+        assert ops.opcodes == r.fast.opcodes
+        nodeid, fh = r.fhs[0]
+        raw = request(abi.FUSE_READ, abi.READ_IN.pack(fh, 0, 64, 0, 0, 0, 0), nodeid)[0]
+        rd = ctypes.create_string_buffer(raw, len(raw))
+        out_hdr, data = ctypes.create_string_buffer(16), ctypes.create_string_buffer(64)
+        rd_iov = (_Iovec * 1)(_Iovec(ctypes.addressof(rd), len(raw)))
+        wr_iov = (_Iovec * 2)(
+            _Iovec(ctypes.addressof(out_hdr), 16), _Iovec(ctypes.addressof(data), 64)
+        )
+        chain = _Chain(rd_iov, 1, len(raw), wr_iov, 2, 80)
+        assert ops.handle(ops.ctx, ctypes.byref(chain)) == 80
+        assert data.raw == FILES[b"a"][:64]
+        assert abi.OUT_HEADER.unpack(out_hdr.raw)[:2] == (80, 0)
+        lookup = request(abi.FUSE_LOOKUP, b"a\0")[0]
+        rd2 = ctypes.create_string_buffer(lookup, len(lookup))
+        chain.rd = (_Iovec * 1)(_Iovec(ctypes.addressof(rd2), len(lookup)))
+        chain.rd_len = len(lookup)
+        assert ops.handle(ops.ctx, ctypes.byref(chain)) == DECLINED
+        del cap
+    finally:
+        r.fast.close()
+        r.fs.close()
