@@ -1,5 +1,9 @@
 """Which daemons a benchmark compares: ours and, when installed, the Rust virtiofsd.
 
+Ours runs with the compiled core, the pure-Python one
+(``VIRTIOFSD_PY_PUREPYTHON=1``, named ``virtiofsd-py-pure``) or both side by
+side (``python3 -m bench --core``).
+
 Both get the same cache mode (``--cache auto`` unless told otherwise), no
 sandbox and no seccomp filter, so they differ only in the implementation. Ours logs errors only:
 debug logging costs more than the request itself.
@@ -16,6 +20,9 @@ from pathlib import Path
 
 ENV_REF = "VIRTIOFSD_REF"
 OURS = "virtiofsd-py"
+#: Ours with the pure-Python core forced.
+OURS_PURE = "virtiofsd-py-pure"
+CORES = ("compiled", "pure", "both")
 REF = "virtiofsd-rs"
 
 
@@ -48,6 +55,11 @@ def ours(cache: str = "auto", extra: str = "") -> DaemonSpec:
     return DaemonSpec(OURS, cmd.strip())
 
 
+def ours_pure(cache: str = "auto", extra: str = "") -> DaemonSpec:
+    """Ours with ``VIRTIOFSD_PY_PUREPYTHON=1`` (through env(1): the template is one argv)."""
+    return DaemonSpec(OURS_PURE, f"env VIRTIOFSD_PY_PUREPYTHON=1 {ours(cache, extra).template}")
+
+
 def reference(cache: str = "auto", extra: str = "") -> DaemonSpec | None:
     cmd = reference_command()
     if cmd is None:
@@ -59,9 +71,16 @@ def reference(cache: str = "auto", extra: str = "") -> DaemonSpec | None:
     return DaemonSpec(REF, tpl.strip())
 
 
-def selected(names: list[str] | None, cache: str = "auto") -> list[DaemonSpec]:
-    """Ours and the reference (if installed), filtered by ``names``."""
-    specs = [ours(cache)]
+def selected(
+    names: list[str] | None, cache: str = "auto", core: str = "compiled"
+) -> list[DaemonSpec]:
+    """Ours (with the ``core`` asked for: compiled, pure or both) and the
+    reference (if installed), filtered by ``names``."""
+    specs = []
+    if core in ("compiled", "both"):
+        specs.append(ours(cache))
+    if core in ("pure", "both"):
+        specs.append(ours_pure(cache))
     ref = reference(cache)
     if ref is not None:
         specs.append(ref)
