@@ -17,7 +17,7 @@ from typing import Any
 
 from bench import guest as guest_mod
 from bench import micro, migstate
-from bench.daemons import OURS, OURS_PURE, REF, reference_command, selected
+from bench.daemons import CORES, OURS, OURS_PURE, REF, reference_command, selected
 from bench.report import environment, table, write_json
 
 SUITES = ("micro", "guest", "migration")
@@ -46,6 +46,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="only rows with this name or prefix (repeatable, or comma-separated)",
     )
     p.add_argument("--daemons", help=f"comma-separated subset of {OURS},{OURS_PURE},{REF}")
+    p.add_argument(
+        "--core",
+        choices=CORES,
+        default="both",
+        help="our daemon's core: compiled, pure Python (VIRTIOFSD_PY_PUREPYTHON=1), or both"
+        " side by side (default)",
+    )
     p.add_argument("--cache", default="auto", help="cache mode for both daemons (default auto)")
     p.add_argument(
         "--repeat",
@@ -88,7 +95,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     suites = args.suites or list(SUITES)
-    specs = selected(args.daemons.split(",") if args.daemons else None, args.cache)
+    specs = selected(args.daemons.split(",") if args.daemons else None, args.cache, args.core)
     if not specs:
         print("no daemon selected", file=sys.stderr)
         return 2

@@ -1,11 +1,12 @@
 """Which daemons a benchmark compares: ours and, when installed, the Rust virtiofsd.
 
-Ours runs twice when its compiled core is built: as installed (``virtiofsd-py``,
-the compiled core) and with ``VIRTIOFSD_PY_PUREPYTHON=1``
-(``virtiofsd-py-pure``), so that both cores are reported side by side.  All
-get the same cache mode (``--cache auto`` unless told otherwise), no sandbox
-and no seccomp filter, so they differ only in the implementation.  Ours logs
-errors only: debug logging costs more than the request itself.
+Ours runs with the compiled core, the pure-Python one
+(``VIRTIOFSD_PY_PUREPYTHON=1``, named ``virtiofsd-py-pure``) or both side by
+side (``python3 -m bench --core``).
+
+Both get the same cache mode (``--cache auto`` unless told otherwise), no
+sandbox and no seccomp filter, so they differ only in the implementation. Ours logs errors only:
+debug logging costs more than the request itself.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from pathlib import Path
 
 ENV_REF = "VIRTIOFSD_REF"
 OURS = "virtiofsd-py"
+#: Ours with the pure-Python core forced.
 OURS_PURE = "virtiofsd-py-pure"
-#: Our daemons, each compared with the reference in the reports.
-OURS_ALL = (OURS, OURS_PURE)
+CORES = ("compiled", "pure", "both")
 REF = "virtiofsd-rs"
 
 
@@ -45,23 +46,18 @@ def reference_command() -> str | None:
     return str(libexec) if os.access(libexec, os.X_OK) else None
 
 
-def compiled_core_built() -> bool:
-    """Whether our daemon would serve with (part of) a compiled core."""
-    from virtiofsd_py.app import cli  # noqa: F401  (imports every module with a twin)
-    from virtiofsd_py.host import native
-
-    return native.core() != "pure Python"
-
-
-def ours(cache: str = "auto", extra: str = "", *, pure: bool = False) -> DaemonSpec:
-    """Our daemon; ``pure``: forced onto the pure-Python core."""
-    prefix = "env VIRTIOFSD_PY_PUREPYTHON=1 " if pure else ""
+def ours(cache: str = "auto", extra: str = "") -> DaemonSpec:
     cmd = (
-        f"{prefix}{shlex.quote(sys.executable)} -m virtiofsd_py --socket-path {{socket}}"
+        f"{shlex.quote(sys.executable)} -m virtiofsd_py --socket-path {{socket}}"
         f" --shared-dir {{shared_dir}} --sandbox none --seccomp none --log-level error"
         f" --cache {cache} {extra}"
     )
-    return DaemonSpec(OURS_PURE if pure else OURS, cmd.strip())
+    return DaemonSpec(OURS, cmd.strip())
+
+
+def ours_pure(cache: str = "auto", extra: str = "") -> DaemonSpec:
+    """Ours with ``VIRTIOFSD_PY_PUREPYTHON=1`` (through env(1): the template is one argv)."""
+    return DaemonSpec(OURS_PURE, f"env VIRTIOFSD_PY_PUREPYTHON=1 {ours(cache, extra).template}")
 
 
 def reference(cache: str = "auto", extra: str = "") -> DaemonSpec | None:
@@ -75,12 +71,16 @@ def reference(cache: str = "auto", extra: str = "") -> DaemonSpec | None:
     return DaemonSpec(REF, tpl.strip())
 
 
-def selected(names: list[str] | None, cache: str = "auto") -> list[DaemonSpec]:
-    """Ours (both cores when the compiled one is built) and the reference (if
-    installed), filtered by ``names``."""
-    specs = [ours(cache)]
-    if compiled_core_built() or (names and OURS_PURE in names):
-        specs.append(ours(cache, pure=True))
+def selected(
+    names: list[str] | None, cache: str = "auto", core: str = "compiled"
+) -> list[DaemonSpec]:
+    """Ours (with the ``core`` asked for: compiled, pure or both) and the
+    reference (if installed), filtered by ``names``."""
+    specs = []
+    if core in ("compiled", "both"):
+        specs.append(ours(cache))
+    if core in ("pure", "both"):
+        specs.append(ours_pure(cache))
     ref = reference(cache)
     if ref is not None:
         specs.append(ref)

@@ -332,22 +332,24 @@ def run_micro(
 
 def micro_table(results: list[MicroResult]) -> tuple[list[str], list[list[object]]]:
     """Rows of the report, with ours/ref ratios of req/s and of daemon CPU per request."""
-    from bench.daemons import OURS_ALL, REF
+    from bench.daemons import OURS, OURS_PURE, REF
     from bench.report import ratio
 
     by = {(r.daemon, r.workload, r.qd): r for r in results}
     headers = [
         "workload", "qd", "daemon", "req/s", "us/req", "d_us/req", "d_usr/req", "peakMiB",
-        "py/rs req/s", "py/rs d_us",
+        "py/rs req/s", "py/rs d_us", "pure/compiled req/s",
     ]  # fmt: skip
     rows: list[list[object]] = []
     for r in results:
-        other = by.get((REF, r.workload, r.qd)) if r.daemon in OURS_ALL else None
+        other = by.get((REF, r.workload, r.qd)) if r.daemon in (OURS, OURS_PURE) else None
+        compiled = by.get((OURS, r.workload, r.qd)) if r.daemon == OURS_PURE else None
         rows.append([
             r.workload, r.qd, r.daemon, r.req_per_s, r.us_per_req, r.d_us_per_req,
             1e6 * r.user_s / r.requests if r.requests else None, r.peak_rss_kib / 1024,
             ratio(r.req_per_s, other.req_per_s) if other else None,
             ratio(r.d_us_per_req, other.d_us_per_req) if other else None,
+            ratio(r.req_per_s, compiled.req_per_s) if compiled else None,
         ])  # fmt: skip
     return headers, rows
 

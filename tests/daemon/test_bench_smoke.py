@@ -36,6 +36,15 @@ def test_micro_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
             assert float(r[3]) > 0, out  # requests per second: some completed
 
 
+def test_micro_reports_both_cores_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["micro", "--core", "both", "--daemons", "virtiofsd-py,virtiofsd-py-pure"]
+    status = bench_main.main([*argv, "--only", "getattr", "--count", "4", "--qd", "1", "--no-json"])
+    assert status == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[3:] if line.strip()]
+    assert sorted(r[2] for r in rows if r[0] == "getattr") == ["virtiofsd-py", "virtiofsd-py-pure"]
+
+
 @pytest.mark.parametrize("scatter", [[], ["--scatter"]])
 def test_hotpath_prints_a_row_per_workload(
     capsys: pytest.CaptureFixture[str], scatter: list[str]

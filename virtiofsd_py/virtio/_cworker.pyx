@@ -135,11 +135,16 @@ DEF P_NONE = 0
 DEF P_AVAIL_AHEAD = -1
 DEF P_HEAD_RANGE = -2
 
-# What one step of ``QueueWorker._serve`` came to (besides P_NONE and a broken ring).
-DEF R_FAST_DONE = -100  # answered by the fast operations, used element written
-DEF R_AGAIN = -101  # the ring was empty, then a chain arrived
-DEF R_REFUSED = 100  # + the walk's result: a refused chain
-DEF R_CHAIN = 200  # a chain for the Python path
+# Why ``QueueWorker._spin`` needs the GIL.
+DEF G_CTL = 1  # pause or stop asked
+DEF G_DONE = 2  # slow requests completed
+DEF G_PUBLISH = 3  # publish with the used ring's dirty-log hook
+DEF G_KICK_ERR = 4  # the kick eventfd failed
+DEF G_BROKEN = 5  # the ring is broken (``_rc``)
+DEF G_REFUSED = 6  # a chain was refused (``_rc``)
+DEF G_CHAIN = 7  # a chain for the Python path
+DEF G_FAST_LOGGED = 8  # answered by the fast operations while logging (``_n``)
+DEF G_LOOKED = 9  # the ring was looked at after start/resume: tell the waiter
 
 DEF RUN = 0
 DEF PAUSE = 1
@@ -516,7 +521,6 @@ cdef class QueueWorker:
     cdef int _ctl
     cdef bint _parked
     cdef bint _stopping
-    cdef bint _looking
     cdef bint _exited
     cdef int _wake_fd
     cdef object _done
@@ -530,8 +534,22 @@ cdef class QueueWorker:
     cdef int _ready
     cdef object _dlog
     cdef object _on_used_write
-    cdef bint _started_seen
     cdef bint _look
+    # the serving loop's state (worker thread only)
+    cdef int _more  # chains may be waiting: serve before polling
+    cdef int _look_asked  # ``wake`` was called
+    cdef int _ack_wanted  # start/resume waits until the worker is about to poll
+    cdef int _served  # chains in this batch
+    cdef bint _dirty  # used elements (or a popped chain) not yet published
+    cdef bint _ae_written  # avail_event written since the last publish
+    cdef uint16_t _old  # used index at the last publish
+    cdef int _rc  # why the walk refused a chain / the ring broke
+    cdef int64_t _n  # a fast answer's length, while logging
+    cdef int _err  # errno of a failed kick read
+    cdef short _revents
+    cdef bint _log  # dirty logging is on
+    cdef bint _log_used  # the used ring's writes are logged
+    cdef int _shown_slow  # ring.inflight as last set
     cdef uint64_t _counts[OP_SLOTS][ERRNO_SLOTS]
 
     def __init__(self, ring, handler, *, slow, dirty_log, may_block=None, fast=None):
@@ -553,7 +571,6 @@ cdef class QueueWorker:
         self._ctl = RUN
         self._parked = False
         self._stopping = False
-        self._looking = False
         self._exited = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done = collections.deque()
@@ -567,7 +584,16 @@ cdef class QueueWorker:
         self._ready = 0
         self._dlog = None
         self._on_used_write = None
-        self._started_seen = False
+        self._more = 0
+        self._look_asked = 0
+        self._ack_wanted = 0
+        self._served = 0
+        self._dirty = False
+        self._ae_written = False
+        self._old = 0
+        self._shown_slow = 0
+        self._log = False
+        self._log_used = False
         self._look = False
         memset(self._counts, 0, sizeof(self._counts))
 
@@ -576,23 +602,16 @@ cdef class QueueWorker:
         if self._thread is not None:
             return
         self._load()
-        self._looking = True
+        self._ack_wanted = 1
         self._thread = threading.Thread(
             target=self._main, name=f"vfsd-queue-{self._ring.index}", daemon=True
         )
         self._thread.start()
-        self._wait_look()
-
-    def _wait_look(self):
-        """Until the look due at start/resume is done (see worker.py)."""
         with self._cv:
-            self._cv.wait_for(lambda: not self._looking or self._exited)
+            self._cv.wait_for(self._looked)
 
-    cdef _looked(self):
-        if self._looking:
-            with self._cv:
-                self._looking = False
-                self._cv.notify_all()
+    def _looked(self):
+        return not self._ack_wanted or self._exited or self._ctl != RUN
 
     def _load(self):
         """Snapshot the ring; True if the queue, the kick fd or readiness changed."""
@@ -611,6 +630,8 @@ cdef class QueueWorker:
         self._ready = bool(ring.ready)
         self._dlog = self._dirty_log_of()
         self._on_used_write = q.on_used_write if q is not None else None
+        self._log = self._dlog is not None
+        self._log_used = self._on_used_write is not None
         if self._kick_fd >= 0:
             os.set_blocking(self._kick_fd, False)
         return before != (self._queue, self._kick_fd, self._ready)
@@ -623,6 +644,8 @@ cdef class QueueWorker:
     def wake(self):
         self._ready = bool(self._ring.ready)
         self._dlog = self._dirty_log_of()
+        self._log = self._dlog is not None
+        vfsd_store_int(&self._look_asked, 1)
         self._signal()
 
     def pause(self):
@@ -641,10 +664,10 @@ cdef class QueueWorker:
             if self._ctl != PAUSE:
                 return
             self._look = self._load()
-            self._looking = self._look
+            self._ack_wanted = 1
             vfsd_store_int(&self._ctl, RUN)
             self._cv.notify_all()
-        self._wait_look()
+            self._cv.wait_for(self._looked)
 
     def begin_stop(self):
         with self._cv:
@@ -717,24 +740,95 @@ cdef class QueueWorker:
             self._cv.notify_all()
 
     cdef _run_loop(self):
-        cdef pollfd fds[2]
-        cdef int nfds, ctl, rc
-        cdef bint more = True
-        cdef uint64_t value
+        """The thread: ``_spin`` serves without the GIL for as long as it can;
+        whatever it stops for is handled here, with the GIL."""
+        cdef int ctl, g
+        cdef Walker w
+        self._more = 1
+        self._begin_window()
         while True:
             ctl = vfsd_load_int(&self._ctl)
             if ctl == PAUSE:
+                self._publish_gil()
                 self._park()
-                more = self._look
+                # chains seen before the pause are still there; a changed ring is looked at
+                self._more = self._more or self._look
+                self._begin_window()
                 continue
+            w = self._walker
             if ctl == STOP:
                 if not self._stopping:
                     self._ack_stop()
-                self._serve(False)
+                if w is not None:
+                    self._push_done(w)
+                    self._publish_gil()
+                else:
+                    self._drop_done()
                 if self._slow == 0:
                     return
-                more = False
-            if not more:
+                self._wait_wake()
+                continue
+            if w is None:  # no queue to serve: completions are dropped
+                self._drop_done()
+                self._ack_look()
+                self._wait_wake()
+                continue
+            with nogil:
+                g = self._spin(w)
+            if g == G_LOOKED:
+                self._ack_look()
+            elif g == G_DONE:
+                self._push_done(w)
+            elif g == G_PUBLISH:
+                self._publish_gil()
+            elif g == G_KICK_ERR:
+                log.error(
+                    "ring %d: reading kick eventfd failed: %s; no longer watched",
+                    self._ring.index,
+                    os.strerror(self._err) if self._err else f"poll events {self._revents:#x}",
+                )
+                self._kick_fd = -1
+            elif g == G_BROKEN:
+                self._publish_gil()
+                self._break(w, self._rc)
+            elif g == G_REFUSED:
+                log.error(
+                    "ring %d: %s; returned unused",
+                    self._ring.index,
+                    ChainError(w.head, w._reason(self._rc)),
+                )
+                self._used(w, w.head, 0)
+            elif g == G_CHAIN:
+                self._python_path(w)
+            elif g == G_FAST_LOGGED:
+                if self._dlog is not None and self._n:
+                    self._dlog.mark_written(w._written_gpas(), self._n)
+                self._used(w, w.head, <uint32_t>self._n)
+            if self._slow != self._shown_slow:
+                self._shown_slow = self._slow
+                self._ring.inflight = self._slow
+
+    cdef int _spin(self, Walker w) noexcept nogil:
+        """Serve the ring without the GIL: poll, pop, walk, fast operations,
+        used ring, publish, call eventfd.  Returns what needs the GIL."""
+        cdef pollfd fds[2]
+        cdef int nfds, rc
+        cdef int64_t n
+        cdef uint64_t value
+        while True:
+            if vfsd_load_int(&self._ctl) != RUN:
+                return G_CTL
+            if vfsd_load_int(&self._ndone):
+                return G_DONE
+            if not self._more or self._served >= BATCH:
+                if self._dirty or self._ae_written:
+                    if self._log_used:
+                        return G_PUBLISH
+                    self._publish_nogil(w)
+                self._served = 0
+            if not self._more:
+                if self._ack_wanted:
+                    return G_LOOKED
                 fds[0].fd = self._wake_fd
                 fds[0].events = POLLIN
                 fds[0].revents = 0
@@ -744,118 +838,106 @@ cdef class QueueWorker:
                     fds[1].events = POLLIN
                     fds[1].revents = 0
                     nfds = 2
-                with nogil:
-                    rc = poll(fds, nfds, -1)
-                    if rc > 0 and fds[0].revents:
-                        read(fds[0].fd, &value, 8)
-                if rc < 0:
+                rc = poll(fds, nfds, -1)
+                if rc <= 0:
                     continue  # EINTR
+                if fds[0].revents:
+                    read(fds[0].fd, &value, 8)
+                    if vfsd_load_int(&self._look_asked):  # ``wake``: look at the ring again
+                        vfsd_store_int(&self._look_asked, 0)
+                        self._more = 1
                 if nfds == 2 and fds[1].revents:
-                    self._read_kick(fds[1].revents)
-                if vfsd_load_int(&self._ctl) == STOP:
-                    continue
-            more = self._serve(True)
-            self._looked()
-
-    cdef _read_kick(self, short revents):
-        cdef uint64_t value
-        cdef ssize_t n
-        cdef int err = 0
-        if not revents & (POLLERR | POLLHUP | POLLNVAL):
-            with nogil:
-                n = read(self._kick_fd, &value, 8)
-                if n < 0:
-                    err = errno
-            if n >= 0 or err == EAGAIN or err == EINTR:
-                if not self._started_seen:
-                    self._ring.started = True
-                    self._started_seen = True
-                return
-            why = os.strerror(err)
-        else:
-            why = f"poll events {revents:#x}"
-        log.error(
-            "ring %d: reading kick eventfd failed: %s; no longer watched", self._ring.index, why
-        )
-        self._kick_fd = -1
-
-    cdef bint _serve(self, bint popping) except -1:
-        """Push slow completions and, if ``popping``, serve up to a batch; True
-        if chains may remain (the batch was full)."""
-        cdef Walker w = self._walker
-        cdef uint16_t old
-        cdef int served = 0, rc
-        cdef int64_t n
-        cdef bint notify, logging_used, nogil_used
-        cdef uint64_t one = 1
-        if w is None:
-            if self._ndone:
-                self._slow -= len(self._done)
-                self._done.clear()
-                self._ndone = 0
-            return False
-        old = w.used_idx
-        logging_used = self._on_used_write is not None
-        if vfsd_load_int(&self._ndone):
-            self._push_done(w)
-        nogil_used = self._dlog is None and not logging_used
-        if popping and self._ready:
-            while served < BATCH:
-                n = -1
-                with nogil:
-                    rc = w._pop()
-                    if rc == P_CHAIN:
-                        rc = w._walk(w.head)
-                        if rc == W_OK:
-                            rc = R_CHAIN
-                            n = self._fast_answer(w)
-                            if n >= 0 and nogil_used:
-                                w._add_used(w.head, <uint32_t>n)
-                                rc = R_FAST_DONE
-                        else:
-                            rc = rc + R_REFUSED
-                    elif rc == P_NONE:
-                        if w._enable_notification():
-                            rc = R_AGAIN
-                if rc == R_FAST_DONE:
-                    served += 1
-                    continue
-                if rc == R_AGAIN:
-                    continue
-                if rc == P_NONE:
-                    break
-                if rc < 0:
-                    self._break(w, rc)
-                    break
-                if rc != R_CHAIN:
-                    log.error(
-                        "ring %d: %s; returned unused",
-                        self._ring.index,
-                        ChainError(w.head, w._reason(rc - R_REFUSED)),
-                    )
-                    self._used(w, w.head, 0)
-                    continue
-                served += 1
-                if n >= 0:  # answered by the fast operations, while logging
-                    if self._dlog is not None and n:
-                        self._dlog.mark_written(w._written_gpas(), n)
-                    self._used(w, w.head, n)
-                    continue
-                self._python_path(w)
-        self._ring.inflight = self._slow
-        if w.used_idx != old:
-            with nogil:
-                notify = w._publish(old)
-            if logging_used:
-                self._on_used_write(2, 2)
+                    self._revents = fds[1].revents
+                    self._err = 0
+                    if fds[1].revents & (POLLERR | POLLHUP | POLLNVAL):
+                        return G_KICK_ERR
+                    if read(fds[1].fd, &value, 8) < 0 and errno != EAGAIN and errno != EINTR:
+                        self._err = errno
+                        return G_KICK_ERR
+                    self._more = 1
+                continue
+            if not self._ready:
+                self._more = 0
+                continue
+            rc = w._pop()
+            if rc == P_NONE:
                 if w.event_idx:
-                    self._on_used_write(4 + 8 * w.size, 2)
-            if notify and self._call_fd >= 0:
-                with nogil:
-                    write(self._call_fd, &one, 8)
-        elif logging_used and w.event_idx:
-            self._on_used_write(4 + 8 * w.size, 2)
-        return served >= BATCH
+                    self._ae_written = True
+                if not w._enable_notification():
+                    self._more = 0
+                continue
+            self._dirty = True  # from here on the chain goes to the used ring
+            if rc < 0:
+                self._rc = rc
+                return G_BROKEN
+            rc = w._walk(w.head)
+            if rc != W_OK:
+                self._rc = rc
+                return G_REFUSED
+            self._served += 1
+            n = self._fast_answer(w)
+            if n < 0:
+                return G_CHAIN
+            if self._log or self._log_used:
+                self._n = n
+                return G_FAST_LOGGED
+            w._add_used(w.head, <uint32_t>n)
+
+    cdef void _begin_window(self) noexcept:
+        """A new publish window starts at the used index as it is now."""
+        if self._walker is not None:
+            self._old = self._walker.used_idx
+        self._dirty = False
+        self._ae_written = False
+        self._served = 0
+
+    cdef void _publish_nogil(self, Walker w) noexcept nogil:
+        cdef uint64_t one = 1
+        cdef bint notify = False
+        if w.used_idx != self._old:
+            notify = w._publish(self._old)
+        self._old = w.used_idx
+        self._dirty = False
+        self._ae_written = False
+        if notify and self._call_fd >= 0:
+            write(self._call_fd, &one, 8)
+
+    cdef _publish_gil(self):
+        """Publish with the dirty-log hook of the used ring, if set."""
+        cdef Walker w = self._walker
+        if w is None or not (self._dirty or self._ae_written):
+            return
+        ae = self._ae_written
+        changed = w.used_idx != self._old
+        with nogil:
+            self._publish_nogil(w)
+        if self._on_used_write is not None:
+            if changed:
+                self._on_used_write(2, 2)
+            if ae:
+                self._on_used_write(4 + 8 * w.size, 2)
+
+    cdef _ack_look(self):
+        if self._ack_wanted:
+            with self._cv:
+                self._ack_wanted = 0
+                self._cv.notify_all()
+
+    cdef _wait_wake(self):
+        cdef pollfd fd
+        cdef uint64_t value
+        fd.fd = self._wake_fd
+        fd.events = POLLIN
+        fd.revents = 0
+        with nogil:
+            if poll(&fd, 1, -1) > 0:
+                read(fd.fd, &value, 8)
+
+    cdef _drop_done(self):
+        if self._ndone:
+            self._slow -= len(self._done)
+            self._done.clear()
+            self._ndone = 0
 
     cdef int64_t _fast_answer(self, Walker w) noexcept nogil:
         """The fast operations' answer (used length) or -1 (declined / none)."""
@@ -891,6 +973,7 @@ cdef class QueueWorker:
 
     cdef _used(self, Walker w, uint32_t head, uint32_t n):
         cdef uint32_t slot = w.used_idx % w.size
+        self._dirty = True
         w._add_used(head, n)
         if self._on_used_write is not None:
             self._on_used_write(4 + 8 * slot, 8)

@@ -274,9 +274,8 @@ class QueueRunner:
                 yield
             finally:
                 self._window -= 1
-                if not self._window:
-                    for w in list(self._workers.values()):
-                        w.resume()
+                if not self._window and self._workers:
+                    await asyncio.to_thread(_resume_all, list(self._workers.values()))
             return
         workers = list(self._workers.values())
         await asyncio.to_thread(_pause_all, workers)
@@ -285,8 +284,7 @@ class QueueRunner:
             yield
         finally:
             self._window -= 1
-            for w in list(self._workers.values()):
-                w.resume()
+            await asyncio.to_thread(_resume_all, list(self._workers.values()))
 
     def fast_counts(self) -> dict[tuple[int, int], int]:
         """(opcode, errno) -> requests answered by compiled fast operations,
@@ -342,3 +340,8 @@ class QueueRunner:
 def _pause_all(workers: list[QueueWorker]) -> None:
     for w in workers:
         w.pause()
+
+
+def _resume_all(workers: list[QueueWorker]) -> None:
+    for w in workers:
+        w.resume()

@@ -86,10 +86,6 @@ class QueueWorker:
         self._ctl = RUN
         self._parked = False
         self._stopping = False  # the worker has seen STOP: it pops no more
-        #: A look at the ring is due that ``start``/``resume`` wait for, so that
-        #: what a message (SET_VRING_KICK, a new memory table) made servable is
-        #: served as of that message, not whenever the thread gets to it.
-        self._looking = False
         self._exited = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         #: (head, used length) of slow requests done, pushed by the worker.
@@ -103,29 +99,23 @@ class QueueWorker:
         self._ready = False
         self._dlog: DirtyLog | None = None
         self._look = False  # set by resume: serve before waiting for a kick
+        self._look_asked = False  # set by wake: serve after the wake-up
+        self._ack_wanted = False  # start/resume waits until the worker is about to poll
 
     # -- control (event loop side) ------------------------------------------------
     def start(self) -> None:
-        """Snapshot the ring and start serving it."""
+        """Snapshot the ring and start serving it; returns once the worker has
+        looked at the ring (blocks)."""
         if self._thread is not None:
             return
         self._load()
-        self._looking = True
+        self._ack_wanted = True
         self._thread = threading.Thread(
             target=self._main, name=f"vfsd-queue-{self._ring.index}", daemon=True
         )
         self._thread.start()
-        self._wait_look()
-
-    def _wait_look(self) -> None:
         with self._cv:
-            self._cv.wait_for(lambda: not self._looking or self._exited)
-
-    def _looked(self) -> None:
-        if self._looking:
-            with self._cv:
-                self._looking = False
-                self._cv.notify_all()
+            self._cv.wait_for(self._looked)
 
     def _load(self) -> bool:
         """Snapshot the ring; True if what decides serving changed (the queue,
@@ -145,6 +135,7 @@ class QueueWorker:
         """Look at the ring again (enabled, features or logging changed)."""
         self._ready = self._ring.ready
         self._dlog = self._dirty_log_of()
+        self._look_asked = True
         self._signal()
 
     def pause(self) -> None:
@@ -165,10 +156,14 @@ class QueueWorker:
             if self._ctl != PAUSE:
                 return
             self._look = self._load()
-            self._looking = self._look
+            self._ack_wanted = True
             self._ctl = RUN
             self._cv.notify_all()
-        self._wait_look()
+            # As a loop-side ``process`` would: the ring has been looked at on return.
+            self._cv.wait_for(self._looked)
+
+    def _looked(self) -> bool:
+        return not self._ack_wanted or self._exited or self._ctl != RUN
 
     def begin_stop(self) -> None:
         """Stop popping chains; returns once the worker pops no more (blocks)."""
@@ -236,7 +231,8 @@ class QueueWorker:
                     self._cv.wait_for(lambda: self._ctl != PAUSE)
                     self._parked = False
                 poller, kick = self._poller()
-                more = self._look
+                # a full batch before the pause is still there; a changed ring is looked at
+                more = more or self._look
                 continue
             if ctl == STOP:
                 if not self._stopping:
@@ -248,18 +244,25 @@ class QueueWorker:
                     return
                 more = False
             if not more:
+                if self._ack_wanted:
+                    with self._cv:
+                        self._ack_wanted = False
+                        self._cv.notify_all()
                 for fd, ev in poller.poll():
                     if fd == kick:
                         kick = self._read_kick(poller, ev)
+                        more = kick is not None
                     else:
                         try:  # noqa: SIM105
                             os.eventfd_read(fd)
                         except OSError:
                             pass
-                if self._ctl == STOP:
-                    continue
+                if self._look_asked:
+                    self._look_asked = False
+                    more = True
+                if self._ctl != RUN or not (more or self._done):
+                    continue  # a pause, a stop or a spurious wake-up: no look at the ring
             more = self._serve(popping=True)
-            self._looked()
 
     def _poller(self) -> tuple[select.poll, int | None]:
         poller = select.poll()
