@@ -35,6 +35,7 @@ from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
+from virtiofsd_py.host import syscalls
 from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError
 
 log = logging.getLogger("virtiofsd_py.queue")
@@ -717,6 +718,7 @@ cdef class QueueWorker:
 
     # -- the worker thread ---------------------------------------------------------
     def _main(self):
+        syscalls.set_thread_name(f"vfsd-queue-{self._ring.index}")
         try:
             self._run_loop()
         except BaseException:

@@ -41,6 +41,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 
+from virtiofsd_py.host import syscalls
 from virtiofsd_py.virtio.dirty_log import DirtyLog
 from virtiofsd_py.virtio.seams import ChainHandler, MayBlock, Ring
 from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError, SplitQueue
@@ -210,6 +211,7 @@ class QueueWorker:
 
     # -- the worker thread ---------------------------------------------------------
     def _main(self) -> None:
+        syscalls.set_thread_name(f"vfsd-queue-{self._ring.index}")
         try:
             self._loop()
         except Exception:  # pragma: no cover - a bug; the ring stops, the daemon lives
