@@ -1009,6 +1009,8 @@ cdef class QueueWorker:
                 n = self._fast_py(chain.readable, chain.writable)
             if n < 0:
                 n = self._handler(chain.readable, chain.writable)
+            if not 0 <= n <= 0xFFFF_FFFF:
+                raise ValueError(f"used length {n} (a u32, virtio 1.2 §2.7.8)")
         except Exception:
             log.exception("request handler failed on chain %d", chain.head)
             return 0

@@ -342,6 +342,8 @@ class QueueWorker:
                 n = self._fast(chain.readable, chain.writable)
             if n < 0:
                 n = self._handler(chain.readable, chain.writable)
+            if not 0 <= n <= 0xFFFF_FFFF:
+                raise ValueError(f"used length {n} (a u32, virtio 1.2 §2.7.8)")
         except Exception:
             log.exception("request handler failed on chain %d", chain.head)
             return 0
