@@ -35,6 +35,9 @@ from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
+from virtiofsd_py.host import syscalls
+from virtiofsd_py.virtio import virtqueue as _vq
+from virtiofsd_py.virtio import worker as _worker
 from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError
 
 log = logging.getLogger("virtiofsd_py.queue")
@@ -108,14 +111,16 @@ cdef extern from *:
     void vfsd_store_int(int *p, int v) nogil
     void vfsd_fence() nogil
 
-DEF MAX_QUEUE_SIZE = 32768
-DEF F_NEXT = 1
-DEF F_WRITE = 2
-DEF F_INDIRECT = 4
-DEF AVAIL_F_NO_INTERRUPT = 1
+# The ring's constants have one home, virtio/virtqueue.py (virtio 1.2 §2.7.5,
+# §2.7.6), the batch size virtio/worker.py's.
+cdef uint32_t MAX_QUEUE_SIZE = _vq.MAX_QUEUE_SIZE
+cdef uint16_t F_NEXT = _vq.VIRTQ_DESC_F_NEXT
+cdef uint16_t F_WRITE = _vq.VIRTQ_DESC_F_WRITE
+cdef uint16_t F_INDIRECT = _vq.VIRTQ_DESC_F_INDIRECT
+cdef uint16_t AVAIL_F_NO_INTERRUPT = _vq.VIRTQ_AVAIL_F_NO_INTERRUPT
+cdef int BATCH = _worker.BATCH
 DEF ERRNO_SLOTS = 134  # errno values Linux defines are below this; others share slot 0
 DEF OP_SLOTS = 64
-DEF BATCH = 64
 
 # Walk results (``Walker._walk``): 0 ok, else why the chain is refused.
 DEF W_OK = 0
@@ -717,6 +722,7 @@ cdef class QueueWorker:
 
     # -- the worker thread ---------------------------------------------------------
     def _main(self):
+        syscalls.set_thread_name(f"vfsd-queue-{self._ring.index}")
         try:
             self._run_loop()
         except BaseException:
@@ -1003,6 +1009,8 @@ cdef class QueueWorker:
                 n = self._fast_py(chain.readable, chain.writable)
             if n < 0:
                 n = self._handler(chain.readable, chain.writable)
+            if not 0 <= n <= 0xFFFF_FFFF:
+                raise ValueError(f"used length {n} (a u32, virtio 1.2 §2.7.8)")
         except Exception:
             log.exception("request handler failed on chain %d", chain.head)
             return 0

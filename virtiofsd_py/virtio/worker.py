@@ -41,6 +41,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 
+from virtiofsd_py.host import syscalls
 from virtiofsd_py.virtio.dirty_log import DirtyLog
 from virtiofsd_py.virtio.seams import ChainHandler, MayBlock, Ring
 from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError, SplitQueue
@@ -210,6 +211,7 @@ class QueueWorker:
 
     # -- the worker thread ---------------------------------------------------------
     def _main(self) -> None:
+        syscalls.set_thread_name(f"vfsd-queue-{self._ring.index}")
         try:
             self._loop()
         except Exception:  # pragma: no cover - a bug; the ring stops, the daemon lives
@@ -340,6 +342,8 @@ class QueueWorker:
                 n = self._fast(chain.readable, chain.writable)
             if n < 0:
                 n = self._handler(chain.readable, chain.writable)
+            if not 0 <= n <= 0xFFFF_FFFF:
+                raise ValueError(f"used length {n} (a u32, virtio 1.2 §2.7.8)")
         except Exception:
             log.exception("request handler failed on chain %d", chain.head)
             return 0

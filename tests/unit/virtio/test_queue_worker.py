@@ -276,3 +276,22 @@ async def test_compiled_fast_operations_capsule_and_counts() -> None:
         assert rig.runner.fast_counts() == {(getattr_, 2): 1}  # kept after the worker ends
     finally:
         await rig.close()
+
+
+async def test_a_failing_handler_returns_the_chain_unused(twin: Any) -> None:
+    calls: list[bytes] = []
+
+    def handler(readable: Sequence[memoryview], writable: Sequence[memoryview]) -> int:
+        calls.append(bytes(readable[0]))
+        if calls[-1] == b"boom":
+            raise RuntimeError("handler bug")
+        return -5 if calls[-1] == b"neg!" else echo(readable, writable)
+
+    rig = Rig(handler, worker=twin)
+    try:
+        (q,) = await started(rig, 1)
+        chains = [rig.submit(q, d) for d in (b"boom", b"neg!", b"fine")]
+        used = {u.chain.head: u.length for u in await rig.completions(q, 3)}
+        assert [used[c.head] for c in chains] == [0, 0, 4]  # the ring goes on
+    finally:
+        await rig.close()
