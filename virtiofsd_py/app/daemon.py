@@ -78,9 +78,16 @@ async def serve(opts: Options, started: Started) -> int:
         dispatcher = Dispatcher(
             fs, served.fuse, on_session=fast.session_changed if fast is not None else None
         )
-        # An async backend's requests run on the event loop; any other backend's
-        # request queues each have a worker thread (unless --thread-pool-size).
-        queue_threads = opts.thread_pool_size == 0 and not served.asynchronous
+        # Request queues each have a worker thread when the compiled worker
+        # serves (unless --thread-pool-size): it releases the GIL around its
+        # ring work and fast operations.  The pure worker cannot, so with the
+        # pure core the loop serves every queue, sparing each request a GIL
+        # handoff between threads; an async backend is always served there.
+        queue_threads = (
+            opts.thread_pool_size == 0
+            and not served.asynchronous
+            and CompiledQueueWorker is not None
+        )
         # Compiled workers call the fast operations' C entry point without the
         # GIL; every other path offers each request to them in Python first.
         capsule = (

@@ -2,7 +2,8 @@
 
 Two ways to serve a request queue (ring index >= 1):
 
-- ``queue_threads=True`` (the daemon's default, ``--thread-pool-size 0``):
+- ``queue_threads=True`` (the daemon's default with the compiled worker,
+  ``--thread-pool-size 0``):
   each request queue has its own thread, a ``QueueWorker`` (virtio/worker.py,
   or its compiled twin virtio/_cworker.pyx, chosen once at import by
   ``virtio.workers``), so N queues are served by N threads, as the Rust
