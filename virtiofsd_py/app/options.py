@@ -264,7 +264,8 @@ class Options:
     # -- the process ------------------------------------------------------------------
     thread_pool_size: int = opt(
         0, "--thread-pool-size", metavar="N", group=PROCESS,
-        help="Worker threads for requests; 0 serves each request queue on its own thread",
+        help="Worker threads for requests; 0 serves each request queue on its own thread"
+        " (compiled core) or on the event loop (pure-Python core)",
     )  # fmt: skip
     rlimit_nofile: int | None = opt(
         None, "--rlimit-nofile", metavar="N", group=PROCESS,
