@@ -70,7 +70,7 @@ def extensions() -> list[Extension]:
     ]
     return cythonize(
         exts,
-        include_path=["virtiofsd_py"],
+        include_path=["virtiofsd_py", INCLUDE],
         compiler_directives={"language_level": 3, "embedsignature": True},
         quiet=True,
     )

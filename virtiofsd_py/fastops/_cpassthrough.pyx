@@ -20,15 +20,21 @@ from libc.string cimport memcpy
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.pycapsule cimport PyCapsule_GetContext, PyCapsule_New, PyCapsule_SetContext
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
+from vfsd_fastops cimport (
+    VFSD_FAST_ABI,
+    VFSD_FAST_DECLINE,
+    VFSD_FAST_OPS_CAPSULE,
+    iovec,
+    vfsd_chain,
+    vfsd_fast_fn,
+    vfsd_fast_ops,
+)
 
 from virtiofsd_py.fastops import passthrough as _pure
 from virtiofsd_py.fuse import codec as _codec
 
 
 cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
     ssize_t preadv(int fd, const iovec *iov, int iovcnt, long offset)
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, long offset)
 
@@ -165,25 +171,6 @@ cdef extern from "<linux/fuse.h>" nogil:
         FUSE_STATFS
         FUSE_GETATTR_FH
         FUSE_WRITE_KILL_SUIDGID
-
-cdef extern from "vfsd_fastops.h" nogil:
-    struct vfsd_chain:
-        const iovec *rd
-        uint32_t nrd
-        uint64_t rd_len
-        const iovec *wr
-        uint32_t nwr
-        uint64_t wr_len
-    ctypedef int64_t (*vfsd_fast_fn)(void *ctx, const vfsd_chain *chain) noexcept nogil
-    struct vfsd_fast_ops:
-        uint32_t abi
-        void *ctx
-        vfsd_fast_fn handle
-        uint64_t opcodes
-    enum:
-        VFSD_FAST_ABI
-        VFSD_FAST_DECLINE
-    const char *VFSD_FAST_OPS_CAPSULE
 
 cdef enum:
     SMALL_CHAIN = 16  # buffers of a chain handle() takes without allocating

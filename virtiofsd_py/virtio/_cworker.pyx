@@ -34,6 +34,15 @@ from cpython.pycapsule cimport (
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
+from vfsd_fastops cimport (
+    VFSD_FAST_ABI,
+    VFSD_FAST_DECLINE,
+    VFSD_FAST_OPS_CAPSULE,
+    iovec,
+    vfsd_chain,
+    vfsd_fast_fn,
+    vfsd_fast_ops,
+)
 
 from virtiofsd_py.host import syscalls
 from virtiofsd_py.virtio import virtqueue as _vq
@@ -41,11 +50,6 @@ from virtiofsd_py.virtio import worker as _worker
 from virtiofsd_py.virtio.virtqueue import Chain, ChainError, QueueError
 
 log = logging.getLogger("virtiofsd_py.queue")
-
-cdef extern from "<sys/uio.h>":
-    struct iovec:
-        void *iov_base
-        size_t iov_len
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -68,25 +72,6 @@ cdef extern from "<errno.h>" nogil:
     enum:
         EAGAIN
         EINTR
-
-cdef extern from "vfsd_fastops.h" nogil:
-    struct vfsd_chain:
-        const iovec *rd
-        uint32_t nrd
-        uint64_t rd_len
-        const iovec *wr
-        uint32_t nwr
-        uint64_t wr_len
-    ctypedef int64_t (*vfsd_fast_fn)(void *ctx, const vfsd_chain *chain)
-    struct vfsd_fast_ops:
-        uint32_t abi
-        void *ctx
-        vfsd_fast_fn handle
-        uint64_t opcodes
-    enum:
-        VFSD_FAST_ABI
-        VFSD_FAST_DECLINE
-    const char *VFSD_FAST_OPS_CAPSULE
 
 cdef extern from *:
     """
